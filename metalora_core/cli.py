@@ -1,0 +1,43 @@
+"""The ``metalora`` command line (also ``python -m metalora_core``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+# Modules that add subcommands: each has ``register(subparsers)``; a subcommand sets ``func``.
+COMMAND_MODULES = (
+    "metalora_core.commands",
+    "metalora_core.faces.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalora", description="Meta-LoRA for FLUX: priors, personalization, export.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"metalora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

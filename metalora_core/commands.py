@@ -1,0 +1,165 @@
+"""Core subcommands: demo, inspect, personalize, export."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole job on a tiny embedded FLUX (CPU, no model download)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("personalize", help="Stage-2 on a local diffusers FLUX model: photo -> LoRA")
+    p.add_argument("--model", required=True, help="local diffusers FLUX folder (FluxPipeline layout)")
+    p.add_argument("--transformer", help="optional single-file FLUX transformer (.safetensors) overriding the folder's")
+    p.add_argument("--prior", help="Meta-Down prior (.safetensors); omit to train a plain LoRA baseline")
+    p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
+    p.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    p.add_argument("--state", help="also save the three-layer adapter state here (for 'metalora export')")
+    p.add_argument("--caption", default="a photo of a woman", help="training caption (the class noun, no trigger word)")
+    p.add_argument("--steps", type=int, default=375)
+    p.add_argument("--rank", type=int, default=1, help="r2 (Meta-LoRA) or r (plain LoRA)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="attn_mlp", help="target layers for a plain LoRA (attn, attn_mlp, all)")
+    p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
+    p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
+    p.add_argument("--detector", default="auto")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.set_defaults(func=_personalize)
+
+    p = sub.add_parser("export", help="merge a saved adapter state (Up*Mid*Down) into a standard LoRA")
+    p.add_argument("state", help="adapter state written by 'metalora personalize --state'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_export)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _demo(args: argparse.Namespace) -> str:
+    from .demo import run_demo
+
+    report = run_demo(args.out, steps=args.steps, seed=args.seed)
+    lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
+             f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
+             f"detector {report['detector']})"]
+    lines += [f"  {k:8s} {v}" for k, v in report["files"].items()]
+    lines.append(f"  report   {Path(args.out) / 'report.json'}")
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> dict:
+    from .fileio import read_safetensors
+
+    tensors, meta = read_safetensors(args.file)
+    info: dict = {"file": args.file, "metadata": meta, "tensors": len(tensors)}
+    if meta.get("format") == "metalora.prior":
+        info["kind"] = "prior"
+        info["layers"] = sum(k.endswith(".meta_down") for k in tensors)
+    elif any(k.endswith(".lora_A.weight") for k in tensors) or any(k.endswith(".lora_down.weight") for k in tensors):
+        info["kind"] = "lora"
+        info["layers"] = sum(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in tensors)
+        ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))})
+        info["ranks"] = ranks
+    elif meta.get("format") == "metalora.adapters":
+        info["kind"] = "adapter-state"
+        info["layers"] = sum(k.endswith(".up") for k in tensors)
+    else:
+        info["kind"] = "unknown"
+    if "training" in meta:
+        try:
+            info["metadata"]["training"] = json.loads(meta["training"])
+        except json.JSONDecodeError:
+            pass
+    return info
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _personalize(args: argparse.Namespace) -> str:
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
+    from .export import save_adapter_state, save_lora
+    from .faces import AugmentConfig, load_image
+    from .fileio import sha256_file
+    from .prior import load_prior
+    from .recipe import build_adapters, face_crops
+    from .train import Stage2Config, personalize
+
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
+                                "pass the folder that holds model_index.json")
+    dtype = _dtype(args.dtype)
+    kw = {}
+    if args.transformer:
+        kw["transformer"] = FluxTransformer2DModel.from_single_file(
+            args.transformer, config=str(model), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(args.device)
+    prior = load_prior(args.prior) if args.prior else None
+    images = [load_image(p) for p in args.image]
+    area = args.resolution * args.resolution
+    if args.no_augment:
+        from .faces import resize_to_bucket
+
+        train_images = [resize_to_bucket(im, area) for im in images]
+        detector = "none"
+    else:
+        made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed)
+        train_images, detector = made.images, made.detector
+    latents = encode_images(pipe.vae, train_images)
+    cond = encode_prompt(pipe, args.caption)
+    host = DiffusersFluxHost(pipe.transformer, guidance=args.guidance,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    adapters = build_adapters(host.dims, prior, rank=args.rank, preset=args.preset, seed=args.seed,
+                              source=str(args.prior))
+    config = Stage2Config(steps=args.steps, lr=args.lr, r2=args.rank, seed=args.seed)
+    every = max(1, args.steps // 20)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == args.steps:
+            log.info("step %d/%d loss %.4f", step, args.steps, loss)
+
+    with torch.random.fork_rng(devices=[]):
+        result = personalize(host, adapters, latents, cond, config, progress)
+    meta = dict(steps=str(args.steps), caption=args.caption, seed=str(args.seed), detector=detector,
+                prior_sha256=prior.sha256 if prior else "",
+                image_sha256=",".join(sha256_file(p) for p in args.image))
+    out = save_lora(result.adapters, args.out, **meta)
+    if args.state:
+        save_adapter_state(result.adapters, args.state, **meta)
+    return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f})"
+
+
+def _export(args: argparse.Namespace) -> str:
+    from .export import load_adapter_state, save_lora
+
+    adapters, meta = load_adapter_state(args.state)
+    extra = {k: v for k, v in meta.items() if k in ("steps", "caption", "seed", "prior_sha256", "image_sha256")}
+    out = save_lora(adapters, args.out, dtype=_dtype(args.dtype), **extra)
+    return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank})"

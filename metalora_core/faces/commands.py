@@ -1,0 +1,45 @@
+"""argparse wiring for ``metalora crops`` (called by metalora_core.cli)."""
+from __future__ import annotations
+
+import argparse
+
+from .detect import DETECTOR_NAMES
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import run_crops
+
+    result = run_crops(
+        args.image,
+        args.out,
+        detector=args.detector,
+        seed=args.seed,
+        face_index=args.face,
+        insightface_root=args.insightface_root,
+    )
+    print(result["out_dir"])  # the command's output: where the crops are
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds ``crops IMAGE --out DIR [--detector NAME] [--seed N]`` to a CLI's subparsers.
+
+    The parser's ``func`` default is a callable ``(args) -> exit code``.
+    """
+    p = subparsers.add_parser(
+        "crops",
+        help="detect the face in a photo and write the paper's augmented crops",
+        description="Writes crop PNGs, faces.png, contact_sheet.png and crops.json into --out.",
+    )
+    p.add_argument("image", help="photo with one person (the largest face is used)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--detector", default="auto", choices=DETECTOR_NAMES, help="face detector backend")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random flips")
+    p.add_argument("--face", type=int, default=None, help="face index when there are several (0 = largest)")
+    p.add_argument(
+        "--insightface-root",
+        default=None,
+        help="folder holding models/buffalo_l or models/antelopev2 (default $METALORA_INSIGHTFACE_ROOT, ~/.insightface)",
+    )
+    p.set_defaults(func=_run)
+    return p

@@ -1,0 +1,204 @@
+"""Stage-2 test-time personalization (paper Sec. 3, Algorithm 2).
+
+Only LoRA-Mid and LoRA-Up are trained (plain LoRA mode: Down and Up) with the
+rectified-flow loss on cached latents of the augmented crops and the cached
+conditioning of one caption. Hosts (diffusers FLUX, ComfyUI FLUX) supply the model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Protocol
+
+import torch
+
+from .adapter import AdapterSet
+from .flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
+from .layers import FluxDims
+
+log = logging.getLogger(__name__)
+
+
+class FlowHost(Protocol):
+    """What a trainer needs from a model implementation."""
+
+    dims: FluxDims
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def attach(self, adapters: AdapterSet) -> Any:  # returns an object with .remove()
+        ...
+
+    def training(self) -> ContextManager[None]: ...
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage-2 settings; defaults follow the paper's appendix A."""
+
+    steps: int = 375  # q_st2: Meta-LoRA uses 375, plain LoRA 625 in the paper
+    lr: float = 4e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    r2: int = 1  # LoRA-Mid output rank (rank of the exported LoRA)
+    seed: int = 0  # drives Mid init, data order, noise and sigmas
+    sigma_mode: str = "logit_normal"  # training sigma density: "logit_normal" or "uniform"
+    resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    batch_size: int = 1  # the paper trains Stage-2 at batch 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.r2 < 1:
+            raise ValueError(f"r2 must be >= 1, got {self.r2}")
+        if self.sigma_mode not in SIGMA_MODES:
+            raise ValueError(f"sigma_mode {self.sigma_mode!r} unknown; choose one of {SIGMA_MODES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    adapters: AdapterSet
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, len(self.losses))
+
+
+StepCallback = Callable[[int, float], None]
+
+
+class DataOrder:
+    """Per-epoch random permutation of item indices drawn from a generator (Algorithm 2's loop)."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator, self._queue = n, generator, []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self._queue:
+                self._queue = torch.randperm(self.n, generator=self.generator).tolist()
+            out.append(self._queue.pop(0))
+        return out
+
+
+def flow_step_loss(
+    host: FlowHost,
+    latents: Sequence[torch.Tensor],
+    cond: Any,
+    generator: torch.Generator,
+    *,
+    sigma_mode: str,
+    use_shift: bool,
+) -> torch.Tensor:
+    """The rectified-flow loss of one batch of same-size latents (B, C, h, w)."""
+    x0 = torch.stack(list(latents)).float()  # (B, C, h, w)
+    noise = torch.randn(x0.shape, generator=generator)
+    shift = resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if use_shift else None
+    sigma = sample_sigmas(x0.shape[0], generator=generator, mode=sigma_mode, shift=shift)
+    dev = host.device
+    x0, noise, sigma = x0.to(dev), noise.to(dev), sigma.to(dev)
+    pred = host.predict(add_noise(x0, noise, sigma), sigma, cond)
+    return flow_loss(pred, velocity_target(x0, noise))
+
+
+def _batches(latents: Sequence[torch.Tensor], order: DataOrder, batch_size: int) -> list[torch.Tensor]:
+    """Next batch: crops differ in size, so a batch holds the first pick's size only."""
+    first = order.take(1)[0]
+    out = [latents[first]]
+    if batch_size > 1:
+        same = [i for i in range(len(latents)) if latents[i].shape == latents[first].shape and i != first]
+        for j in torch.randperm(len(same), generator=order.generator).tolist()[: batch_size - 1]:
+            out.append(latents[same[j]])
+    return out
+
+
+def check_latents(latents: Sequence[torch.Tensor]) -> None:
+    if not latents:
+        raise ValueError("no training latents; give at least one image crop")
+    for i, z in enumerate(latents):
+        if z.ndim != 3:
+            raise ValueError(f"latent {i} has shape {tuple(z.shape)}; expected (C, h, w)")
+        if not torch.isfinite(z).all():
+            raise ValueError(f"latent {i} holds NaN or inf; check the VAE and the input image")
+
+
+def personalize(
+    host: FlowHost,
+    adapters: AdapterSet,
+    latents: Sequence[torch.Tensor],
+    cond: Any,
+    config: Stage2Config = Stage2Config(),
+    callback: StepCallback | None = None,
+) -> TrainResult:
+    """Trains Mid/Up (or plain-LoRA Down/Up) on one identity's crops.
+
+    Args:
+        host: the model (frozen) to train against.
+        adapters: from ``AdapterSet.from_downs`` (Down frozen) or ``AdapterSet.plain``.
+        latents: cached (C, h, w) latents of the augmented crops; sizes may differ.
+        cond: the host's cached conditioning of the caption.
+        config: steps, lr, seed, ...
+        callback: called after every step with (step, loss); raising from it cancels
+            the run (the adapters are left as trained so far, the host is cleaned up).
+
+    Returns:
+        TrainResult with the trained adapters (on the CPU, float32) and per-step losses.
+
+    Raises:
+        RuntimeError: the loss became NaN or inf.
+    """
+    check_latents(latents)
+    adapters.freeze_down(True)
+    params = adapters.trainable_parameters()
+    if not params:
+        raise ValueError("the adapters have no trainable parameters")
+    gen = torch.Generator().manual_seed(config.seed)
+    order = DataOrder(len(latents), gen)
+    adapters.to(host.device)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    result = TrainResult(adapters=adapters)
+    t0 = time.perf_counter()
+    handle = host.attach(adapters)
+    try:
+        with host.training(), torch.enable_grad():
+            for step in range(1, config.steps + 1):
+                batch = _batches(latents, order, config.batch_size)
+                loss = flow_step_loss(host, batch, cond, gen, sigma_mode=config.sigma_mode,
+                                      use_shift=config.resolution_shift)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise RuntimeError(
+                        f"Stage-2 loss became {value} at step {step}; lower the learning rate "
+                        f"(now {config.lr}) or check the model precision (fp16 overflows: use bf16 or fp32)"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                opt.step()
+                result.losses.append(value)
+                if callback is not None:
+                    callback(step, value)
+    finally:
+        handle.remove()
+        result.seconds = time.perf_counter() - t0
+        adapters.to("cpu")
+        opt.zero_grad(set_to_none=True)
+    log.info("Stage-2: %d steps in %.1fs, loss %.4f -> %.4f", len(result.losses), result.seconds,
+             result.losses[0] if result.losses else float("nan"), result.losses[-1] if result.losses else float("nan"))
+    return result
