@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-comfyui bench clean
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The ComfyUI tier: tests/test_comfyui_*.py with ComfyUI's own Python (it needs a torch
+# with torchvision/torchaudio). COMFYUI_PATH: a ComfyUI checkout; COMFYUI_PYTHON: its Python.
+COMFYUI_PYTHON ?= python3
+test-comfyui:
+	@test -d "$(COMFYUI_PATH)/comfy" || { echo "set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py)"; exit 2; }
+	$(COMFYUI_PYTHON) -m pip install -q -r requirements.txt pytest
+	PYTHONPATH=$(CURDIR) COMFYUI_PATH=$(COMFYUI_PATH) $(COMFYUI_PYTHON) -m pytest -q tests/test_comfyui_*.py
 
 bench: venv
 	$(PY) bench/stage2_overhead.py

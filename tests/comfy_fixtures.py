@@ -475,13 +475,15 @@ def load_comfy_in_process(base_dir: pathlib.Path | str, *,
 
 def run_prompt(api_prompt: dict, *, comfy: ComfyInProcess | None = None,
                client_id: str | None = "tests", raise_on_error: bool = True,
-               extra_data: dict | None = None) -> dict:
+               extra_data: dict | None = None, executor: Any = None) -> dict:
     """Validate and execute an API-format graph in-process, as ComfyUI's /prompt + worker do.
 
     Returns ``{"prompt_id", "success", "outputs", "meta", "status_messages", "messages",
     "node_errors"}``: ``outputs`` is the history entry's per-node UI output (e.g.
     ``outputs[save_node]["images"] == [{"filename", "subfolder", "type"}]``),
-    ``messages`` what the server would have sent for this prompt. Raises
+    ``messages`` what the server would have sent for this prompt. Pass the same ``executor``
+    (from :func:`new_executor`) to several calls to keep ComfyUI's output cache between them,
+    as a running server does. Raises
     :class:`ComfyPromptError` on a validation or execution error unless ``raise_on_error``
     is False.
     """
@@ -501,8 +503,8 @@ def run_prompt(api_prompt: dict, *, comfy: ComfyInProcess | None = None,
                 "status_messages": [], "messages": [], "node_errors": node_errors, "error": error}
     first = len(srv.messages)
     srv.last_prompt_id = prompt_id
-    executor = execution.PromptExecutor(srv, cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    if executor is None:
+        executor = new_executor(state)
     data = dict(extra_data or {})
     if client_id is not None:
         data.setdefault("client_id", client_id)
@@ -517,6 +519,15 @@ def run_prompt(api_prompt: dict, *, comfy: ComfyInProcess | None = None,
                   if e in ("execution_error", "execution_interrupted")]
         raise ComfyPromptError("prompt failed during execution", errors)
     return result
+
+
+def new_executor(comfy: ComfyInProcess | None = None):
+    """A ``PromptExecutor`` like the server's (classic cache); reuse it to keep its output cache."""
+    state = comfy or _STATE
+    if state is None:
+        raise RuntimeError("call load_comfy_in_process(base_dir) first")
+    return state.execution.PromptExecutor(state.server, cache_type=state.execution.CacheType.CLASSIC,
+                                          cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
 
 def output_files(result: dict, base_dir: pathlib.Path | str) -> list[pathlib.Path]:

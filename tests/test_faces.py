@@ -2,6 +2,7 @@
 
 Photos come from registry packages (see metalora_core.samples); no detector is mocked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,7 @@ def test_single_face_photos_give_one_box_on_the_face(detector, photo, name: str)
     face = faces[0]
     assert iou(face.box, EXPECTED_BOXES[name]) >= 0.5
     assert face.score > 0.6
-    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
-    assert lx < rx, "landmark 0 is the eye on the image's left"
+    assert face.landmarks[0][0] < face.landmarks[1][0], "landmark 0 is the eye on the image's left"
     for x, y in face.landmarks:
         assert face.box[0] <= x <= face.box[2] and face.box[1] <= y <= face.box[3]
 
@@ -144,7 +144,10 @@ def test_rgba_greyscale_and_16bit(detector, photo, tmp_path: Path) -> None:
         faces = detector.detect(img)
         assert faces and iou(faces[0].box, EXPECTED_BOXES["astronaut"]) >= 0.5, label
     # 16-bit values are scaled, not clipped: mid-grey stays mid-grey.
-    assert abs(float(np.asarray(load_image(tmp_path / "g16.png")).mean()) - float(np.asarray(rgb.convert("L")).mean())) < 1.0
+    assert (
+        abs(float(np.asarray(load_image(tmp_path / "g16.png")).mean()) - float(np.asarray(rgb.convert("L")).mean()))
+        < 1.0
+    )
 
 
 def test_large_image_boxes_come_back_in_original_pixels(detector, photo) -> None:
@@ -221,7 +224,7 @@ def test_grid_shifts_then_shrinks_at_the_border() -> None:
     face = (10.0, 20.0, 110.0, 140.0)  # near the top-left corner of an 800 x 600 image
     boxes = grid_boxes((800, 600), face, config)
     assert 1 <= len(boxes) < 25  # some sizes collapse after shrinking
-    for ratio, requested, scale, (x0, y0, x1, y1) in boxes:
+    for *_, (x0, y0, x1, y1) in boxes:
         assert x0 <= 10 and y0 <= 20 and x1 >= 110 and y1 >= 140
         assert x1 <= 800 and y1 <= 600
     shrunk = [b for b in boxes if b[2] < b[1] - 0.01]
@@ -249,10 +252,14 @@ def test_flips_follow_the_generator(detector, photo) -> None:
     with pytest.raises(ValueError, match="torch.Generator"):
         make_crops(image, face, cfg, None)
 
-    never = make_crops(image, face, AugmentConfig(bucket_area=128 * 128, flip_prob=0.0), torch.Generator().manual_seed(1))
-    always = make_crops(image, face, AugmentConfig(bucket_area=128 * 128, flip_prob=1.0), torch.Generator().manual_seed(1))
+    never = make_crops(
+        image, face, AugmentConfig(bucket_area=128 * 128, flip_prob=0.0), torch.Generator().manual_seed(1)
+    )
+    always = make_crops(
+        image, face, AugmentConfig(bucket_area=128 * 128, flip_prob=1.0), torch.Generator().manual_seed(1)
+    )
     assert not any(c.flipped for c in never) and all(c.flipped for c in always)
-    for n, a in zip(never, always):
+    for n, a in zip(never, always, strict=True):
         assert n.box == a.box
         mirrored = np.asarray(n.image)[:, ::-1]
         assert np.array_equal(mirrored, np.asarray(a.image))
@@ -337,7 +344,9 @@ def test_run_crops_writes_pngs_sheet_and_json(sample, tmp_path: Path) -> None:
 def test_crops_subcommand(sample, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="metalora")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet", "--seed", "1"])
+    args = parser.parse_args(
+        ["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet", "--seed", "1"]
+    )
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "c")
     assert (tmp_path / "c" / "crops.json").is_file()
@@ -348,7 +357,21 @@ def test_drawing_helpers(photo) -> None:
     drawn = draw_faces(image, [EXPECTED_BOXES["astronaut"]])
     assert drawn.size == image.size and drawn is not image
     assert not np.array_equal(np.asarray(drawn), np.asarray(image))
-    face = Face(box=(178.0, 63.0, 268.0, 176.0), landmarks=((200, 102), (247, 103), (220, 125), (199, 143), (240, 144)), score=0.9)
+    face = Face(
+        box=(178.0, 63.0, 268.0, 176.0),
+        landmarks=((200, 102), (247, 103), (220, 125), (199, 143), (240, 144)),
+        score=0.9,
+    )
     crops = make_crops(image, face, AugmentConfig(bucket_area=64 * 64), torch.Generator().manual_seed(0))
     sheet = contact_sheet(crops, tile=64)
     assert sheet.size[0] == 64 * min(5, len(crops)) and sheet.size[1] == math.ceil(len(crops) / 5) * (64 + 14)
+
+
+def test_resize_to_bucket_keeps_the_photo_ratio(photo) -> None:
+    from metalora_core.faces import resize_to_bucket
+
+    image = photo("obama2")  # 626 x 1200
+    out = resize_to_bucket(image, 512 * 512)
+    assert out.size[0] % 16 == 0 and out.size[1] % 16 == 0
+    assert abs(out.size[0] * out.size[1] / (512 * 512) - 1) < 0.1
+    assert abs(out.size[0] / out.size[1] - 626 / 1200) < 0.03

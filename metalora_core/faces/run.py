@@ -1,4 +1,5 @@
 """``run_crops``: photo in, crop PNGs + contact sheet + crops.json out (the ``metalora crops`` command)."""
+
 from __future__ import annotations
 
 import io
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_bytes
 from .augment import AugmentConfig, make_crops
-from .detect import FaceDetector, get_detector, select_face
+from .detect import Face, FaceDetector, get_detector, select_face
 from .image import contact_sheet, draw_faces, load_image
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def run_crops(
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, crop in enumerate(crops):
-        name = f"crop_{i:02d}_{crop.ratio[0]}x{crop.ratio[1]}_s{crop.requested_scale:g}{'_flip' if crop.flipped else ''}.png"
+        flip = "_flip" if crop.flipped else ""
+        name = f"crop_{i:02d}_{crop.ratio[0]}x{crop.ratio[1]}_s{crop.requested_scale:g}{flip}.png"
         atomic_write_bytes(out / name, _png_bytes(crop.image))
         entries.append({"file": name, **crop.to_dict()})
     atomic_write_bytes(out / "faces.png", _png_bytes(draw_faces(image, faces)))
@@ -95,9 +97,9 @@ def run_crops(
 class _Fixed(FaceDetector):
     """Replays already computed detections so select_face does not detect twice."""
 
-    def __init__(self, inner: FaceDetector, faces: list) -> None:  # noqa: D107
+    def __init__(self, inner: FaceDetector, faces: list[Face]) -> None:
         self.name = inner.name
         self._faces = faces
 
-    def detect(self, image: Image.Image) -> list:
+    def detect(self, image: Image.Image) -> list[Face]:
         return list(self._faces)

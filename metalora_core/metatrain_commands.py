@@ -1,0 +1,226 @@
+"""``metalora meta-train``: Stage-1 on a folder of identities -> a Meta-Down prior file.
+
+``--tiny`` runs the whole thing on CPU in about a minute: the demo's tiny FLUX and a small
+multi-identity dataset made of real sample photos (obama x3, biden, astronaut).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
+TINY = {"steps": 600, "bucket_steps": 100, "warmup_steps": 40, "identities_per_bucket": 2, "r1": 8,
+        "resolution": 64, "checkpoint_every": 100}
+TINY_IDENTITIES = {"obama": ("obama", "obama2", "obama3"), "biden": ("biden",), "astronaut": ("astronaut",)}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .layers import PRESETS
+
+    p = sub.add_parser("meta-train", help="Stage-1: learn a Meta-Down prior from many identities (Algorithm 1)")
+    p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
+    p.add_argument("--out", required=True, help="output folder: prior.safetensors, loss.png, summary.json, checkpoint")
+    p.add_argument("--model", help="local diffusers FLUX folder (holds model_index.json)")
+    p.add_argument("--tiny", action="store_true", help="tiny FLUX + sample photos on CPU (about a minute)")
+    p.add_argument("--domain", default="person", help="domain label of the prior, e.g. woman, man (default person)")
+    p.add_argument("--caption", help="class caption for photos without a .txt (default: 'a photo of a <domain>')")
+    p.add_argument("--r1", type=int, help="Meta-Down rank (default 16; --tiny 8)")
+    p.add_argument("--r2", type=int, default=1, help="Mid rank during meta-training (default 1)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="target layers (default attn_mlp)")
+    p.add_argument("--steps", type=int, help="q_total (default 50000; --tiny 600)")
+    p.add_argument("--bucket-steps", type=int, help="q_bucket (default 2500; --tiny 100)")
+    p.add_argument("--warmup-steps", type=int, help="q_warm-up (default 1000; --tiny 40)")
+    p.add_argument("--identities-per-bucket", type=int, help="N (default auto: each example used ~10x per bucket)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; --tiny 100)")
+    p.add_argument("--resolution", type=int, help="training images have about resolution^2 pixels (default 512)")
+    p.add_argument("--no-augment", action="store_true", help="one centre crop per photo instead of the face grid")
+    p.add_argument("--detector", default="auto", help="face detector backend (default auto)")
+    p.add_argument("--cache", help="latent cache folder (default <out>/latent_cache)")
+    p.add_argument("--device", default=None, help="training device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="base model dtype for --model (adapters train in float32)")
+    p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (--tiny uses 32)")
+    p.set_defaults(func=run_meta_train)
+
+
+class Progress:
+    """One status line on stderr: steps, loss, bucket, phase, speed, ETA (carriage return on a tty)."""
+
+    def __init__(self, stream: Any = None, every_s: float = 2.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s = 0.2 if self.tty else every_s
+        self.first_step: int | None = None
+        self.last = 0.0
+        self.recent: list[float] = []
+
+    def __call__(self, info: Any) -> None:
+        if self.first_step is None:
+            self.first_step = info.step - 1
+        self.recent = (self.recent + [info.loss])[-50:]
+        now = time.monotonic()
+        if info.step not in (self.first_step + 1, info.total) and now - self.last < self.every_s:
+            return
+        self.last = now
+        done = info.step - self.first_step
+        rate = done / info.seconds if info.seconds > 0 else float("nan")
+        eta = (info.total - info.step) / rate if rate and math.isfinite(rate) else float("nan")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        line = (f"meta-train {info.step:>6}/{info.total}  loss {info.loss:.4f} (avg{len(self.recent)} "
+                f"{sum(self.recent) / len(self.recent):.4f})  bucket {info.bucket + 1}/{info.n_buckets}  "
+                f"{info.phase:<7}  {rate:.2f} it/s  ETA {eta_s}")
+        if self.tty:
+            end = "\n" if info.step == info.total else ""
+            print("\r" + line, end=end, file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def make_tiny_dataset(folder: Path) -> Path:
+    """Copies the sample photos into <folder>/<identity>/ (3 identities, 5 real photos)."""
+    from .samples import sample_photo
+
+    for ident, names in TINY_IDENTITIES.items():
+        d = folder / ident
+        d.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            src = sample_photo(n)
+            dst = d / src.name
+            if not dst.is_file():
+                shutil.copyfile(src, dst)
+    return folder
+
+
+def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
+    if value is not None:
+        return value
+    return TINY[key] if tiny else default
+
+
+def _save_png(image: Any, path: Path) -> None:
+    from .fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    import torch
+    from diffusers import FluxPipeline
+
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
+                                "pass the folder that holds model_index.json")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True).to(device)
+
+
+def run_meta_train(args: argparse.Namespace) -> str:
+    """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary."""
+    import torch
+
+    from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
+    from .fileio import atomic_write_bytes, sha256_file
+    from .identity_data import DatasetConfig, prepare_dataset, vae_fingerprint
+    from .layers import DEFAULT_PRESET
+    from .metatrain import MetaTrainConfig, meta_train, to_prior
+    from .plot import line_plot
+    from .prior import save_prior
+    from .recipe import class_caption
+
+    tiny = bool(args.tiny)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if tiny:
+        from .tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+
+        pipe = build_tiny_flux_pipeline(args.seed)
+        data_dir = Path(args.data) if args.data else make_tiny_dataset(out / "tiny_data")
+        max_len, base_model = TINY_T5_LEN, "tiny-flux (random weights, demo only)"
+    else:
+        if not args.data or not args.model:
+            raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers FLUX folder), or --tiny")
+        pipe = _load_pipeline(args)
+        data_dir, max_len, base_model = Path(args.data), args.max_sequence_length, "flux.1-dev"
+
+    resolution = _pick(args.resolution, tiny, "resolution", 512)
+    caption = args.caption or class_caption(args.domain)
+    dcfg = DatasetConfig(augment=not args.no_augment, bucket_area=resolution * resolution, detector=args.detector,
+                         seed=args.seed, class_caption=caption)
+    config = MetaTrainConfig(
+        steps=_pick(args.steps, tiny, "steps", 50_000),
+        bucket_steps=_pick(args.bucket_steps, tiny, "bucket_steps", 2_500),
+        warmup_steps=_pick(args.warmup_steps, tiny, "warmup_steps", 1_000),
+        identities_per_bucket=_pick(args.identities_per_bucket, tiny, "identities_per_bucket", 0),
+        batch_size=args.batch_size, lr=args.lr, r1=_pick(args.r1, tiny, "r1", 16), r2=args.r2,
+        preset=args.preset or DEFAULT_PRESET, seed=args.seed,
+    )
+    every = _pick(args.checkpoint_every, tiny, "checkpoint_every", 500)
+
+    data = prepare_dataset(
+        data_dir,
+        encode=lambda ims: encode_images(pipe.vae, ims),
+        encoder_id=vae_fingerprint(pipe.vae),
+        encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len),
+        config=dcfg,
+        cache_dir=Path(args.cache) if args.cache else out / "latent_cache",
+    )
+    # Latents and captions are cached: the VAE and text encoders are not needed while training.
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    host = DiffusersFluxHost(pipe.transformer, guidance=args.guidance,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    result = meta_train(host, data, config, callback=Progress(), checkpoint_path=out / "checkpoint.safetensors",
+                        checkpoint_every=every, resume=args.resume)
+
+    data_summary = {k: v for k, v in data.summary.items() if not k.startswith("cache_")}
+    prior = to_prior(result, domain=args.domain, base_model=base_model, data_summary=data_summary)
+    prior_path = save_prior(prior, out / "prior.safetensors")
+    _save_png(line_plot(result.losses, title=f"Stage-1 loss ({result.steps} steps)",
+                        smooth=max(2, min(50, result.steps // 10))), out / "loss.png")
+    tail = result.losses[-50:]
+    summary = {
+        "prior": str(prior_path),
+        "prior_sha256": sha256_file(prior_path),
+        "loss_plot": str(out / "loss.png"),
+        "checkpoint": str(out / "checkpoint.safetensors"),
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "train_seconds": round(result.seconds, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "first_loss": result.losses[0],
+        "last_loss_mean50": sum(tail) / len(tail),
+        "buckets": [[result.identities[i] for i in b] for b in result.buckets],
+        "bank_mib": round(result.bank_bytes / 2**20, 3),
+        "config": config.to_dict(),
+        "data": data.summary,
+        "domain": args.domain,
+        "caption": caption,
+        "base_model": base_model,
+        "tiny": tiny,
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+    return (f"meta-train finished: {result.steps} steps in {summary['total_seconds']} s, loss "
+            f"{summary['first_loss']:.4f} -> {summary['last_loss_mean50']:.4f} (mean of last {len(tail)})\n"
+            f"  prior    {prior_path}\n  plot     {out / 'loss.png'}\n  summary  {out / 'summary.json'}")

@@ -1,0 +1,287 @@
+"""The ComfyUI FLUX host: Stage-2 training through ComfyUI's own FLUX model.
+
+Implements ``metalora_core.train.FlowHost`` on a ComfyUI ``ModelPatcher`` of a FLUX model.
+
+How adapters reach the model: nothing is hooked into the (shared) torch modules. Training
+works on a *clone* of the caller's patcher and replaces every FLUX block of that clone through
+ComfyUI's documented block-replace mechanism (``patches_replace["dit"]``, set with
+``ModelPatcher.set_model_patch_replace``). The replacement block is an out-of-place copy of
+ComfyUI's ``DoubleStreamBlock`` / ``SingleStreamBlock`` forward (ComfyUI's own blocks add
+residuals in place, which breaks autograd and, under checkpointing, silently gives wrong
+gradients; see ``../shared/comfyui/README.md``). Inside it every Linear call goes through
+``_linear``: the base module's output plus, in bypass form, the delta of each canonical adapter
+mapped onto that module, written into its own row slice (ComfyUI fuses q/k/v into ``qkv`` and
+q/k/v/mlp into ``linear1``; the slices come from ``comfy.utils.flux_to_diffusers``). The
+patches live only in the clone's ``model_options``; the caller's patcher never sees them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import comfy.model_management
+import comfy.utils
+
+from ..metalora_core.adapter import AdapterSet, LoRAAdapter
+from ..metalora_core.layers import FluxDims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ComfyFluxCond:
+    """One caption's conditioning as the FLUX model takes it."""
+
+    context: torch.Tensor  # (1, L, joint_dim) text tokens (T5 states)
+    y: torch.Tensor | None  # (1, vec_in_dim) pooled CLIP output
+    guidance: float  # distilled-guidance input used while training
+
+    @classmethod
+    def from_conditioning(cls, conditioning: list, guidance: float) -> "ComfyFluxCond":
+        """Reads a ComfyUI CONDITIONING (first entry: [tensor, {"pooled_output": ...}])."""
+        if not conditioning:
+            raise ValueError("the positive CONDITIONING is empty; connect a CLIPTextEncode of the class caption")
+        context, extra = conditioning[0][0], conditioning[0][1]
+        if context.ndim != 3:
+            raise ValueError(f"conditioning tensor has shape {tuple(context.shape)}; expected (1, tokens, width)")
+        pooled = extra.get("pooled_output")
+        # clone(): outside inference mode this makes normal tensors of ComfyUI's inference tensors
+        return cls(context=context[:1].detach().float().cpu().clone(),
+                   y=None if pooled is None else pooled[:1].detach().float().cpu().clone(), guidance=float(guidance))
+
+
+@dataclass(frozen=True)
+class _Slot:
+    adapter: LoRAAdapter
+    start: int  # first output row this adapter writes
+    size: int  # number of rows
+
+
+def flux_dims(model_patcher: Any) -> FluxDims:
+    """FluxDims of a ComfyUI FLUX patcher (raises ValueError for other models)."""
+    dm = model_patcher.model.diffusion_model
+    params = getattr(dm, "params", None)
+    if params is None or not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
+        raise ValueError(f"MetaLoRA trains FLUX models; this MODEL is {type(model_patcher.model).__name__}")
+    hidden = int(params.hidden_size)
+    return FluxDims(hidden=hidden, mlp_hidden=int(hidden * params.mlp_ratio),
+                    num_double=len(dm.double_blocks), num_single=len(dm.single_blocks))
+
+
+def canonical_to_comfy(model_patcher: Any) -> dict[str, tuple[str, int, int]]:
+    """canonical diffusers layer -> (ComfyUI module name, first row, rows) via ComfyUI's own map."""
+    unet_config = dict(model_patcher.model.model_config.unet_config)
+    out = {}
+    for key, target in comfy.utils.flux_to_diffusers(unet_config, output_prefix="").items():
+        if not key.endswith(".weight"):
+            continue
+        if isinstance(target, str) or target[1] is None:  # a whole module (or a non-slice transform)
+            if not isinstance(target, str) and len(target) > 2:
+                continue
+            module, start, size = target if isinstance(target, str) else target[0], 0, None
+        else:
+            module, (dim, start, size) = target[0], target[1]
+            if dim != 0:
+                continue
+        out[key[: -len(".weight")]] = (module[: -len(".weight")], start, size)
+    return out
+
+
+def map_adapters(model_patcher: Any, adapters: AdapterSet) -> dict[str, list[_Slot]]:
+    """Groups adapters by the ComfyUI Linear they write to, each with its row slice.
+
+    Raises:
+        ValueError: a canonical layer has no ComfyUI counterpart or the shapes disagree.
+    """
+    table = canonical_to_comfy(model_patcher)
+    dm = model_patcher.model.diffusion_model
+    out: dict[str, list[_Slot]] = {}
+    for name, a in adapters.items():
+        if name not in table:
+            raise ValueError(f"layer {name!r} has no counterpart in ComfyUI's FLUX model")
+        module_name, start, size = table[name]
+        mod = dm.get_submodule(module_name)
+        size = mod.out_features if size is None else size
+        if mod.in_features != a.in_features or size != a.out_features or start + size > mod.out_features:
+            raise ValueError(f"layer {name!r} -> {module_name} rows {start}:{start + size} of "
+                             f"({mod.in_features} -> {mod.out_features}); adapter is "
+                             f"({a.in_features} -> {a.out_features})")
+        out.setdefault(module_name, []).append(_Slot(a, start, size))
+    return out
+
+
+class _Blocks:
+    """Out-of-place FLUX block forwards with bypass adapters (the ``patches_replace`` targets)."""
+
+    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool):
+        self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
+
+    def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = module(x)  # (..., out): base output, never modified
+        for s in self.slots.get(name, ()):
+            d = s.adapter(x).to(y.dtype)  # (..., size)
+            y = y + F.pad(d, (s.start, y.shape[-1] - s.start - s.size))
+        return y
+
+    def _seq(self, name: str, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(seq, nn.Sequential):
+            raise ValueError(f"{name}: MLP type {type(seq).__name__} is not supported for training (FLUX.1 only)")
+        for i, m in enumerate(seq):
+            x = self._linear(f"{name}.{i}", m, x) if hasattr(m, "in_features") else m(x)
+        return x
+
+    def _mod(self, name: str, mod: nn.Module, vec: torch.Tensor) -> list[torch.Tensor]:
+        if vec.ndim == 2:
+            vec = vec[:, None, :]
+        return self._linear(f"{name}.lin", mod.lin, F.silu(vec)).chunk(mod.multiplier, dim=-1)
+
+    @staticmethod
+    def _pe(pe: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        # rope tables are float32; promote (never demote) so a float64 reference stays float64
+        return None if pe is None else pe.to(torch.promote_types(pe.dtype, like.dtype))
+
+    @staticmethod
+    def _qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+        return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D)
+
+    def double(self, i: int, img, txt, vec, pe, attn_mask, transformer_options):
+        from comfy.ldm.flux.math import attention
+
+        b, p = self.dm.double_blocks[i], f"double_blocks.{i}"
+        if not b.modulation:
+            raise ValueError("FLUX models without per-block modulation are not supported for training")
+        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self._mod(f"{p}.img_mod", b.img_mod, vec)
+        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self._mod(f"{p}.txt_mod", b.txt_mod, vec)
+        iq, ik, iv = self._qkv(self._linear(f"{p}.img_attn.qkv", b.img_attn.qkv,
+                                            torch.addcmul(i_sh1, b.img_norm1(img), 1 + i_sc1)), b.num_heads)
+        iq, ik = b.img_attn.norm(iq, ik, iv)
+        tq, tk, tv = self._qkv(self._linear(f"{p}.txt_attn.qkv", b.txt_attn.qkv,
+                                            torch.addcmul(t_sh1, b.txt_norm1(txt), 1 + t_sc1)), b.num_heads)
+        tq, tk = b.txt_attn.norm(tq, tk, tv)
+        q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
+        attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
+        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        img = img + i_g1 * self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn)
+        img = img + i_g2 * self._seq(f"{p}.img_mlp", b.img_mlp, torch.addcmul(i_sh2, b.img_norm2(img), 1 + i_sc2))
+        txt = txt + t_g1 * self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn)
+        txt = txt + t_g2 * self._seq(f"{p}.txt_mlp", b.txt_mlp, torch.addcmul(t_sh2, b.txt_norm2(txt), 1 + t_sc2))
+        return img, txt
+
+    def single(self, i: int, x, vec, pe, attn_mask, transformer_options):
+        from comfy.ldm.flux.math import attention
+
+        b, p = self.dm.single_blocks[i], f"single_blocks.{i}"
+        if b.modulation is None or b.yak_mlp or b.mlp_hidden_dim_first != b.mlp_hidden_dim:
+            raise ValueError("only FLUX.1-style single blocks are supported for training")
+        shift, scale, gate = self._mod(f"{p}.modulation", b.modulation, vec)
+        h = self._linear(f"{p}.linear1", b.linear1, torch.addcmul(shift, b.pre_norm(x), 1 + scale))
+        qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
+        q, k, v = self._qkv(qkv, b.num_heads)
+        q, k = b.norm(q, k, v)
+        attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
+        out = self._linear(f"{p}.linear2", b.linear2, torch.cat((attn, b.mlp_act(mlp)), 2))
+        return x + gate * out
+
+    def _run(self, fn, *args):
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def double_patch(self, i: int):
+        def patch(args: dict, extra: dict) -> dict:
+            img, txt = self._run(lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
+                                 args.get("attn_mask"), args.get("transformer_options", {}))
+            return {"img": img, "txt": txt}
+        return patch
+
+    def single_patch(self, i: int):
+        def patch(args: dict, extra: dict) -> dict:
+            x = self._run(lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
+                          args.get("attn_mask"), args.get("transformer_options", {}))
+            return {"img": x}
+        return patch
+
+
+class _Detach:
+    def __init__(self, host: "ComfyFluxHost") -> None:
+        self._host = host
+
+    def remove(self) -> None:
+        self._host._blocks = None
+        self._host.patcher = None  # the clone (and its patches) is dropped
+
+
+class ComfyFluxHost:
+    """FlowHost on a ComfyUI FLUX ``ModelPatcher``; the caller's patcher is never modified.
+
+    Args:
+        model: the caller's MODEL (FLUX); only a clone of it is patched.
+        guidance: FLUX's distilled-guidance input while training (1.0, as ai-toolkit trains).
+        gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint,
+            non-reentrant) to save activation memory.
+    """
+
+    def __init__(self, model: Any, *, guidance: float = 1.0, gradient_checkpointing: bool = False) -> None:
+        self.source = model
+        self.dims = flux_dims(model)
+        self.guidance = float(guidance)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.patcher: Any = None
+        self._blocks: _Blocks | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.source.model.get_dtype_inference()
+
+    def attach(self, adapters: AdapterSet) -> _Detach:
+        """Clones the patcher and replaces every block of the clone with the adapted one."""
+        slots = map_adapters(self.source, adapters)
+        dm = self.source.model.diffusion_model
+        clone = self.source.clone()
+        blocks = _Blocks(dm, slots, self.gradient_checkpointing)
+        for i in range(len(dm.double_blocks)):
+            clone.set_model_patch_replace(blocks.double_patch(i), "dit", "double_block", i)
+        for i in range(len(dm.single_blocks)):
+            clone.set_model_patch_replace(blocks.single_patch(i), "dit", "single_block", i)
+        self.patcher, self._blocks = clone, blocks
+        return _Detach(self)
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Loads the clone through ComfyUI's memory manager; ``in_training`` only inside."""
+        if self.patcher is None:
+            raise RuntimeError("attach adapters before training")
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        previous = comfy.model_management.in_training
+        comfy.model_management.in_training = True
+        try:
+            with torch.inference_mode(False):
+                yield
+        finally:
+            comfy.model_management.in_training = previous
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: ComfyFluxCond) -> torch.Tensor:
+        """Flow velocity ``noise - x0`` for (B, C, h, w) model-space latents and (B,) sigmas."""
+        patcher = self.patcher if self.patcher is not None else self.source
+        base = patcher.model
+        dev, dt = self.device, self.dtype
+        b = x_t.shape[0]
+        t = base.model_sampling.timestep(sigma.to(dev)).float()  # FLUX: t = sigma
+        kwargs = {"guidance": torch.full((b,), cond.guidance, device=dev, dtype=dt)}
+        if cond.y is not None:
+            kwargs["y"] = cond.y.to(dev, dt).expand(b, -1)
+        topts = dict(patcher.model_options.get("transformer_options", {}))
+        out = base.diffusion_model(x_t.to(dev, dt), t, context=cond.context.to(dev, dt).expand(b, -1, -1),
+                                   transformer_options=topts, **kwargs)
+        return out  # CONST sampling: denoised = x_t - sigma * out, so out is the velocity

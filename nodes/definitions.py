@@ -1,0 +1,163 @@
+"""The MetaLoRA ComfyUI nodes (V3 API). Thin: they translate, ``training``/``metalora_core`` compute."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
+from ..metalora_core.prior import load_prior
+from ..metalora_core.recipe import face_crops
+from ..metalora_core.store import save_lora_new
+from . import training
+from .folders import PRIOR_FOLDER, prior_names
+
+MetaLoRAPrior = io.Custom("META_LORA_PRIOR")
+MetaLoRAType = io.Custom("META_LORA")
+FaceCropsType = io.Custom("FACE_CROPS")
+
+
+def _node_id(cls) -> str | None:
+    hidden = getattr(cls, "hidden", None)
+    return None if hidden is None else hidden.unique_id
+
+
+class MetaLoRAPriorLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRAPriorLoader", display_name="Meta-LoRA Prior Loader", category="MetaLoRA/loaders",
+            description="Loads a Meta-Down prior (.safetensors) from models/meta_lora.",
+            inputs=[io.Combo.Input("prior_name", options=prior_names(),
+                                   tooltip="Prior file in models/meta_lora (or a meta_lora path from extra_model_paths.yaml).")],
+            outputs=[MetaLoRAPrior.Output(display_name="prior")],
+        )
+
+    @classmethod
+    def execute(cls, prior_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(PRIOR_FOLDER, prior_name)
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"prior {prior_name!r}: only .safetensors files are read")
+        try:
+            prior = load_prior(path)
+        except ValueError as e:
+            raise ValueError(f"prior {prior_name!r} ({path}): {e}") from e
+        return io.NodeOutput(prior)
+
+
+class MetaLoRAFaceAugment(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRAFaceAugment", display_name="Meta-LoRA Face Augment", category="MetaLoRA/data",
+            description="Detects the face and makes the paper's grid of face-centred training crops.",
+            inputs=[
+                io.Image.Input("image", tooltip="One photo of the person, or a batch of a few photos of the same person."),
+                io.Combo.Input("detector", options=list(DETECTOR_NAMES), default="auto",
+                               tooltip="Face detector; 'auto' uses insightface from models/insightface if present, else YuNet."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
+                io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
+            ],
+            outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview")],
+        )
+
+    @classmethod
+    def execute(cls, image, detector: str, seed: int, bucket_resolution: int) -> io.NodeOutput:
+        crops = face_crops(training.image_to_pils(image), detector=detector, seed=seed,
+                           augment=AugmentConfig(bucket_area=bucket_resolution ** 2),
+                           insightface_root=os.path.join(folder_paths.models_dir, "insightface"))
+        return io.NodeOutput(crops, training.pils_to_image([contact_sheet(crops.crops)]))
+
+
+class MetaLoRATrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRATrain", display_name="Meta-LoRA Train (Stage-2)", category="MetaLoRA/train",
+            description="Trains LoRA-Mid/Up on the crops (plain LoRA without a prior) on a clone of the MODEL.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
+                io.Vae.Input("vae", tooltip="FLUX VAE that encodes the crops (and decodes previews)."),
+                FaceCropsType.Input("crops", tooltip="Crops from Meta-LoRA Face Augment."),
+                io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'."),
+                MetaLoRAPrior.Input("prior", optional=True,
+                                    tooltip="Meta-Down prior; leave empty to train a plain LoRA (the paper's baseline)."),
+                io.Int.Input("steps", default=375, min=1, max=100000, tooltip="Training steps (paper: 375)."),
+                io.Int.Input("rank", default=1, min=1, max=256, tooltip="r2, the rank of the exported LoRA (paper: 1)."),
+                io.Float.Input("learning_rate", default=4e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (paper: 4e-4)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, data order, noise and sigmas."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Crops are resized to about this many pixels squared before encoding."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute block activations in backward: less memory, about 30% slower."),
+                io.Int.Input("preview_every", default=25, min=0, max=100000,
+                             tooltip="Show a one-step denoised preview every N steps (0: never)."),
+                io.Boolean.Input("force_retrain", default=False,
+                                 tooltip="Ignore the disk cache of earlier identical runs and train again."),
+            ],
+            outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
+                resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
+                prior=None) -> io.NodeOutput:
+        settings = training.TrainSettings(steps=steps, rank=rank, lr=learning_rate, seed=seed, resolution=resolution,
+                                          gradient_checkpointing=gradient_checkpointing, preview_every=preview_every,
+                                          force_retrain=force_retrain)
+        result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
+        return io.NodeOutput(result, training.loss_plot(result.losses))
+
+
+class MetaLoRAApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRAApply", display_name="Meta-LoRA Apply", category="MetaLoRA/apply",
+            description="Applies a trained Meta-LoRA to a MODEL as standard LoRA weight patches.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX MODEL to patch (a patched clone is returned)."),
+                MetaLoRAType.Input("meta_lora", tooltip="Output of Meta-LoRA Train."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength, as in LoraLoaderModelOnly."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, meta_lora, strength: float) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(model)
+        return io.NodeOutput(training.apply_meta_lora(model, meta_lora, strength))
+
+
+class MetaLoRASave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRASave", display_name="Meta-LoRA Save", category="MetaLoRA/save",
+            description="Saves the merged rank-r2 LoRA to models/loras (numbered, never overwrites).",
+            inputs=[
+                MetaLoRAType.Input("meta_lora", tooltip="Output of Meta-LoRA Train."),
+                io.String.Input("subfolder", default="metalora", tooltip="Folder inside models/loras ('' for the top)."),
+                io.String.Input("filename_prefix", default="person",
+                                tooltip="File name start; a number is appended (person_00001.safetensors)."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
+        path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
+                             **meta_lora.metadata)
+        training.refresh_lora_list()
+        name = training.relative_lora_name(path)
+        return io.NodeOutput(name, ui={"text": [name]})
+
+
+NODES: list[type[io.ComfyNode]] = [MetaLoRAPriorLoader, MetaLoRAFaceAugment, MetaLoRATrain, MetaLoRAApply, MetaLoRASave]

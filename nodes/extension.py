@@ -1,0 +1,16 @@
+"""The V3 extension object ComfyUI gets from ``comfy_entrypoint``."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .folders import register_folders
+
+
+class MetaLoRAExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .definitions import NODES
+
+        return list(NODES)
