@@ -68,17 +68,22 @@ class LoRAAdapter(nn.Module):
     def rank(self) -> int:
         return self.up.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the delta only (the caller adds the base output). x: (..., in)."""
-        h = F.linear(x.to(self.down.dtype), self.down)  # (..., r1)
-        if self.mid is not None:
-            h = F.linear(h, self.mid)  # (..., r2)
-        return F.linear(h, self.up) * self.scale  # (..., out)
-
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Standard LoRA factors (A: (r, in), B: (out, r)) with ``B @ A == delta weight``."""
-        a = self.down if self.mid is None else self.mid @ self.down
-        return a, self.up * self.scale
+        a = self.down if self.mid is None else self.mid @ self.down  # (r2, in): cheaper than two passes
+        return a, self.up * self.scale  # scale on the (out, r) matrix, not on every token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the delta only. x: (..., in) -> (..., out)."""
+        a, b = self.lora_factors()
+        return F.linear(F.linear(x.to(a.dtype), a), b)
+
+    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``base + delta(x)`` out of place, the add fused into the Up matmul (one pass over base)."""
+        a, b = self.lora_factors()
+        h = F.linear(x.to(a.dtype), a).to(base.dtype)  # (..., r)
+        flat = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(base.dtype).T)
+        return flat.view(base.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) weight this adapter adds to its base Linear."""
@@ -209,8 +214,8 @@ class AttachHandle:
 
 def _bypass_hook(adapter: LoRAAdapter):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        # Out-of-place add: base weights and base output tensors are never modified.
-        return output + adapter(args[0]).to(output.dtype)
+        # Out-of-place: base weights and base output tensors are never modified.
+        return adapter.add_to(output, args[0])
 
     return hook
 
