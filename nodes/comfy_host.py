@@ -209,6 +209,28 @@ class _Blocks:
         return patch
 
 
+def release_inference_tensors(module: nn.Module) -> int:
+    """Replaces inference-mode weights of ``module`` with equal normal tensors; returns how many.
+
+    ComfyUI loads models inside ``torch.inference_mode()``; autograd refuses to save such
+    tensors for backward (``Inference tensors cannot be saved for backward``), even frozen ones.
+    The values are unchanged (ComfyUI itself swaps Parameter objects when it patches weights,
+    and its weight backups are untouched), so the caller's model computes exactly the same.
+    """
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    n += 1
+    return n
+
+
 class _Detach:
     def __init__(self, host: "ComfyFluxHost") -> None:
         self._host = host
@@ -263,6 +285,7 @@ class ComfyFluxHost:
         if self.patcher is None:
             raise RuntimeError("attach adapters before training")
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        release_inference_tensors(self.patcher.model.diffusion_model)
         previous = comfy.model_management.in_training
         comfy.model_management.in_training = True
         try:

@@ -60,13 +60,18 @@ def pils_to_image(images: list[Image.Image]) -> torch.Tensor:
 
 
 def encode_crops(vae: Any, model: Any, images: list[Image.Image]) -> list[torch.Tensor]:
-    """VAE-encodes crops one by one (sizes differ) into the model's latent space: (C, h, w) each."""
-    out = []
-    for im in images:  # no autograd here: VAE weights may be inference tensors
-        with torch.no_grad():
-            z = vae.encode(pils_to_image([im]))  # (1, C, h, w) raw VAE latent
-            out.append(model.model.process_latent_in(z.float())[0].float().cpu().clone())
-    return out
+    """VAE-encodes crops into the model's latent space, one batch per crop size: (C, h, w) each."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(im.size, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for idx in by_size.values():
+        with torch.no_grad():  # no autograd here: VAE weights may be inference tensors
+            z = vae.encode(pils_to_image([images[i] for i in idx]))  # (n, C, h, w) raw VAE latents
+            z = model.model.process_latent_in(z.float()).float().cpu()
+        for j, i in enumerate(idx):
+            out[i] = z[j].clone()  # clone(): a normal tensor, not a view into the batch
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- fingerprints / cache key

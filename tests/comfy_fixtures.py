@@ -542,3 +542,90 @@ def output_files(result: dict, base_dir: pathlib.Path | str) -> list[pathlib.Pat
                 if isinstance(it, dict) and "filename" in it:
                     files.append(base_dir / it.get("type", "output") / it.get("subfolder", "") / it["filename"])
     return files
+
+
+# --------------------------------------------------------------------------------------------
+# Added for the evaluation-node and workflow tests
+# --------------------------------------------------------------------------------------------
+
+def write_tiny_transformers_clip(folder: pathlib.Path | str, seed: int = 0) -> pathlib.Path:
+    """A randomly initialised transformers ``CLIPModel`` (32 wide, 32 px images) with a byte-level
+    tokenizer built in code and a ``CLIPImageProcessor``, saved to ``folder`` (for CLIP-T).
+
+    Same recipe as ``tests/test_evaluate.py::tiny_clip_dir``; deterministic for a seed.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab = {bos: 0, eos: 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, 0), (eos, 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=77, bos_token=bos, eos_token=eos,
+                                   pad_token=eos)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg)
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def register_v3_nodes(comfy: ComfyInProcess, node_classes: Iterable[type]) -> list[str]:
+    """Registers V3 node classes the way ``nodes.load_custom_node`` does for a pack's extension
+    (for nodes a pack defines but its extension does not list yet); already known ids are kept.
+    Returns the ids that were added."""
+    added = []
+    for cls in node_classes:
+        schema = cls.GET_SCHEMA()
+        if schema.node_id in comfy.nodes.NODE_CLASS_MAPPINGS:
+            continue
+        comfy.nodes.NODE_CLASS_MAPPINGS[schema.node_id] = cls
+        if schema.display_name:
+            comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
+        cls.RELATIVE_PYTHON_MODULE = "custom_nodes.ComfyUI-MetaLoRA"
+        added.append(schema.node_id)
+    return added
+
+
+def object_info(comfy: ComfyInProcess, node_types: Iterable[str] | None = None) -> dict[str, dict]:
+    """What ``GET /object_info`` answers for the given node types (default: all), built the way
+    server.py's ``node_info`` does (V3 nodes: ``GET_NODE_INFO_V1()``; V1 nodes: INPUT_TYPES etc.)."""
+    from comfy_api.internal import _ComfyNodeInternal
+
+    names = list(comfy.nodes.NODE_CLASS_MAPPINGS) if node_types is None else list(node_types)
+    out: dict[str, dict] = {}
+    for name in names:
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS.get(name)
+        if cls is None:
+            continue
+        if issubclass(cls, _ComfyNodeInternal):
+            out[name] = cls.GET_NODE_INFO_V1()
+            continue
+        inputs = cls.INPUT_TYPES()
+        out[name] = {
+            "input": inputs,
+            "input_order": {k: list(v.keys()) for k, v in inputs.items()},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "name": name,
+            "display_name": comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name),
+            "category": getattr(cls, "CATEGORY", "sd"),
+            "output_node": getattr(cls, "OUTPUT_NODE", False) is True,
+        }
+    return out

@@ -139,8 +139,13 @@ def test_pack_loads_and_nodes_are_listed(env):
     assert "meta_lora" in env.folder_paths.folder_names_and_paths
 
 
-def test_chain_reuse_and_restart(env, capsys):
-    executor = new_executor()
+@pytest.fixture(scope="module")
+def executor(env):
+    """One PromptExecutor kept across graph runs, as a running server keeps its output cache."""
+    return new_executor()
+
+
+def test_chain_reuse_and_restart(env, executor, capsys):
     t0 = time.perf_counter()
     first = run_prompt(graph(env), executor=executor)
     wall = time.perf_counter() - t0
@@ -166,7 +171,7 @@ def test_chain_reuse_and_restart(env, capsys):
     assert (lora.parent / "obama_00002.safetensors").is_file()  # saved again: numbered, not overwritten
 
 
-def test_cancel_in_graph_leaves_no_file(env):
+def test_cancel_in_graph_leaves_no_file(env, executor):
     import comfy.model_management
     import comfy.utils
 
@@ -184,7 +189,7 @@ def test_cancel_in_graph_leaves_no_file(env):
 
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        result = run_prompt(graph(env, steps=8, seed=5, force=True), raise_on_error=False)
+        result = run_prompt(graph(env, steps=8, seed=5, force=True), raise_on_error=False, executor=executor)
     finally:
         comfy.utils.set_progress_bar_global_hook(original)
     assert not result["success"]

@@ -1,0 +1,191 @@
+"""Evaluation nodes (V3 API): CLIP-T, FaceSim / R-FaceSim (Algorithm 3) and a labelled image grid.
+
+Thin: ``metalora_core.evaluate`` computes the scores, ``metalora_core.eval_plots`` and
+``metalora_core.image_grid`` draw the pictures.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..metalora_core.eval_plots import draw_score_grid
+from ..metalora_core.evaluate import CLIP_T_MODEL_HINT, MISSING_FACE_POLICIES, clip_t, face_sim, r_face_sim
+from ..metalora_core.faces import DETECTOR_NAMES, EMBEDDER_NAMES, get_detector, get_embedder
+from ..metalora_core.image_grid import draw_labelled_grid
+from ..metalora_core.prompts import parse_prompts
+
+CLIP_FOLDER = "metalora_clip"  # models/metalora_clip/<name>/: transformers CLIP folders for CLIP-T
+GRID_ROWS = 6  # image inputs of MetaLoRAImageGrid (one row each)
+
+
+def register_eval_folders() -> None:
+    """Registers ``models/metalora_clip`` (keeps paths from extra_model_paths.yaml)."""
+    default = os.path.join(folder_paths.models_dir, CLIP_FOLDER)
+    paths, exts = folder_paths.folder_names_and_paths.get(CLIP_FOLDER, ([], set()))
+    if default not in paths:
+        paths = [*paths, default]
+    folder_paths.folder_names_and_paths[CLIP_FOLDER] = (paths, exts)
+
+
+def clip_model_names() -> list[str]:
+    """Sub-folders of the registered CLIP folders that hold a ``config.json`` (model folders)."""
+    if CLIP_FOLDER not in folder_paths.folder_names_and_paths:
+        register_eval_folders()
+    names: list[str] = []
+    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+        if os.path.isdir(root):
+            names += [d for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, "config.json"))]
+    return list(dict.fromkeys(names))
+
+
+def clip_model_path(name: str) -> str:
+    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    roots = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
+    raise FileNotFoundError(
+        f"CLIP model folder {name!r} not found in {roots}; put a transformers CLIP ViT-B/32 folder there, e.g. "
+        f"'huggingface-cli download {CLIP_T_MODEL_HINT} --local-dir {os.path.join(roots.split(', ')[0], name)}'"
+    )
+
+
+def to_pils(image: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE (B, H, W, C) float in [0, 1] -> list of PIL RGB."""
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise ValueError(f"IMAGE has shape {tuple(image.shape)}; expected (batch, height, width, 3)")
+    a = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(x) for x in a]
+
+
+def to_image(pil: Image.Image) -> torch.Tensor:
+    """One PIL image -> ComfyUI IMAGE (1, H, W, 3)."""
+    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _insightface_root() -> str:
+    return os.path.join(folder_paths.models_dir, "insightface")
+
+
+class MetaLoRAClipT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRAClipT", display_name="Meta-LoRA CLIP-T", category="MetaLoRA/eval",
+            description="CLIP-T (prompt adherence): cosine of CLIP image and prompt embeddings, per image and mean.",
+            inputs=[
+                io.Image.Input("images", tooltip="Generated images (a batch), in prompt order."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="One prompt per line, one per image in batch order; a single line "
+                                        "scores every image against it. Lines starting with '#' are ignored."),
+                io.Combo.Input("clip_model", options=clip_model_names(),
+                               tooltip="A transformers CLIP folder in models/metalora_clip (the paper: "
+                                       f"{CLIP_T_MODEL_HINT}); never downloaded automatically."),
+            ],
+            outputs=[io.Float.Output(display_name="clip_t"), io.String.Output(display_name="table"),
+                     io.Image.Output(display_name="annotated")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, prompts: str, clip_model: str) -> io.NodeOutput:
+        texts = parse_prompts(prompts)
+        if not texts:
+            raise ValueError("prompts is empty; give one prompt per line (or one line for every image)")
+        pils = to_pils(images)
+        result = clip_t(pils, texts, clip_model_path(clip_model))
+        grid = draw_score_grid(pils, result.labels())
+        table = result.table()
+        return io.NodeOutput(result.mean, table, to_image(grid), ui={"text": [table]})
+
+
+class MetaLoRAFaceSim(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MetaLoRAFaceSim", display_name="Meta-LoRA R-FaceSim / FaceSim", category="MetaLoRA/eval",
+            description="Identity similarity of generated faces: R-FaceSim (Algorithm 3, against held-out photos) "
+                        "and, with a reference photo, conventional FaceSim.",
+            inputs=[
+                io.Image.Input("generated", tooltip="Generated images of one person (a batch, one per prompt)."),
+                io.Image.Input("held_out", tooltip="Real photos of the same person NOT used for training (a batch; "
+                                                   "Image Batch center-crops them to one size)."),
+                io.Combo.Input("detector", options=list(DETECTOR_NAMES), default="auto",
+                               tooltip="Face detector; 'auto' uses insightface from models/insightface if present, "
+                                       "else YuNet."),
+                io.Combo.Input("embedder", options=list(EMBEDDER_NAMES), default="auto",
+                               tooltip="Identity embedder; 'auto' uses insightface ArcFace if present, else SFace. "
+                                       "Scores from different embedders are not comparable (the table names it)."),
+                io.Combo.Input("missing_face", options=list(MISSING_FACE_POLICIES), default="exclude",
+                               tooltip="Generated images without a face: 'exclude' leaves them out of the mean, "
+                                       "'zero' counts them as 0. Either way the table lists them."),
+                io.Image.Input("reference", optional=True,
+                               tooltip="The photo used for training; when given, conventional FaceSim is computed too."),
+            ],
+            outputs=[io.Float.Output(display_name="r_face_sim"), io.Float.Output(display_name="face_sim"),
+                     io.String.Output(display_name="table"), io.Image.Output(display_name="annotated")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, generated: torch.Tensor, held_out: torch.Tensor, detector: str, embedder: str,
+                missing_face: str, reference: torch.Tensor | None = None) -> io.NodeOutput:
+        det = get_detector(detector, insightface_root=_insightface_root())
+        emb = get_embedder(embedder, insightface_root=_insightface_root())
+        gens, tests = to_pils(generated), to_pils(held_out)
+        refs = None if reference is None else {"person": to_pils(reference)[0]}
+        res = r_face_sim({"person": gens}, {"person": tests}, det, emb, references=refs, missing_face=missing_face)
+        table = res.table()
+        if refs is not None:  # per-image FaceSim rows (same faces, the reference as target)
+            table += "\n\n" + face_sim(gens, refs["person"], det, emb, missing_face=missing_face).table()
+        else:
+            table += "\n\nFaceSim: no reference photo connected (output is NaN)"
+        labels = [f"gen {p.prompt_index}: " + (f"R {p.score:.3f}" if p.score is not None else p.status.replace("_", " "))
+                  + ("" if p.face_sim is None else f" F {p.face_sim:.3f}") for p in res.pairs]
+        labels += [f"held-out {t.index}" + ("" if t.faces_found else ": no face") for t in res.test_photos]
+        boxes = [p.box for p in res.pairs] + [t.box for t in res.test_photos]
+        grid = draw_score_grid(gens + tests, labels, boxes)
+        return io.NodeOutput(_nan(res.score), _nan(res.face_sim), table, to_image(grid), ui={"text": [table]})
+
+
+class MetaLoRAImageGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        rows = [io.Image.Input(f"row_{i}", optional=i > 1,
+                               tooltip=f"Images of row {i} (a batch: one column per image), e.g. one method's "
+                                       "outputs in prompt order.") for i in range(1, GRID_ROWS + 1)]
+        return io.Schema(
+            node_id="MetaLoRAImageGrid", display_name="Meta-LoRA Labelled Grid", category="MetaLoRA/eval",
+            description="Comparison grid: one row per connected image batch, labels left of rows and above columns.",
+            inputs=[
+                *rows,
+                io.String.Input("row_labels", multiline=True, default="",
+                                tooltip="One label per row, one per line (e.g. the method names)."),
+                io.String.Input("column_labels", multiline=True, default="",
+                                tooltip="One label per column, one per line (e.g. the prompts)."),
+                io.Int.Input("tile", default=384, min=64, max=2048, step=16,
+                             tooltip="Each cell's bounding square in pixels."),
+            ],
+            outputs=[io.Image.Output(display_name="grid")],
+        )
+
+    @classmethod
+    def execute(cls, row_labels: str, column_labels: str, tile: int, **rows: torch.Tensor) -> io.NodeOutput:
+        batches = [rows[f"row_{i}"] for i in range(1, GRID_ROWS + 1) if rows.get(f"row_{i}") is not None]
+        lines = lambda s: [ln.strip() for ln in s.splitlines() if ln.strip()]  # noqa: E731
+        grid = draw_labelled_grid([to_pils(b) for b in batches], lines(row_labels), lines(column_labels), tile)
+        return io.NodeOutput(to_image(grid))
+
+
+EVAL_NODES: list[type[io.ComfyNode]] = [MetaLoRAClipT, MetaLoRAFaceSim, MetaLoRAImageGrid]
