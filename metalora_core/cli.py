@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "metalora_core.commands",
     "metalora_core.faces.commands",
     "metalora_core.eval_commands",
+    "metalora_core.metatrain_commands",
 )
 
 

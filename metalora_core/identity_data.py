@@ -125,7 +125,9 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     h = hashlib.sha256(type(vae).__name__.encode())
     cfg = getattr(vae, "config", None)
     if cfg is not None:
-        h.update(json.dumps(dict(cfg), sort_keys=True, default=str).encode())
+        # Private keys ("_use_default_values", ...) vary in order between processes: leave them out.
+        public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
     h.update(sha256_tensors(vae.state_dict()).encode())
     return h.hexdigest()
 

@@ -253,6 +253,10 @@ class BucketAdapter(nn.Module):
             y = y.reshape(*lead, self.out_features)
         return y * self.scale
 
+    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``base + delta(x)`` out of place (the hook contract of ``adapter.attach_adapters``)."""
+        return base + self(x).to(base.dtype)
+
 
 # ---------------------------------------------------------------------------------------------
 # The bank of identity layers (CPU)

@@ -1,0 +1,46 @@
+"""`metalora personalize` and `metalora export` on a local diffusers FLUX folder (the tiny one, saved)."""
+from __future__ import annotations
+
+import torch
+
+from metalora_core.cli import main
+from metalora_core.export import load_lora
+from metalora_core.layers import FluxDims
+from metalora_core.prior import make_prior, save_prior
+from metalora_core.samples import sample_photo
+from metalora_core.tiny import build_tiny_flux_pipeline
+
+
+def test_personalize_then_export_from_state(tmp_path):
+    pipe = build_tiny_flux_pipeline(seed=0)
+    model_dir = tmp_path / "flux"
+    pipe.save_pretrained(str(model_dir))
+    dims = FluxDims.from_diffusers_config(pipe.transformer.config)
+    prior = save_prior(make_prior(dims, r1=4, preset="attn", generator=torch.Generator().manual_seed(0)),
+                       tmp_path / "prior.safetensors")
+    lora, state = tmp_path / "out" / "lora.safetensors", tmp_path / "out" / "state.safetensors"
+    args = ["personalize", "--model", str(model_dir), "--prior", str(prior), "--image", str(sample_photo("obama")),
+            "--out", str(lora), "--state", str(state), "--steps", "3", "--resolution", "128",
+            "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man"]
+    assert main(args) == 0
+    tensors, meta = load_lora(lora)
+    assert meta["steps"] == "3" and meta["caption"] == "a photo of a man" and meta["detector"] == "yunet"
+    assert len(tensors) == 2 * 22  # attn preset on 2 double + 2 single blocks
+    exported = tmp_path / "out" / "exported.safetensors"
+    assert main(["export", str(state), "--out", str(exported)]) == 0
+    again, meta2 = load_lora(exported)
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert meta2["prior_sha256"] == meta["prior_sha256"]
+    # plain-LoRA baseline without augmentation
+    plain = tmp_path / "out" / "plain.safetensors"
+    assert main(["personalize", "--model", str(model_dir), "--image", str(sample_photo("obama")), "--out", str(plain),
+                 "--steps", "2", "--resolution", "128", "--dtype", "float32", "--device", "cpu",
+                 "--no-augment", "--preset", "attn"]) == 0
+    t3, m3 = load_lora(plain)
+    assert m3["mode"] == "lora" and m3["detector"] == "none" and len(t3) == 2 * 22
+
+
+def test_personalize_reports_missing_model_folder(tmp_path, capsys):
+    assert main(["personalize", "--model", str(tmp_path), "--image", "x.jpg", "--out", str(tmp_path / "l.safetensors"),
+                 "--device", "cpu"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
