@@ -78,6 +78,18 @@ def _clean(part: str, what: str) -> str:
     return part
 
 
+def _publish_exclusive(tmp: Path, target: Path) -> None:
+    """Gives ``tmp`` the name ``target`` unless that name exists (FileExistsError)."""
+    try:
+        os.link(tmp, target)  # atomic and never replaces
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: reserve the name, then swap the file in
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.close(fd)
+        os.replace(tmp, target)
+
+
 def save_lora_new(adapters: AdapterSet, folder: str | os.PathLike, subfolder: str, prefix: str,
                   *, max_tries: int = 100000, **metadata: object) -> Path:
     """Writes the merged LoRA as ``folder/subfolder/prefix_NNNNN.safetensors``, never overwriting.
@@ -91,7 +103,10 @@ def save_lora_new(adapters: AdapterSet, folder: str | os.PathLike, subfolder: st
     prefix = _clean(prefix, "filename prefix")
     if not prefix or "/" in prefix:
         raise ValueError(f"filename prefix {prefix!r} must be a plain name; put folders in 'subfolder'")
-    subfolder = _clean(subfolder, "subfolder").strip("/")
+    subfolder = _clean(subfolder, "subfolder")
+    if subfolder.startswith("/") or (len(subfolder) > 1 and subfolder[1] == ":"):
+        raise ValueError(f"subfolder {subfolder!r} is absolute; give a folder inside {folder} (or '' for the top)")
+    subfolder = subfolder.strip("/")
     target_dir = confined_path(folder, subfolder) if subfolder else Path(folder).resolve()
     confined_path(folder, os.path.join(subfolder, prefix) if subfolder else prefix)
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +119,7 @@ def save_lora_new(adapters: AdapterSet, folder: str | os.PathLike, subfolder: st
             if name in existing:
                 continue
             try:
-                os.link(tmp, target_dir / name)
+                _publish_exclusive(tmp, target_dir / name)
             except FileExistsError:
                 continue
             return target_dir / name
