@@ -124,14 +124,9 @@ def _personalize(args: argparse.Namespace) -> str:
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
     area = args.resolution * args.resolution
-    if args.no_augment:
-        from .faces import resize_to_bucket
-
-        train_images = [resize_to_bucket(im, area) for im in images]
-        detector = "none"
-    else:
-        made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed)
-        train_images, detector = made.images, made.detector
+    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed,
+                      grid=not args.no_augment)
+    train_images, detector = made.images, made.detector
     latents = encode_images(pipe.vae, train_images)
     cond = encode_prompt(pipe, args.caption)
     host = DiffusersFluxHost(pipe.transformer, guidance=args.guidance,

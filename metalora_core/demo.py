@@ -16,7 +16,7 @@ import torch
 
 from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
 from .export import save_lora
-from .fileio import atomic_write_bytes, sha256_file
+from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
 from .layers import DEFAULT_PRESET
 from .plot import image_grid, line_plot
 from .prior import load_prior, make_prior, save_prior
@@ -31,14 +31,6 @@ DEMO_PROMPTS = (
     "a photo of a woman in a sunflower field",
     "a watercolor portrait of a woman",
 )
-
-
-def _save_png(image, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r2: int = 1,
@@ -61,7 +53,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
 
     photo_path = sample_photo(photo)
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
-    _save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
+    atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     latents = encode_images(pipe.vae, made.images)
     caption = class_caption("woman")
     cond = encode_prompt(pipe, caption, max_sequence_length=TINY_T5_LEN)
@@ -74,7 +66,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
         result.adapters, out / "lora.safetensors", steps=str(steps), prior_sha256=prior.sha256,
         image_sha256=sha256_file(photo_path), caption=caption, seed=str(seed),
     )
-    _save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
+    atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     # Same prompts and seeds without and with the LoRA, loaded by diffusers itself.
     def generate() -> list:
@@ -87,7 +79,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     tuned = generate()
     pipe.unload_lora_weights()
     labels = [f"base: {p}" for p in DEMO_PROMPTS] + [f"LoRA: {p}" for p in DEMO_PROMPTS]
-    _save_png(image_grid(base + tuned, cols=len(DEMO_PROMPTS), labels=labels), out / "samples.png")
+    atomic_save_png(image_grid(base + tuned, cols=len(DEMO_PROMPTS), labels=labels), out / "samples.png")
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {

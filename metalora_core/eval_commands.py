@@ -31,7 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_INDEX_NAME = re.compile(r"^(\d+)$")
+_INDEX_NAME = re.compile(r"^(\d+)(?:_\d{5}_)?$")  # "3.png", or ComfyUI SaveImage's "3_00001_.png"
 
 
 class _LazyImages(Sequence):
@@ -160,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> str:
     from .eval_plots import ScatterPoint, draw_scatter
     from .evaluate import face_sim, load_clip, r_face_sim
     from .faces import get_detector, get_embedder, load_image
-    from .fileio import atomic_write_bytes
+    from .fileio import atomic_save_png, atomic_write_bytes
     from .prompts import expand_prompt, is_template, load_prompts
 
     if args.batch_size < 1:
@@ -329,9 +329,7 @@ def run_eval(args: argparse.Namespace) -> str:
         note=clip_note,
         x_ticks=None if scorer is not None else [(float(i), lab) for i, lab in enumerate(summary_runs)],
     )
-    png = io.BytesIO()
-    plot.save(png, format="PNG")
-    atomic_write_bytes(out_dir / "scatter.png", png.getvalue())
+    atomic_save_png(plot, out_dir / "scatter.png")
     text.append(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'}, {out_dir / 'scatter.png'}")
     return "\n".join(text)
 

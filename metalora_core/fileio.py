@@ -1,10 +1,11 @@
 """Safe file handling: atomic safetensors writes, content hashes, confined paths."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -12,45 +13,50 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temp file in the same folder + rename."""
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temp path beside ``path``; on success it is synced and renamed onto ``path``.
+
+    On an error or an interrupt the temp file is removed: a reader never sees a half file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    done = False
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp, done = Path(name), False
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         done = True
     finally:
-        if not done:  # an error or an interrupt: leave no half file behind
-            Path(tmp).unlink(missing_ok=True)
-    return path
+        if not done:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_save_png(image, path: str | os.PathLike) -> Path:
+    """Saves a PIL image as PNG atomically."""
+    with atomic_target(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Saves tensors as safetensors atomically: a reader never sees a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    done = False
-    try:
-        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(data, tmp, metadata=dict(metadata or {}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:  # an error or an interrupt: leave no half file behind
-            Path(tmp).unlink(missing_ok=True)
-    return path
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_target(path) as tmp:
+        save_file(data, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

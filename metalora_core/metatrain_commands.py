@@ -6,7 +6,6 @@ multi-identity dataset made of real sample photos (obama x3, biden, astronaut).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import shutil
@@ -110,14 +109,6 @@ def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     return TINY[key] if tiny else default
 
 
-def _save_png(image: Any, path: Path) -> None:
-    from .fileio import atomic_write_bytes
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _load_pipeline(args: argparse.Namespace) -> Any:
     import torch
     from diffusers import FluxPipeline
@@ -136,7 +127,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
     import torch
 
     from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
-    from .fileio import atomic_write_bytes, sha256_file
+    from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
     from .identity_data import DatasetConfig, prepare_dataset, vae_fingerprint
     from .layers import DEFAULT_PRESET
     from .metatrain import MetaTrainConfig, meta_train, to_prior
@@ -200,7 +191,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
     data_summary = {k: v for k, v in data.summary.items() if not k.startswith("cache_")}
     prior = to_prior(result, domain=args.domain, base_model=base_model, data_summary=data_summary)
     prior_path = save_prior(prior, out / "prior.safetensors")
-    _save_png(line_plot(result.losses, title=f"Stage-1 loss ({result.steps} steps)",
+    atomic_save_png(line_plot(result.losses, title=f"Stage-1 loss ({result.steps} steps)",
                         smooth=max(2, min(50, result.steps // 10))), out / "loss.png")
     tail = result.losses[-50:]
     summary = {

@@ -46,6 +46,7 @@ def face_crops(
     augment=None,
     seed: int = 0,
     insightface_root: str | None = None,
+    grid: bool = True,
 ) -> FaceCrops:
     """Detects the face in each photo and makes the paper's crop grid around it.
 
@@ -55,8 +56,10 @@ def face_crops(
         face_index: which face when a photo has several (None: the largest).
         augment: ``faces.AugmentConfig`` (None: the paper's grid at 512x512 area).
         seed: drives the random flips.
+        grid: False trains on each photo as it is (one crop per photo, no flips): the paper's
+            un-augmented LoRA baseline.
     """
-    from .faces import AugmentConfig, get_detector, load_image, make_crops, select_face
+    from .faces import AugmentConfig, get_detector, load_image, make_crops, select_face, whole_photo_crop
 
     if not images:
         raise ValueError("no photo given; pass one photo of the person (or a few)")
@@ -71,7 +74,10 @@ def face_crops(
         except ValueError as e:
             raise ValueError(f"photo {i + 1} of {len(images)}: {e}") from e
         faces.append(face)
-        crops.extend(make_crops(im, face, config, gen))
+        if grid:
+            crops.extend(make_crops(im, face, config, gen))
+        else:
+            crops.append(whole_photo_crop(im, face, config.bucket_area, config.multiple))
     log.info("augmentation: %d crops from %d photo(s), detector %s", len(crops), len(images), det.name)
     return FaceCrops(crops=crops, faces=faces, detector=det.name)
 

@@ -125,10 +125,21 @@ class _Blocks:
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = module(x)  # (..., out): base output, never modified
-        for s in self.slots.get(name, ()):
-            d = s.adapter(x).to(y.dtype)  # (..., size)
-            y = y + F.pad(d, (s.start, y.shape[-1] - s.start - s.size))
-        return y
+        slots = self.slots.get(name)
+        if not slots:
+            return y
+        # All adapters of one fused module as one LoRA: A stacked (R, in), B (out, R) with each
+        # adapter's rows at its slice. Padding the small B matrices (not the (tokens, out)
+        # activations) keeps it to one low-rank pass, the add fused into the matmul.
+        a_parts, b_parts = [], []
+        for s in slots:
+            a, b = s.adapter.lora_factors()  # (r, in), (size, r)
+            a_parts.append(a)
+            b_parts.append(F.pad(b, (0, 0, s.start, y.shape[-1] - s.start - s.size)))  # (out, r)
+        a, b = torch.cat(a_parts), torch.cat(b_parts, dim=1)
+        h = F.linear(x.to(a.dtype), a).to(y.dtype)  # (..., R)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(y.dtype).T)
+        return out.view(y.shape)
 
     def _seq(self, name: str, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(seq, nn.Sequential):

@@ -46,6 +46,9 @@ class MetaLoRAPriorLoader(io.ComfyNode):
         return io.NodeOutput(prior)
 
 
+AUGMENTATIONS = ("paper_grid", "none")
+
+
 class MetaLoRAFaceAugment(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -59,15 +62,21 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
+                io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid",
+                               tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
+                                       "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
+                                       "one crop per photo (the paper's plain-LoRA baseline)."),
             ],
             outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview")],
         )
 
     @classmethod
-    def execute(cls, image, detector: str, seed: int, bucket_resolution: int) -> io.NodeOutput:
+    def execute(cls, image, detector: str, seed: int, bucket_resolution: int,
+                augmentation: str = "paper_grid") -> io.NodeOutput:
         crops = face_crops(training.image_to_pils(image), detector=detector, seed=seed,
                            augment=AugmentConfig(bucket_area=bucket_resolution ** 2),
-                           insightface_root=os.path.join(folder_paths.models_dir, "insightface"))
+                           insightface_root=os.path.join(folder_paths.models_dir, "insightface"),
+                           grid=augmentation == "paper_grid")
         return io.NodeOutput(crops, training.pils_to_image([contact_sheet(crops.crops)]))
 
 

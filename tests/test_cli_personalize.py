@@ -37,7 +37,7 @@ def test_personalize_then_export_from_state(tmp_path):
                  "--steps", "2", "--resolution", "128", "--dtype", "float32", "--device", "cpu",
                  "--no-augment", "--preset", "attn"]) == 0
     t3, m3 = load_lora(plain)
-    assert m3["mode"] == "lora" and m3["detector"] == "none" and len(t3) == 2 * 22
+    assert m3["mode"] == "lora" and m3["detector"] == "yunet" and len(t3) == 2 * 22
 
 
 def test_personalize_reports_missing_model_folder(tmp_path, capsys):

@@ -375,3 +375,17 @@ def test_resize_to_bucket_keeps_the_photo_ratio(photo) -> None:
     assert out.size[0] % 16 == 0 and out.size[1] % 16 == 0
     assert abs(out.size[0] * out.size[1] / (512 * 512) - 1) < 0.1
     assert abs(out.size[0] / out.size[1] - 626 / 1200) < 0.03
+
+
+def test_whole_photo_crop_maps_the_face_box(detector, photo) -> None:
+    from metalora_core.faces import whole_photo_crop
+
+    image = photo("obama2")  # 626 x 1200: the bucket's ratio differs slightly, so fit crops a little
+    face = select_face(image, detector)
+    crop = whole_photo_crop(image, face, 256 * 256)
+    assert crop.size == crop.image.size and not crop.flipped and crop.scale == 0.0
+    # the detector finds the same face in the resized photo, where the mapped box says it is
+    again = select_face(crop.image, detector)
+    assert iou(again.box, crop.face_box) > 0.8
+    x0, y0, x1, y1 = crop.box
+    assert 0 <= x0 < x1 <= image.size[0] and 0 <= y0 < y1 <= image.size[1]

@@ -8,7 +8,7 @@ ever downloaded.
 
 from __future__ import annotations
 
-from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket
+from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket, whole_photo_crop
 from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
 from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
 from .image import contact_sheet, draw_faces, load_image
@@ -35,4 +35,5 @@ __all__ = [
     "resize_to_bucket",
     "run_crops",
     "select_face",
+    "whole_photo_crop",
 ]

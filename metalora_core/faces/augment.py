@@ -216,3 +216,26 @@ def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 
     out_w = max(multiple, round(math.sqrt(area * w / h) / multiple) * multiple)
     out_h = max(multiple, round(math.sqrt(area * h / w) / multiple) * multiple)
     return ImageOps.fit(image, (out_w, out_h), Image.Resampling.LANCZOS)
+
+
+def whole_photo_crop(image: Image.Image, face: Face, area: int = 512 * 512, multiple: int = 16) -> Crop:
+    """The photo itself as one training image (no grid, no flip): the paper's plain-LoRA input.
+
+    The photo is resized to a bucket of its own aspect ratio (``resize_to_bucket``); the face box
+    is carried into the output's pixel coordinates.
+    """
+    image = load_image(image)
+    out = resize_to_bucket(image, area, multiple)
+    w, h = image.size
+    ow, oh = out.size
+    # ImageOps.fit: a centred crop of the source to the output's aspect ratio, then a resize
+    cw, ch = (h * ow / oh, float(h)) if w / h > ow / oh else (float(w), w * oh / ow)
+    x0, y0, s = (w - cw) / 2, (h - ch) / 2, ow / cw
+    fx0, fy0, fx1, fy1 = face.box
+    g = math.gcd(ow, oh)
+    return Crop(
+        image=out, ratio=(ow // g, oh // g), scale=0.0,
+        box=(round(x0), round(y0), round(x0 + cw), round(y0 + ch)),
+        face_box=((fx0 - x0) * s, (fy0 - y0) * s, (fx1 - x0) * s, (fy1 - y0) * s),
+        flipped=False, size=(ow, oh),
+    )

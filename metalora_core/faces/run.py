@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -13,18 +12,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_save_png, atomic_write_bytes
 from .augment import AugmentConfig, make_crops
 from .detect import Face, FaceDetector, get_detector, select_face
 from .image import contact_sheet, draw_faces, load_image
 
 logger = logging.getLogger(__name__)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def run_crops(
@@ -74,10 +67,10 @@ def run_crops(
     for i, crop in enumerate(crops):
         flip = "_flip" if crop.flipped else ""
         name = f"crop_{i:02d}_{crop.ratio[0]}x{crop.ratio[1]}_s{crop.requested_scale:g}{flip}.png"
-        atomic_write_bytes(out / name, _png_bytes(crop.image))
+        atomic_save_png(crop.image, out / name)
         entries.append({"file": name, **crop.to_dict()})
-    atomic_write_bytes(out / "faces.png", _png_bytes(draw_faces(image, faces)))
-    atomic_write_bytes(out / "contact_sheet.png", _png_bytes(contact_sheet(crops)))
+    atomic_save_png(draw_faces(image, faces), out / "faces.png")
+    atomic_save_png(contact_sheet(crops), out / "contact_sheet.png")
     report: dict[str, Any] = {
         "image": str(Path(image_path)),
         "image_size": list(image.size),

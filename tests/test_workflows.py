@@ -1,0 +1,222 @@
+"""The shipped example workflows (``workflows/*.json``), checked without ComfyUI.
+
+Node definitions come from ``workflows/support/node_schemas.json`` (a snapshot of ComfyUI's
+``/object_info`` that ``tests/test_comfyui_workflows.py`` compares with a real ComfyUI) and the
+declared third-party list; our node ids and input names are also read from the node sources
+statically, so a renamed node or input fails here even without ComfyUI.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+sys.path.insert(0, str(WORKFLOWS))
+sys.path.insert(0, str(WORKFLOWS / "support"))
+import build_workflows as bw  # noqa: E402
+import to_api  # noqa: E402
+
+FILES = sorted(WORKFLOWS.glob("*.json"))
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def source_nodes() -> dict[str, list[str]]:
+    """node_id -> input names, read from the V3 schemas in nodes/*.py by AST (no ComfyUI needed)."""
+    out: dict[str, list[str]] = {}
+    for py in ("definitions.py", "eval_nodes.py"):
+        tree = ast.parse((REPO / "nodes" / py).read_text(encoding="utf-8"))
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            node_id, inputs = None, []
+            for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+                for kw in call.keywords:
+                    if kw.arg == "node_id" and isinstance(kw.value, ast.Constant):
+                        node_id = kw.value.value
+                f = call.func
+                if isinstance(f, ast.Attribute) and f.attr == "Input" and call.args:
+                    arg = call.args[0]
+                    if isinstance(arg, ast.Constant):
+                        inputs.append(arg.value)
+                    elif isinstance(arg, ast.JoinedStr):  # f"row_{i}" in the grid node
+                        inputs.append("row_*")
+            if node_id:
+                out[node_id] = inputs
+    return out
+
+
+@pytest.fixture(scope="module")
+def info() -> dict:
+    return bw.load_schemas()
+
+
+def test_expected_workflows_are_shipped_and_parse():
+    assert [p.name for p in FILES] == sorted(bw.WORKFLOW_BUILDERS)
+    for p in FILES:
+        wf = load(p)
+        assert {"last_node_id", "last_link_id", "nodes", "links", "groups", "version"} <= set(wf), p.name
+        assert wf["last_node_id"] >= max(n["id"] for n in wf["nodes"])
+        assert wf["last_link_id"] >= max((ln[0] for ln in wf["links"]), default=0)
+        assert len({n["id"] for n in wf["nodes"]}) == len(wf["nodes"]), f"{p.name}: duplicate node ids"
+        assert wf["groups"] and any(n["type"] == "Note" for n in wf["nodes"]), f"{p.name}: needs groups and a note"
+
+
+def test_shipped_files_match_the_generator():
+    assert bw.main(["--check"]) == 0, "run: python workflows/support/build_workflows.py"
+
+
+def test_snapshot_matches_the_node_sources():
+    src = source_nodes()
+    assert set(src) == set(bw.OUR_NODES), f"node ids in nodes/*.py: {sorted(src)}"
+    snap = json.loads(bw.SCHEMAS_FILE.read_text(encoding="utf-8"))
+    for node_id, names in src.items():
+        snap_names = {n for n, *_ in snap[node_id]["inputs"] if not re.fullmatch(r"row_\d+", n)}
+        assert snap_names == set(names) - {"row_*"}, f"{node_id}: snapshot is stale (see test_comfyui_workflows.py)"
+
+
+def test_every_node_type_is_known(info):
+    third = {t for p in bw.third_party_packs().values() for t in p["node_types"]}
+    for p in FILES:
+        for n in load(p)["nodes"]:
+            t = n["type"]
+            assert t in bw.OUR_NODES or t in bw.CORE_NODES or t in third or t in bw.FRONTEND_ONLY, f"{p.name}: {t}"
+            if t in bw.FRONTEND_ONLY:
+                continue
+            assert t in info, f"{p.name}: no definition for {t}"
+            props = n["properties"]
+            if t in bw.OUR_NODES:
+                assert (props["cnr_id"], props["ver"]) == (bw.PACK_ID, bw.PACK_VERSION), f"{p.name}: node {n['id']}"
+            elif t in third:
+                assert props.get("aux_id") or props.get("cnr_id"), f"{p.name}: {t} has no pack id"
+            else:
+                assert props["cnr_id"] == "comfy-core"
+
+
+def test_links_connect_matching_socket_types(info):
+    for p in FILES:
+        wf = load(p)
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        for link_id, src, s_slot, dst, d_slot, kind in wf["links"]:
+            a, b = nodes[src], nodes[dst]
+            out_type = info[a["type"]]["output"][s_slot]
+            inp = b["inputs"][d_slot]
+            declared = {name: k for name, k, o in to_api.input_specs(info[b["type"]])}
+            assert kind == out_type == a["outputs"][s_slot]["type"], f"{p.name}: link {link_id}"
+            assert declared[inp["name"]] == kind == inp["type"], f"{p.name}: link {link_id} into {b['type']}.{inp['name']}"
+            assert inp["link"] == link_id and link_id in a["outputs"][s_slot]["links"], f"{p.name}: link {link_id}"
+        for n in wf["nodes"]:  # every required socket is connected
+            if n["type"] in bw.FRONTEND_ONLY:
+                continue
+            required = info[n["type"]]["input"]["required"]
+            for inp in n["inputs"]:
+                if inp["name"] in required:
+                    assert inp["link"] is not None, f"{p.name}: {n['type']} #{n['id']}.{inp['name']} is not connected"
+
+
+def _check_value(where: str, name: str, kind: str, opts: dict, value) -> None:
+    if kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}.{name}={value!r}"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and math.isfinite(value), f"{where}.{name}={value!r}"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}.{name}={value!r}"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}.{name}={value!r}"
+    elif kind == "COMBO" and opts.get("options"):
+        assert value in opts["options"], f"{where}.{name}={value!r} not in {opts['options']}"
+    if kind in ("INT", "FLOAT"):
+        assert opts.get("min", -math.inf) <= value <= opts.get("max", math.inf), f"{where}.{name}={value} out of range"
+
+
+def test_widget_values_fit_the_definitions(info):
+    for p in FILES:
+        for n in load(p)["nodes"]:
+            if n["type"] in bw.FRONTEND_ONLY:
+                continue
+            slots = to_api.widget_slots(info[n["type"]])
+            values = n.get("widgets_values") or []
+            assert len(values) == len(slots), f"{p.name}: {n['type']} #{n['id']}: {values} for {slots}"
+            for (name, kind, opts), v in zip(slots, values):
+                if name is None:
+                    assert v in CONTROL_VALUES | {"image"}, f"{p.name}: {n['type']} extra widget {v!r}"
+                else:
+                    _check_value(f"{p.name}: {n['type']} #{n['id']}", name, kind, opts, v)
+
+
+def test_paper_settings_in_the_one_click_workflow(info):
+    api = to_api.workflow_to_api(load(WORKFLOWS / "01_one_click_meta_lora.json"), info)
+    by_type: dict[str, list[dict]] = {}
+    for node in api.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    (train,) = by_type["MetaLoRATrain"]
+    assert (train["steps"], train["rank"], train["learning_rate"]) == (375, 1, 4e-4)
+    assert "prior" in train and len(by_type["MetaLoRASave"]) == 1
+    assert len(by_type["KSampler"]) >= 3 and len(by_type["SaveImage"]) == len(by_type["KSampler"])
+    for ks in by_type["KSampler"]:
+        assert (ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"]) == (30, 1.0, "euler", "simple")
+    assert all(g["guidance"] == 3.5 for g in by_type["FluxGuidance"])
+    assert all((e["width"], e["height"]) == (1024, 1024) for e in by_type["EmptySD3LatentImage"])
+    (clip,) = by_type["DualCLIPLoader"]
+    assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == ("clip_l.safetensors", "t5xxl_fp16.safetensors", "flux")
+
+
+def test_comparison_rows_follow_the_paper(info):
+    api = to_api.workflow_to_api(load(WORKFLOWS / "02_comparison_fig4.json"), info)
+    trains = sorted((n["inputs"]["steps"], "prior" in n["inputs"]) for n in api.values()
+                    if n["class_type"] == "MetaLoRATrain")
+    assert trains == [(375, True), (625, False), (625, False)]
+    seeds = {n["inputs"]["seed"] for n in api.values() if n["class_type"] == "KSampler"}
+    assert len(seeds) == 1, "one seed for every image"
+    (grid,) = [n for n in api.values() if n["class_type"] == "MetaLoRAImageGrid"]
+    assert sum(k[4:].isdigit() for k in grid["inputs"] if k.startswith("row_")) == 4
+
+
+def test_to_api_conversion_offline(info, tmp_path):
+    for p in FILES:
+        wf = load(p)
+        api = to_api.workflow_to_api(wf, info)
+        real = [n for n in wf["nodes"] if n["type"] not in bw.FRONTEND_ONLY]
+        assert len(api) == len(real)
+        for node in api.values():
+            for v in node["inputs"].values():
+                if isinstance(v, list):
+                    assert v[0] in api, f"{p.name}: link to a dropped node {v}"
+    # third-party nodes are unknown to a ComfyUI without the pack: a clear error
+    core_only = {k: v for k, v in info.items() if k in bw.OUR_NODES or k in bw.CORE_NODES}
+    with pytest.raises(to_api.ConversionError, match="ApplyPulidFlux"):
+        to_api.workflow_to_api(load(WORKFLOWS / "05_pulid_flux_comparison.json"), core_only)
+    # the CLI: --object-info file, --set by title, -o
+    oi = tmp_path / "object_info.json"
+    oi.write_text(json.dumps(info))
+    out = tmp_path / "api.json"
+    assert to_api.main([str(WORKFLOWS / "01_one_click_meta_lora.json"), "--object-info", str(oi), "-o", str(out),
+                        "--set", "Meta-LoRA Train (375 steps, rank 1).steps=7", "--set", "2.weight_dtype=fp8_e4m3fn"]) == 0
+    api = json.loads(out.read_text())
+    assert [n["inputs"]["steps"] for n in api.values() if n["class_type"] == "MetaLoRATrain"] == [7]
+    assert api["2"]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
+
+
+def test_to_api_follows_reroutes_and_drops_muted_nodes(info):
+    wf = {"nodes": [
+        {"id": 1, "type": "LoadImage", "mode": 0, "inputs": [], "widgets_values": ["a.png", "image"],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}]},
+        {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}],
+         "outputs": [{"name": "", "type": "IMAGE", "links": [2]}]},
+        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 2}],
+         "widgets_values": ["x"]},
+        {"id": 4, "type": "PreviewImage", "mode": 2, "inputs": [{"name": "images", "type": "IMAGE", "link": None}],
+         "widgets_values": []},
+    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]]}
+    api = to_api.workflow_to_api(wf, info)
+    assert api == {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}, "_meta": {"title": "Load Image"}},
+                   "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["1", 0]},
+                         "_meta": {"title": "Save Image"}}}
