@@ -44,6 +44,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     pipe = build_tiny_flux_pipeline(seed)
+    pipe.set_progress_bar_config(disable=True)
     host = DiffusersFluxHost(pipe.transformer)
 
     prior_path = save_prior(
@@ -75,7 +76,14 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
                      generator=torch.Generator().manual_seed(seed)).images[0] for p in DEMO_PROMPTS]
 
     base = generate()
-    pipe.load_lora_weights(str(lora_path), adapter_name="metalora")
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the LoRA has no text-encoder keys, by design
+    try:
+        pipe.load_lora_weights(str(lora_path), adapter_name="metalora")
+    finally:
+        diffusers_logging.set_verbosity(level)
     tuned = generate()
     pipe.unload_lora_weights()
     labels = [f"base: {p}" for p in DEMO_PROMPTS] + [f"LoRA: {p}" for p in DEMO_PROMPTS]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 TINY_CLIP_LEN = 77
-TINY_T5_LEN = 32
+TINY_T5_LEN = 64
 
 
 @dataclass(frozen=True)

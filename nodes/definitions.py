@@ -62,7 +62,7 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
-                io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid",
+                io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid", optional=True,
                                tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
                                        "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
                                        "one crop per photo (the paper's plain-LoRA baseline)."),
