@@ -18,7 +18,7 @@ from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
 from .export import save_lora
 from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
 from .layers import DEFAULT_PRESET
-from .plot import image_grid, line_plot
+from .plot import line_plot
 from .prior import load_prior, make_prior, save_prior
 from .recipe import build_adapters, class_caption, face_crops
 from .tiny import TINY_T5_LEN, build_tiny_flux_pipeline
@@ -37,7 +37,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
              photo: str = "astronaut", bucket_area: int = 256 * 256, sample_size: int = 128,
              sample_steps: int = 4) -> dict:
     """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``."""
-    from .faces import AugmentConfig, contact_sheet
+    from .faces import AugmentConfig, contact_sheet, labelled_sheet
     from .samples import sample_photo
 
     out = Path(out)
@@ -87,7 +87,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     tuned = generate()
     pipe.unload_lora_weights()
     labels = [f"base: {p}" for p in DEMO_PROMPTS] + [f"LoRA: {p}" for p in DEMO_PROMPTS]
-    atomic_save_png(image_grid(base + tuned, cols=len(DEMO_PROMPTS), labels=labels), out / "samples.png")
+    atomic_save_png(labelled_sheet(base + tuned, labels, tile=sample_size, columns=len(DEMO_PROMPTS)), out / "samples.png")
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .faces.image import draw_faces, load_image
+from .faces.image import labelled_sheet
 
 Box = tuple[float, float, float, float]
 
@@ -23,46 +23,12 @@ def draw_score_grid(
     tile: int = 256,
     columns: int = 4,
 ) -> Image.Image:
-    """Lays images out in a grid, each with its face box (if any) and a label under it.
+    """The annotated IMAGE of an evaluation: each image with its face box and score label.
 
     Pair it with a result's ``labels()`` and ``boxes`` (``FaceSimResult``, ``ClipTResult``,
-    ``RFaceSimResult.pairs``) to get the annotated IMAGE output of an evaluation node.
-
-    Args:
-        images: PIL images.
-        labels: one label per image (e.g. "FaceSim 0.743", "no face").
-        boxes: one face box (x0, y0, x1, y1) or None per image; None for no boxes at all.
-        tile: bounding square of each thumbnail, in pixels (>= 32).
-        columns: thumbnails per row (>= 1).
-
-    Returns:
-        An RGB image.
-
-    Raises:
-        ValueError: counts differ, or tile/columns out of range.
+    ``RFaceSimResult.pairs``); see ``faces.image.labelled_sheet`` for the arguments.
     """
-    if tile < 32 or columns < 1:
-        raise ValueError(f"tile must be >= 32 and columns >= 1, got tile={tile}, columns={columns}")
-    if len(labels) != len(images) or (boxes is not None and len(boxes) != len(images)):
-        raise ValueError(
-            f"draw_score_grid got {len(images)} image(s), {len(labels)} label(s) and "
-            f"{'no' if boxes is None else len(boxes)} box list entries; give one of each per image"
-        )
-    n = max(1, len(images))
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    label_h = 16
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (32, 32, 32))
-    draw = ImageDraw.Draw(sheet)
-    for i, img in enumerate(images):
-        box = None if boxes is None else boxes[i]
-        thumb = draw_faces(img, [box]) if box is not None else load_image(img)
-        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
-        x = (i % cols) * tile
-        y = (i // cols) * (tile + label_h)
-        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
-        draw.text((x + 4, y + tile + 2), labels[i][: max(8, tile // 6)], fill=(235, 235, 235))
-    return sheet
+    return labelled_sheet(images, labels, boxes, tile, columns)
 
 
 @dataclass(frozen=True)

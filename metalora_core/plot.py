@@ -1,4 +1,4 @@
-"""Small PIL charts (no plotting library needed): loss curves and scatter plots."""
+"""A small PIL line chart (no plotting library needed) for loss curves."""
 from __future__ import annotations
 
 import math
@@ -46,22 +46,3 @@ def line_plot(values: Sequence[float], *, title: str = "", size: tuple[int, int]
     d.text((left, bottom + 8), "1", fill=(0, 0, 0))
     d.text((right - 30, bottom + 8), str(n), fill=(0, 0, 0))
     return img
-
-
-def image_grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None,
-               pad: int = 4) -> Image.Image:
-    """Tiles equally sized images in rows of ``cols``, with an optional label above each."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    w, h = images[0].size
-    label_h = 14 if labels else 0
-    rows = math.ceil(len(images) / cols)
-    out = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + label_h) + pad), "white")
-    d = ImageDraw.Draw(out)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        x, y = pad + c * (w + pad), pad + r * (h + pad + label_h)
-        if labels:
-            d.text((x, y), labels[i][: max(4, w // 6)], fill=(0, 0, 0))
-        out.paste(im.convert("RGB").resize((w, h)), (x, y + label_h))
-    return out

@@ -549,41 +549,10 @@ def output_files(result: dict, base_dir: pathlib.Path | str) -> list[pathlib.Pat
 # --------------------------------------------------------------------------------------------
 
 def write_tiny_transformers_clip(folder: pathlib.Path | str, seed: int = 0) -> pathlib.Path:
-    """A randomly initialised transformers ``CLIPModel`` (32 wide, 32 px images) with a byte-level
-    tokenizer built in code and a ``CLIPImageProcessor``, saved to ``folder`` (for CLIP-T).
+    """A tiny random transformers CLIP folder for CLIP-T (``metalora_core.tiny.write_tiny_clip``)."""
+    from metalora_core.tiny import write_tiny_clip
 
-    Same recipe as ``tests/test_evaluate.py::tiny_clip_dir``; deterministic for a seed.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    vocab = {bos: 0, eos: 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, 0), (eos, 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=77, bos_token=bos, eos_token=eos,
-                                   pad_token=eos)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(cfg)
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return write_tiny_clip(folder, seed)
 
 
 def register_v3_nodes(comfy: ComfyInProcess, node_classes: Iterable[type]) -> list[str]:

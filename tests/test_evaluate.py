@@ -46,53 +46,12 @@ def photos() -> dict[str, Image.Image]:
     return {n: _photo(n) for n in ("obama", "obama2", "obama3", "biden", "coffee")}
 
 
-def _clip_byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges, CLIP's special tokens (pad = eos), built in code.
-
-    Same recipe as ``metalora_core.tiny._byte_tokenizer``, but the specials are de-duplicated
-    before ids are given out: with pad == eos that helper maps "<|endoftext|>" to an id that a
-    byte also has, and CLIP then pools at the wrong position.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    vocab = {bos: 0, eos: 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, 0), (eos, 1)])
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=77, bos_token=bos, eos_token=eos, pad_token=eos)
-    assert out.eos_token_id == out.pad_token_id == 1 and len(out) == len(vocab)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A randomly initialised transformers CLIPModel + byte-level tokenizer + image processor, saved."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from metalora_core.tiny import write_tiny_clip
 
-    tok = _clip_byte_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(cfg)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 # ---------------------------------------------------------------------------------------------

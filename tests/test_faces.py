@@ -364,7 +364,7 @@ def test_drawing_helpers(photo) -> None:
     )
     crops = make_crops(image, face, AugmentConfig(bucket_area=64 * 64), torch.Generator().manual_seed(0))
     sheet = contact_sheet(crops, tile=64)
-    assert sheet.size[0] == 64 * min(5, len(crops)) and sheet.size[1] == math.ceil(len(crops) / 5) * (64 + 14)
+    assert sheet.size[0] == 64 * min(5, len(crops)) and sheet.size[1] == math.ceil(len(crops) / 5) * (64 + 16)
 
 
 def test_resize_to_bucket_keeps_the_photo_ratio(photo) -> None:

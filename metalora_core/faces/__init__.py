@@ -11,7 +11,7 @@ from __future__ import annotations
 from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket, whole_photo_crop
 from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
 from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
-from .image import contact_sheet, draw_faces, load_image
+from .image import contact_sheet, draw_faces, labelled_sheet, load_image
 from .run import run_crops
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "get_detector",
     "get_embedder",
     "grid_boxes",
+    "labelled_sheet",
     "load_image",
     "make_crops",
     "resize_to_bucket",
