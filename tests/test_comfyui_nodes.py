@@ -5,6 +5,7 @@ with a message otherwise.
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import shutil
 import sys
@@ -79,10 +80,11 @@ def assert_untouched(model, before: torch.Tensor) -> None:
     assert comfy.model_management.in_training is False
 
 
-def graph(env, *, prompt: str = "a man on the moon", steps: int = 3, seed: int = 0, force: bool = False) -> dict:
+def graph(env, *, prompt: str = "a man on the moon", steps: int = 3, seed: int = 0, force: bool = False,
+          weight_dtype: str = "default") -> dict:
     n = env.names
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": "default"}},
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": weight_dtype}},
         "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": n["clip"], "type": "stable_diffusion"}},
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": n["vae"]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": TRAIN_CAPTION, "clip": ["2", 0]}},
@@ -169,6 +171,14 @@ def test_chain_reuse_and_restart(env, executor, capsys):
     assert "7" in executed_nodes(third)
     assert texts(third, "7") and texts(third, "7")[0].startswith("loaded from cache")
     assert (lora.parent / "obama_00002.safetensors").is_file()  # saved again: numbered, not overwritten
+
+
+def test_trains_on_fp8_weights(env, executor):
+    """FLUX loaded with fp8 weights (what fits a 24 GB card) trains: ComfyUI casts per layer."""
+    result = run_prompt(graph(env, steps=2, seed=5, force=True, weight_dtype="fp8_e4m3fn"), executor=executor)
+    assert result["success"]
+    losses = [float(t.split("loss")[1].split()[0]) for t in texts(result, "7")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
 def test_cancel_in_graph_leaves_no_file(env, executor):
