@@ -122,10 +122,12 @@ class _Blocks:
 
     def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool):
         self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
+        self.adapters_on = True
+        self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = module(x)  # (..., out): base output, never modified
-        slots = self.slots.get(name)
+        slots = self.slots.get(name) if self.adapters_on else None
         if not slots:
             return y
         # All adapters of one fused module as one LoRA: A stacked (R, in), B (out, R) with each
@@ -205,8 +207,38 @@ class _Blocks:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def check_against_comfy(self, kind: str, i: int, args: dict, original) -> None:
+        """Compares this out-of-place copy (adapters off) with ComfyUI's own block, once per kind.
+
+        The copy mirrors ComfyUI's block code; if a ComfyUI update changes that code, training
+        would silently optimise a different model, so the run stops with a clear error instead.
+        """
+        self.checked.add(kind)
+        rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options", {}))
+        with torch.no_grad():
+            # ComfyUI's blocks add residuals in place: give them copies of the inputs
+            ref = original({k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()})
+            self.adapters_on = False
+            try:
+                mine = (dict(zip(("img", "txt"), self.double(i, args["img"], args["txt"], *rest))) if kind == "double"
+                        else {"img": self.single(i, args["img"], *rest)})
+            finally:
+                self.adapters_on = True
+        for key, m in mine.items():
+            r = ref[key].float()
+            worst = float((m.float() - r).abs().max())
+            tol = (1e-4 if m.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(r.abs().max()))
+            if not worst <= tol:
+                raise RuntimeError(
+                    f"this ComfyUI's FLUX {kind} block computes differently from MetaLoRA's training copy "
+                    f"(largest difference {worst:.3g} in '{key}'); training would optimise the wrong model, so it "
+                    "stops here. Update ComfyUI-MetaLoRA to a release made for this ComfyUI version."
+                )
+
     def double_patch(self, i: int):
         def patch(args: dict, extra: dict) -> dict:
+            if "double" not in self.checked:
+                self.check_against_comfy("double", i, args, extra["original_block"])
             img, txt = self._run(lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
                                  args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": img, "txt": txt}
@@ -214,6 +246,8 @@ class _Blocks:
 
     def single_patch(self, i: int):
         def patch(args: dict, extra: dict) -> dict:
+            if "single" not in self.checked:
+                self.check_against_comfy("single", i, args, extra["original_block"])
             x = self._run(lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
                           args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": x}

@@ -252,6 +252,23 @@ def test_cancel_direct_leaves_model_clean(env, loaded):
     assert_untouched(model, before)
 
 
+def test_training_stops_if_comfyui_block_code_differs(env, loaded, monkeypatch):
+    """A ComfyUI update that changes the FLUX block math must stop training, not train wrongly."""
+    model, vae, crops, cond = loaded
+    training, host_mod = pack("nodes.training"), pack("nodes.comfy_host")
+    before = model_output(model)
+    real = host_mod._Blocks.single
+
+    def drifted(self, i, x, *rest):  # stands in for ComfyUI's block having changed underneath
+        return real(self, i, x, *rest) * 1.01
+
+    monkeypatch.setattr(host_mod._Blocks, "single", drifted)
+    settings = training.TrainSettings(steps=2, seed=11, resolution=64, preview_every=0, force_retrain=True)
+    with pytest.raises(RuntimeError, match="FLUX single block computes differently"), torch.inference_mode():
+        training.train_meta_lora(model, vae, None, crops, cond, settings)
+    assert_untouched(model, before)
+
+
 # ------------------------------------------------------------------------------ gradients
 
 
