@@ -20,6 +20,7 @@ import folder_paths
 from ..metalora_core.adapter import AdapterSet
 from ..metalora_core.export import lora_state_dict
 from ..metalora_core.fileio import sha256_tensors
+from ..metalora_core.flow import add_noise
 from ..metalora_core.layers import DEFAULT_PRESET
 from ..metalora_core.plot import line_plot
 from ..metalora_core.prior import Prior
@@ -133,7 +134,7 @@ class _Progress:
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.tensor([0.6])
         with torch.no_grad():
-            x_t = (1 - sigma) * x0 + sigma * noise
+            x_t = add_noise(x0, noise, sigma)
             v = self.host.predict(x_t, sigma, self.cond).float().cpu()
             pred = x_t - sigma * v  # one-step x0 prediction
             img = self.vae.decode(self.host.source.model.process_latent_out(pred))  # (1, H, W, 3)
@@ -165,6 +166,12 @@ def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops,
 
     The caller's MODEL is never patched: the host works on a clone and drops it in ``finally``.
     """
+    with torch.inference_mode(False):  # nodes run in inference mode; training needs normal tensors
+        return _train(model, vae, prior, crops, positive, settings, node_id)
+
+
+def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
+           settings: TrainSettings, node_id: str | None) -> TrainedLoRA:
     images = [resize_to_bucket(im, settings.resolution ** 2) for im in crops.images]
     cond = ComfyFluxCond.from_conditioning(positive, settings.guidance)
     host = ComfyFluxHost(model, guidance=settings.guidance, gradient_checkpointing=settings.gradient_checkpointing)
@@ -183,13 +190,11 @@ def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops,
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             losses = [float(x) for x in hit[1].get("losses", "").split(",") if x]
             return TrainedLoRA(hit[0], losses, {"cache_key": key, "steps": str(settings.steps)})
-    with torch.inference_mode(False):
-        cond = ComfyFluxCond.from_conditioning(positive, settings.guidance)  # normal (non-inference) tensors
-        latents = encode_crops(vae, model, images)
-        adapters = build_adapters(host.dims, prior, rank=settings.rank, preset=preset, seed=settings.seed)
-        config = Stage2Config(steps=settings.steps, lr=settings.lr, r2=settings.rank, seed=settings.seed)
-        callback = _Progress(node_id, settings, host, vae, latents[0], cond)
-        result = personalize(host, adapters, latents, cond, config, callback=callback)
+    latents = encode_crops(vae, model, images)
+    adapters = build_adapters(host.dims, prior, rank=settings.rank, preset=preset, seed=settings.seed)
+    config = Stage2Config(steps=settings.steps, lr=settings.lr, r2=settings.rank, seed=settings.seed)
+    callback = _Progress(node_id, settings, host, vae, latents[0], cond)
+    result = personalize(host, adapters, latents, cond, config, callback=callback)
     meta = {"cache_key": key, "steps": str(settings.steps), "seed": str(settings.seed),
             "prior_sha256": parts["prior"] or "", "images_sha256": parts["images"]}
     store_cached_adapters(cache_dir, key, result.adapters, losses=",".join(f"{x:.6g}" for x in result.losses),
