@@ -1,0 +1,50 @@
+"""The pack's shape as ComfyUI and installers see it, checked without ComfyUI."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_root_package_imports_without_comfyui_and_is_v3_only():
+    spec = importlib.util.spec_from_file_location("metalora_pack_under_test", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert callable(module.comfy_entrypoint)
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS"), "a V1 mapping makes ComfyUI ignore comfy_entrypoint"
+    assert "comfy_api" not in sys.modules and "comfy" not in sys.modules
+
+
+def test_core_never_imports_comfyui():
+    banned = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "nodes", "execution"}
+    for path in (REPO / "metalora_core").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_pyproject_and_requirements_agree():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
+    deps = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in meta["project"]["dependencies"]}
+    reqs = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+            for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert reqs == deps - {"torch"}, "requirements.txt (for ComfyUI-Manager) lists the runtime deps except torch"
