@@ -101,7 +101,7 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Crops are resized to about this many pixels squared before encoding."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute block activations in backward: less memory, about 30% slower."),
+                                 tooltip="Recompute each block in backward: much less activation memory, slower steps (each block runs forward twice)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100000,
                              tooltip="Show a one-step denoised preview every N steps (0: never)."),
                 io.Boolean.Input("force_retrain", default=False,
