@@ -37,7 +37,8 @@ def image_digest(images: Sequence[Image.Image]) -> str:
 def content_key(parts: Mapping[str, Any]) -> str:
     """sha256 of a JSON-serialisable description of everything a result depends on.
 
-    Caches are keyed by content, never by a loader step (see STYLE.md).
+    Caches are keyed by content, never by a loader step: an index into a loader pairs cached
+    latents with the wrong captions as soon as the data order changes.
     """
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -8,7 +8,7 @@ ComfyUI's documented block-replace mechanism (``patches_replace["dit"]``, set wi
 ``ModelPatcher.set_model_patch_replace``). The replacement block is an out-of-place copy of
 ComfyUI's ``DoubleStreamBlock`` / ``SingleStreamBlock`` forward (ComfyUI's own blocks add
 residuals in place, which breaks autograd and, under checkpointing, silently gives wrong
-gradients; see ``../shared/comfyui/README.md``). Inside it every Linear call goes through
+gradients: the tests measure both against a float64 reference). Inside it every Linear call goes through
 ``_linear``: the base module's output plus, in bypass form, the delta of each canonical adapter
 mapped onto that module, written into its own row slice (ComfyUI fuses q/k/v into ``qkv`` and
 q/k/v/mlp into ``linear1``; the slices come from ``comfy.utils.flux_to_diffusers``). The
