@@ -38,6 +38,19 @@ def test_personalize_then_export_from_state(tmp_path):
                  "--no-augment", "--preset", "attn"]) == 0
     t3, m3 = load_lora(plain)
     assert m3["mode"] == "lora" and m3["detector"] == "yunet" and len(t3) == 2 * 22
+    # a single-file transformer overrides the folder's (its config still comes from the folder)
+    from safetensors.torch import save_file
+
+    single = tmp_path / "transformer.safetensors"
+    with torch.no_grad():
+        changed = {k: v + 0.01 if k.endswith("proj_out.weight") else v for k, v in pipe.transformer.state_dict().items()}
+    save_file(changed, str(single))
+    lora2 = tmp_path / "out" / "single.safetensors"
+    assert main(["personalize", "--model", str(model_dir), "--transformer", str(single), "--prior", str(prior),
+                 "--image", str(sample_photo("obama")), "--out", str(lora2), "--steps", "3", "--resolution", "128",
+                 "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man"]) == 0
+    t4, _ = load_lora(lora2)
+    assert set(t4) == set(tensors) and any(not torch.equal(t4[k], tensors[k]) for k in tensors)
 
 
 def test_personalize_reports_missing_model_folder(tmp_path, capsys):
