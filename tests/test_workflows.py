@@ -220,3 +220,29 @@ def test_to_api_follows_reroutes_and_drops_muted_nodes(info):
     assert api == {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}, "_meta": {"title": "Load Image"}},
                    "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["1", 0]},
                          "_meta": {"title": "Save Image"}}}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_layout_is_readable(path):
+    """No node covers another (title bars included) and groups overlap only when one holds the other."""
+    wf = json.loads(path.read_text())
+    title = 30
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - title, n["size"][0], n["size"][1] + title) for n in wf["nodes"]]
+
+    def overlap(a, b):
+        return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+    clashes = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:] if overlap(a[1:], b[1:])]
+    assert not clashes, f"overlapping nodes: {clashes[:5]}"
+
+    def inside(x, y):
+        return x[0] >= y[0] and x[1] >= y[1] and x[0] + x[2] <= y[0] + y[2] and x[1] + x[3] <= y[1] + y[3]
+
+    groups = [g["bounding"] for g in wf["groups"]]
+    bad = [(i, j) for i, a in enumerate(groups) for j, b in enumerate(groups[i + 1:], i + 1)
+           if overlap(a, b) and not inside(a, b) and not inside(b, a)]
+    assert not bad, f"overlapping groups: {bad}"
+    left = min(min(b[1] for b in boxes), min((g[0] for g in groups), default=0))
+    top = min(min(b[2] for b in boxes), min((g[1] for g in groups), default=0))
+    off = wf["extra"]["ds"]["offset"]
+    assert left + off[0] >= 0 and top + off[1] >= 0, "the graph opens with its top left in view"

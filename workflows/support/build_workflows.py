@@ -149,7 +149,7 @@ class Graph:
             props.update(cnr_id="comfy-core", ver=COMFY_VERSION)
         return props
 
-    def add(self, node_type: str, pos: tuple[float, float], title: str | None = None, width: int = 320,
+    def add(self, node_type: str, pos: tuple[float, float], title: str | None = None, *, node_width: int = 320,
             **widgets: Any) -> dict:
         info = self.info[node_type]
         specs = input_specs(info)
@@ -168,10 +168,11 @@ class Graph:
                 raise ValueError(f"{node_type}: widget {name!r} needs a value")
         if widgets:
             raise ValueError(f"{node_type}: unknown widgets {sorted(widgets)}")
-        tall = sum(160 if o.get("multiline") else 26 for n, k, o in specs if is_widget(k, o))
-        height = 46 + 22 * max(len(sockets), len(info["output"])) + tall
+        # the editor's metrics: about 24 px per slot row, 26 per widget (a seed's control widget too)
+        tall = sum(130 if o.get("multiline") else 26 for _, _, o in widget_slots(info))
+        height = 16 + 24 * max(len(sockets), len(info["output"])) + tall
         node = {
-            "id": len(self.nodes) + 1, "type": node_type, "pos": [pos[0], pos[1]], "size": [width, height],
+            "id": len(self.nodes) + 1, "type": node_type, "pos": [pos[0], pos[1]], "size": [node_width, height],
             "flags": {}, "order": len(self.nodes), "mode": 0,
             "inputs": [{"name": n, "type": k, "link": None} for n, k in sockets],
             "outputs": [{"name": n, "type": k, "links": [], "slot_index": i}
@@ -202,20 +203,126 @@ class Graph:
         src["outputs"][slot]["links"].append(link_id)
         dst["inputs"][target]["link"] = link_id
 
-    def group(self, title: str, members: list[dict], color: str = "#3f789e", pad: int = 30) -> None:
-        x0 = min(n["pos"][0] for n in members) - pad
-        y0 = min(n["pos"][1] for n in members) - pad - 34
-        x1 = max(n["pos"][0] + n["size"][0] for n in members) + pad
-        y1 = max(n["pos"][1] + n["size"][1] for n in members) + pad
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
-                            "color": color, "font_size": 24, "flags": {}})
+    def group(self, title: str, members: list[dict], color: str = "#3f789e") -> None:
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "members": members, "color": color})
+
+    TITLE_H = 30  # the editor draws a node's title bar above its pos
+    GAP = 24  # between nodes
+    BLOCK_GAP = 40  # between groups (and loose nodes)
+    PAD = 24  # group padding around its nodes; a group's title row sits above that
+    GROUP_TITLE = 40
+    NESTED_TITLE = 50  # extra title row of a group that holds another group
+
+    def _box(self, nodes: list[dict], pad: int) -> list[float]:
+        """[x, y, w, h] around nodes (title bars included), ``pad`` on every side."""
+        x0 = min(n["pos"][0] for n in nodes) - pad
+        y0 = min(n["pos"][1] - self.TITLE_H for n in nodes) - pad
+        x1 = max(n["pos"][0] + n["size"][0] for n in nodes) + pad
+        y1 = max(n["pos"][1] + n["size"][1] for n in nodes) + pad
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    @staticmethod
+    def _overlap(a: list[float], b: list[float], margin: float = 0) -> bool:
+        return (a[0] < b[0] + b[2] + margin and b[0] < a[0] + a[2] + margin
+                and a[1] < b[1] + b[3] + margin and b[1] < a[1] + a[3] + margin)
+
+    def _group_boxes(self) -> list[list[float]]:
+        """Group boxes from the current node positions; a group holding another grows around it."""
+        boxes = []
+        for grp in self.groups:
+            box = self._box(grp["members"], self.PAD)
+            boxes.append([box[0], box[1] - self.GROUP_TITLE, box[2], box[3] + self.GROUP_TITLE])
+        for i in sorted(range(len(boxes)), key=lambda i: boxes[i][2] * boxes[i][3]):
+            for j in self._outer_of.get(i, ()):
+                inner, outer = boxes[i], boxes[j]
+                x0, y0 = min(outer[0], inner[0] - self.PAD), min(outer[1], inner[1] - self.NESTED_TITLE)
+                x1 = max(outer[0] + outer[2], inner[0] + inner[2] + self.PAD)
+                y1 = max(outer[1] + outer[3], inner[1] + inner[3] + self.PAD)
+                boxes[j] = [x0, y0, x1 - x0, y1 - y0]
+        return boxes
+
+    def _layout(self) -> list[list[float]]:
+        """Lays the graph out without overlaps, keeping the builder's arrangement.
+
+        Groups that sit inside another group form one block with it; every other node is a block
+        of its own. Inside a block, nodes move down below the nodes above them in their column
+        (title bars included); then whole blocks move down, in their top-to-bottom order, until
+        no block overlaps one above it. Returns the group boxes.
+        """
+        # nesting, from the builder's intended positions
+        self._outer_of: dict[int, list[int]] = {}
+        boxes = [self._box(g["members"], self.PAD) for g in self.groups]
+        for i, inner in enumerate(boxes):
+            cx, cy = inner[0] + inner[2] / 2, inner[1] + inner[3] / 2
+            for j, outer in enumerate(boxes):
+                if j != i and outer[2] * outer[3] > inner[2] * inner[3] and \
+                        outer[0] <= cx <= outer[0] + outer[2] and outer[1] <= cy <= outer[1] + outer[3]:
+                    self._outer_of.setdefault(i, []).append(j)
+        block_of_group = list(range(len(self.groups)))
+
+        def root(i: int) -> int:
+            while block_of_group[i] != i:
+                i = block_of_group[i]
+            return i
+
+        for i, outers in self._outer_of.items():
+            for j in outers:
+                block_of_group[root(i)] = root(j)
+        blocks: dict[Any, list[dict]] = {}
+        for n in self.nodes:
+            gi = next((k for k, g in enumerate(self.groups) if any(m is n for m in g["members"])), None)
+            blocks.setdefault(("g", root(gi)) if gi is not None else ("n", n["id"]), []).append(n)
+        # inside each block: columns keep their order, nothing overlaps
+        for members in blocks.values():
+            placed: list[dict] = []
+            for n in sorted(members, key=lambda n: (n["pos"][1], n["pos"][0])):
+                x0, x1 = n["pos"][0], n["pos"][0] + n["size"][0]
+                y = n["pos"][1]
+                for p in placed:
+                    if p["pos"][0] < x1 + self.GAP and x0 < p["pos"][0] + p["size"][0] + self.GAP:
+                        y = max(y, p["pos"][1] + p["size"][1] + self.GAP + self.TITLE_H)
+                n["pos"][1] = y
+                placed.append(n)
+        # blocks: move down below the blocks above them
+        def block_box(key, members) -> list[float]:
+            if key[0] == "n":
+                return self._box(members, 0)
+            gboxes = self._group_boxes()
+            mine = [gboxes[k] for k in range(len(self.groups)) if root(k) == key[1]]
+            x0, y0 = min(b[0] for b in mine), min(b[1] for b in mine)
+            x1, y1 = max(b[0] + b[2] for b in mine), max(b[1] + b[3] for b in mine)
+            return [x0, y0, x1 - x0, y1 - y0]
+
+        done: list[list[float]] = []
+        order = sorted(blocks.items(), key=lambda kv: block_box(*kv)[1])
+        for key, members in order:
+            box = block_box(key, members)
+            shift = 0.0
+            moved = True
+            while moved:
+                moved = False
+                for other in done:
+                    cand = [box[0], box[1] + shift, box[2], box[3]]
+                    if self._overlap(cand, other, self.BLOCK_GAP):
+                        shift = other[1] + other[3] + self.BLOCK_GAP - box[1]
+                        moved = True
+            for n in members:
+                n["pos"][1] += shift
+            done.append([box[0], box[1] + shift, box[2], box[3]])
+        return self._group_boxes()
 
     def to_json(self) -> dict[str, Any]:
+        boxes = self._layout()
+        groups = [{"id": grp["id"], "title": grp["title"], "bounding": box, "color": grp["color"], "font_size": 24,
+                   "flags": {}} for grp, box in zip(self.groups, boxes)]
         for n in self.nodes:
             for o in n["outputs"]:
                 o["links"] = o["links"] or None
+        left = min([n["pos"][0] for n in self.nodes] + [g["bounding"][0] for g in groups])
+        top = min([n["pos"][1] - self.TITLE_H for n in self.nodes] + [g["bounding"][1] for g in groups])
+        offset = [40 - left, 40 - top]  # the whole graph starts in view at the top left
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}},
+                "links": self.links, "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": offset}},
                 "version": 0.4}
 
 
@@ -245,7 +352,7 @@ def sample_branch(g: Graph, model: dict, clip: dict, vae: dict, prompt: str, x: 
     """CLIPTextEncode -> FluxGuidance 3.5 -> KSampler (30 steps, cfg 1, euler/simple) -> VAEDecode [-> SaveImage].
 
     Returns (the nodes, the VAEDecode node)."""
-    enc = g.add("CLIPTextEncode", (x, y), title=title, width=400, text=prompt)
+    enc = g.add("CLIPTextEncode", (x, y), title=title, node_width=400, text=prompt)
     guid = g.add("FluxGuidance", (x + 430, y), guidance=3.5)
     neg = g.add("ConditioningZeroOut", (x + 430, y + 110))
     lat = g.add("EmptySD3LatentImage", (x + 430, y + 200), width=1024, height=1024, batch_size=1)
@@ -273,7 +380,7 @@ def batch(g: Graph, images: list[dict], x: float, y: float) -> dict:
     """Chains ImageBatch nodes into one batch (same order); returns the node giving the batch."""
     cur = images[0]
     for k, img in enumerate(images[1:]):
-        b = g.add("ImageBatch", (x, y + 90 * k), width=220)
+        b = g.add("ImageBatch", (x, y + 90 * k), node_width=220)
         g.link(cur, 0, b, "image1")
         g.link(img, 0, b, "image2")
         cur = b
@@ -282,7 +389,7 @@ def batch(g: Graph, images: list[dict], x: float, y: float) -> dict:
 
 def train(g: Graph, unet: dict, vae: dict, aug: dict, cap: dict, x: float, y: float, prior: dict | None,
           steps: int, rank: int = 1, title: str | None = None) -> dict:
-    node = g.add("MetaLoRATrain", (x, y), title=title, width=340, steps=steps, rank=rank, learning_rate=4e-4, seed=0,
+    node = g.add("MetaLoRATrain", (x, y), title=title, node_width=340, steps=steps, rank=rank, learning_rate=4e-4, seed=0,
                  resolution=512, gradient_checkpointing=True, preview_every=25, force_retrain=False)
     g.link(unet, "MODEL", node, "model")
     g.link(vae, "VAE", node, "vae")
@@ -371,7 +478,7 @@ def comparison(info: dict) -> dict:
         members += [n for n in g.nodes[-(len(decs) - 1):]]
         g.group(f"Row {r + 1}: {name}", members, color="#A88")
         rows.append(row)
-    grid = g.add("MetaLoRAImageGrid", (1800, 1400), width=400, row_labels="\n".join(methods),
+    grid = g.add("MetaLoRAImageGrid", (1800, 1400), node_width=400, row_labels="\n".join(methods),
                  column_labels="\n".join(prompts), tile=384)
     for r, row in enumerate(rows):
         g.link(row, 0, grid, f"row_{r + 1}")
@@ -391,8 +498,8 @@ def scored_cell(g: Graph, model: dict, clip: dict, vae: dict, img: dict, held: d
         members += nodes
     gens = batch(g, decs, x + 1500, y)
     members += g.nodes[-(len(decs) - 1):]
-    ct = g.add("MetaLoRAClipT", (x + 1760, y), width=380, prompts="\n".join(T3), clip_model=CLIP_T_FOLDER)
-    fs = g.add("MetaLoRAFaceSim", (x + 1760, y + 400), width=380, detector="auto", embedder="auto",
+    ct = g.add("MetaLoRAClipT", (x + 1760, y), node_width=380, prompts="\n".join(T3), clip_model=CLIP_T_FOLDER)
+    fs = g.add("MetaLoRAFaceSim", (x + 1760, y + 400), node_width=380, detector="auto", embedder="auto",
                missing_face="exclude")
     g.link(gens, 0, ct, "images")
     g.link(gens, 0, fs, "generated")
@@ -501,13 +608,13 @@ def pulid(info: dict) -> dict:
             members += nodes
         row = batch(g, decs, 1500, y)
         members += g.nodes[-(len(decs) - 1):]
-        fs = g.add("MetaLoRAFaceSim", (1760, y), width=380, detector="auto", embedder="auto", missing_face="exclude")
+        fs = g.add("MetaLoRAFaceSim", (1760, y), node_width=380, detector="auto", embedder="auto", missing_face="exclude")
         g.link(row, 0, fs, "generated")
         g.link(held, 0, fs, "held_out")
         g.link(img, "IMAGE", fs, "reference")
         g.group(f"{name}: prompts from Tables 1-3, scored", [*members, fs], color="#A88")
         rows.append(row)
-    grid = g.add("MetaLoRAImageGrid", (2200, 1000), width=400, row_labels="PuLID-FLUX\nMeta-LoRA",
+    grid = g.add("MetaLoRAImageGrid", (2200, 1000), node_width=400, row_labels="PuLID-FLUX\nMeta-LoRA",
                  column_labels="\n".join(prompts), tile=384)
     g.link(rows[0], 0, grid, "row_1")
     g.link(rows[1], 0, grid, "row_2")
