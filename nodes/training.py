@@ -194,7 +194,15 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     adapters = build_adapters(host.dims, prior, rank=settings.rank, preset=preset, seed=settings.seed)
     config = Stage2Config(steps=settings.steps, lr=settings.lr, r2=settings.rank, seed=settings.seed)
     callback = _Progress(node_id, settings, host, vae, latents[0], cond)
-    result = personalize(host, adapters, latents, cond, config, callback=callback)
+    try:
+        result = personalize(host, adapters, latents, cond, config, callback=callback)
+    except torch.cuda.OutOfMemoryError as e:
+        comfy.model_management.soft_empty_cache()
+        tips = [] if settings.gradient_checkpointing else ["turn on gradient_checkpointing"]
+        tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
+        tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
+        raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "
+                           "nothing was saved and your MODEL is unchanged") from e
     meta = {"cache_key": key, "steps": str(settings.steps), "seed": str(settings.seed),
             "prior_sha256": parts["prior"] or "", "images_sha256": parts["images"]}
     store_cached_adapters(cache_dir, key, result.adapters, losses=",".join(f"{x:.6g}" for x in result.losses),

@@ -269,6 +269,25 @@ def test_training_stops_if_comfyui_block_code_differs(env, loaded, monkeypatch):
     assert_untouched(model, before)
 
 
+def test_out_of_memory_gives_advice_and_leaves_model_clean(env, loaded, monkeypatch):
+    model, vae, crops, cond = loaded
+    training = pack("nodes.training")
+    before = model_output(model)
+    real = training.personalize
+
+    def oom(host, adapters, latents, cond, config, callback):  # the allocator failing at step 1
+        def fail(step, loss):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(host, adapters, latents, cond, config, callback=fail)
+
+    monkeypatch.setattr(training, "personalize", oom)
+    settings = training.TrainSettings(steps=3, seed=12, resolution=64, preview_every=0, force_retrain=True)
+    with pytest.raises(RuntimeError, match="ran out of GPU memory: turn on gradient_checkpointing;.*fp8_e4m3fn"), \
+            torch.inference_mode():
+        training.train_meta_lora(model, vae, None, crops, cond, settings)
+    assert_untouched(model, before)
+
+
 # ------------------------------------------------------------------------------ gradients
 
 
