@@ -103,13 +103,13 @@ def _personalize(args: argparse.Namespace) -> str:
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
+    from .diffusers_host import personalize_pipeline
     from .export import save_adapter_state, save_lora
     from .faces import AugmentConfig, load_image
     from .fileio import sha256_file
     from .prior import load_prior
-    from .recipe import build_adapters, face_crops
-    from .train import Stage2Config, personalize
+    from .recipe import face_crops
+    from .train import Stage2Config
 
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
@@ -126,13 +126,6 @@ def _personalize(args: argparse.Namespace) -> str:
     area = args.resolution * args.resolution
     made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed,
                       grid=not args.no_augment)
-    train_images, detector = made.images, made.detector
-    latents = encode_images(pipe.vae, train_images)
-    cond = encode_prompt(pipe, args.caption)
-    host = DiffusersFluxHost(pipe.transformer, guidance=args.guidance,
-                             gradient_checkpointing=args.gradient_checkpointing)
-    adapters = build_adapters(host.dims, prior, rank=args.rank, preset=args.preset, seed=args.seed,
-                              source=str(args.prior))
     config = Stage2Config(steps=args.steps, lr=args.lr, r2=args.rank, seed=args.seed)
     every = max(1, args.steps // 20)
 
@@ -141,7 +134,11 @@ def _personalize(args: argparse.Namespace) -> str:
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
     with torch.random.fork_rng(devices=[]):
-        result = personalize(host, adapters, latents, cond, config, progress)
+        result = personalize_pipeline(pipe, prior, made.images, caption=args.caption, config=config,
+                                      preset=args.preset, guidance=args.guidance,
+                                      gradient_checkpointing=args.gradient_checkpointing, callback=progress,
+                                      prior_source=str(args.prior))
+    detector, adapters = made.detector, result.adapters
     meta = dict(steps=str(args.steps), caption=args.caption, seed=str(args.seed), detector=detector,
                 prior_sha256=prior.sha256 if prior else "",
                 image_sha256=",".join(sha256_file(p) for p in args.image))

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
+from .diffusers_host import personalize_pipeline
 from .export import save_lora
 from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
-from .layers import DEFAULT_PRESET
+from .layers import DEFAULT_PRESET, FluxDims
 from .plot import line_plot
 from .prior import load_prior, make_prior, save_prior
-from .recipe import build_adapters, class_caption, face_crops
+from .recipe import class_caption, face_crops
 from .tiny import TINY_T5_LEN, build_tiny_flux_pipeline
-from .train import Stage2Config, personalize
+from .train import Stage2Config
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +45,19 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     t_start = time.perf_counter()
     pipe = build_tiny_flux_pipeline(seed)
     pipe.set_progress_bar_config(disable=True)
-    host = DiffusersFluxHost(pipe.transformer)
 
     prior_path = save_prior(
-        make_prior(host.dims, r1=r1, preset=DEFAULT_PRESET, generator=torch.Generator().manual_seed(seed),
-                   domain="demo"), out / "prior.safetensors")
+        make_prior(FluxDims.from_diffusers_config(pipe.transformer.config), r1=r1, preset=DEFAULT_PRESET,
+                   generator=torch.Generator().manual_seed(seed), domain="demo"), out / "prior.safetensors")
     prior = load_prior(prior_path)
 
     photo_path = sample_photo(photo)
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
     atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
-    latents = encode_images(pipe.vae, made.images)
     caption = class_caption("woman")
-    cond = encode_prompt(pipe, caption, max_sequence_length=TINY_T5_LEN)
-
-    adapters = build_adapters(host.dims, prior, rank=r2, seed=seed, source=str(prior_path))
     config = Stage2Config(steps=steps, r2=r2, seed=seed)
-    result = personalize(host, adapters, latents, cond, config)
+    result = personalize_pipeline(pipe, prior, made.images, caption=caption, config=config,
+                                  max_sequence_length=TINY_T5_LEN, prior_source=str(prior_path))
 
     lora_path = save_lora(
         result.adapters, out / "lora.safetensors", steps=str(steps), prior_sha256=prior.sha256,
@@ -106,7 +102,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
         "caption": caption,
         "r1": r1,
         "r2": r2,
-        "layers": len(adapters.names),
+        "layers": len(result.adapters.names),
         "device": "cpu",
         "torch": torch.__version__,
         "machine": platform.machine(),

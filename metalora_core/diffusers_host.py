@@ -153,3 +153,41 @@ def encode_prompt(pipe, prompt: str, max_sequence_length: int = 512) -> FluxText
         max_sequence_length=max_sequence_length,
     )
     return FluxTextCond(prompt_embeds=embeds.float().cpu(), pooled=pooled.float().cpu(), text_ids=text_ids.float().cpu())
+
+
+def personalize_pipeline(
+    pipe,
+    prior,
+    images: Sequence[Image.Image],
+    *,
+    caption: str,
+    config,
+    preset: str | None = None,
+    guidance: float = 1.0,
+    gradient_checkpointing: bool = False,
+    max_sequence_length: int = 512,
+    callback=None,
+    prior_source: str = "prior",
+):
+    """Stage-2 on a diffusers ``FluxPipeline``: encode the crops and the caption, train, return.
+
+    Args:
+        pipe: the pipeline (its VAE encodes the crops, its text encoders the caption).
+        prior: a ``Prior`` (Meta-LoRA) or None (plain LoRA on ``preset`` layers).
+        images: the training crops (sizes may differ).
+        caption: the class caption (the paper: "a photo of a woman"/"man", no trigger word).
+        config: ``train.Stage2Config``; its ``r2`` is the rank, its ``seed`` seeds everything.
+
+    Returns:
+        ``train.TrainResult`` with the trained adapters and the losses.
+    """
+    from .layers import DEFAULT_PRESET
+    from .recipe import build_adapters
+    from .train import personalize
+
+    host = DiffusersFluxHost(pipe.transformer, guidance=guidance, gradient_checkpointing=gradient_checkpointing)
+    latents = encode_images(pipe.vae, images)
+    cond = encode_prompt(pipe, caption, max_sequence_length=max_sequence_length)
+    adapters = build_adapters(host.dims, prior, rank=config.r2, preset=preset or DEFAULT_PRESET, seed=config.seed,
+                              source=prior_source)
+    return personalize(host, adapters, latents, cond, config, callback)
