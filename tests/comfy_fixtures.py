@@ -598,3 +598,20 @@ def object_info(comfy: ComfyInProcess, node_types: Iterable[str] | None = None) 
             "output_node": getattr(cls, "OUTPUT_NODE", False) is True,
         }
     return out
+
+
+def random_meta_adapters(pack_module, dims, preset: str, seed: int = 0):
+    """Meta-LoRA adapters on a random r1=4 prior with a non-zero Up (so Mid gets a gradient).
+
+    ``pack_module(name)`` returns a module of the pack as ComfyUI imported it, so the adapters are
+    of the classes the pack's nodes use.
+    """
+    layers, recipe, prior_mod = (pack_module(f"metalora_core.{m}") for m in ("layers", "recipe", "prior"))
+    g = torch.Generator().manual_seed(seed)
+    shapes = layers.resolve_targets(preset, dims)
+    downs = {n: torch.randn(4, fin, generator=g) / fin ** 0.5 for n, (fin, _) in shapes.items()}
+    ad = recipe.build_adapters(dims, prior_mod.Prior(downs=downs, r1=4, preset=preset), rank=2, seed=seed)
+    with torch.no_grad():
+        for _, a in ad.items():
+            a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)
+    return ad

@@ -15,7 +15,8 @@ import pathlib
 import pytest
 import torch
 
-from comfy_fixtures import SKIP_REASON, comfyui_path, load_comfy_in_process, write_tiny_flux_models
+from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, random_meta_adapters,
+                            write_tiny_flux_models)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
@@ -56,15 +57,7 @@ def hosts(tmp_path_factory):
 
 
 def _adapters(dims, seed: int = 0):
-    layers, recipe, prior_mod = pack("metalora_core.layers"), pack("metalora_core.recipe"), pack("metalora_core.prior")
-    g = torch.Generator().manual_seed(seed)
-    shapes = layers.resolve_targets("all", dims)
-    downs = {n: torch.randn(4, fin, generator=g) / fin ** 0.5 for n, (fin, _) in shapes.items()}
-    ad = recipe.build_adapters(dims, prior_mod.Prior(downs=downs, r1=4, preset="all"), rank=2, seed=seed)
-    with torch.no_grad():
-        for _, a in ad.items():
-            a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)
-    return ad
+    return random_meta_adapters(pack, dims, "all", seed)
 
 
 def _inputs(seed: int = 1):

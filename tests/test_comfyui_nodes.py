@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, new_executor, output_files,
-                            run_prompt, write_tiny_flux_models)
+                            random_meta_adapters, run_prompt, write_tiny_flux_models)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
@@ -292,25 +292,23 @@ def test_out_of_memory_gives_advice_and_leaves_model_clean(env, loaded, monkeypa
 
 
 def _prior_adapters(dims, seed: int, dtype=torch.float32):
-    layers, recipe, prior_mod = pack("metalora_core.layers"), pack("metalora_core.recipe"), pack("metalora_core.prior")
-    g = torch.Generator().manual_seed(seed)
-    shapes = layers.resolve_targets("attn_mlp", dims)
-    downs = {n: torch.randn(4, fin, generator=g) / fin ** 0.5 for n, (fin, _) in shapes.items()}
-    ad = recipe.build_adapters(dims, prior_mod.Prior(downs=downs, r1=4, preset="attn_mlp"), rank=2, seed=seed)
-    with torch.no_grad():
-        for _, a in ad.items():
-            a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)  # non-zero Up: Mid gets a gradient
-    return ad.to(dtype)
+    return random_meta_adapters(pack, dims, "attn_mlp", seed).to(dtype)
+
+
+def _batch():
+    """Two noisy samples at two sigmas and a synthetic conditioning, the same for every gradient run."""
+    g = torch.Generator().manual_seed(7)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    cond = pack("nodes.comfy_host").ComfyFluxCond(torch.randn(1, 77, 768, generator=g) * 0.5,
+                                                  torch.randn(1, 768, generator=g), 1.0)
+    return x0, noise, torch.tensor([0.3, 0.8]), cond
 
 
 def _grads(model, *, checkpointing: bool, dtype, seed: int = 0):
     host_mod = pack("nodes.comfy_host")
     host = host_mod.ComfyFluxHost(model, gradient_checkpointing=checkpointing)
     ad = _prior_adapters(host.dims, seed, dtype)
-    g = torch.Generator().manual_seed(7)
-    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
-    sigma = torch.tensor([0.3, 0.8])
-    cond = host_mod.ComfyFluxCond(torch.randn(1, 77, 768, generator=g) * 0.5, torch.randn(1, 768, generator=g), 1.0)
+    x0, noise, sigma, cond = _batch()
     handle = host.attach(ad)
     try:
         with host.training(), torch.enable_grad():
@@ -406,11 +404,7 @@ def test_gradients_match_float64_reference(env, loaded, model64, capsys):
 
 
 def _loss64(host, ad) -> float:
-    host_mod = pack("nodes.comfy_host")
-    g = torch.Generator().manual_seed(7)
-    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
-    sigma = torch.tensor([0.3, 0.8])
-    cond = host_mod.ComfyFluxCond(torch.randn(1, 77, 768, generator=g) * 0.5, torch.randn(1, 768, generator=g), 1.0)
+    x0, noise, sigma, cond = _batch()
     handle = host.attach(ad)
     try:
         with host.training(), torch.no_grad():

@@ -400,6 +400,16 @@ def train(g: Graph, unet: dict, vae: dict, aug: dict, cap: dict, x: float, y: fl
     return node
 
 
+def meta_lora_branch(g: Graph, unet: dict, clip: dict, vae: dict) -> tuple[dict, ...]:
+    """Prior loader, photo, face augment, caption, Meta-LoRA train (375 steps, rank 1) and apply.
+
+    Returns (prior, image, augment, caption, train, apply) nodes."""
+    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=PRIOR_FILE)
+    img, aug, cap = face_and_caption(g, clip, 380, 0)
+    tr = train(g, unet, vae, aug, cap, 760, 0, prior, steps=375, rank=1, title="Meta-LoRA Train (375 steps, rank 1)")
+    return prior, img, aug, cap, tr, apply(g, unet, tr, 1140, 0)
+
+
 def apply(g: Graph, unet: dict, lora: dict, x: float, y: float) -> dict:
     node = g.add("MetaLoRAApply", (x, y), strength=1.0)
     g.link(unet, "MODEL", node, "model")
@@ -415,10 +425,7 @@ def one_click(info: dict) -> dict:
     g = Graph(info)
     g.note(DOWNLOAD_NOTE, (-520, -40), (480, 560), title="Read me: downloads")
     unet, clip, vae = flux_loaders(g, 0, 0)
-    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=PRIOR_FILE)
-    img, aug, cap = face_and_caption(g, clip, 380, 0)
-    tr = train(g, unet, vae, aug, cap, 760, 0, prior, steps=375, rank=1, title="Meta-LoRA Train (375 steps, rank 1)")
-    ap = apply(g, unet, tr, 1140, 0)
+    prior, img, aug, cap, tr, ap = meta_lora_branch(g, unet, clip, vae)
     save = g.add("MetaLoRASave", (1140, 160), subfolder="metalora", filename_prefix="person")
     loss = g.add("PreviewImage", (1140, 330), title="loss curve")
     crops = g.add("PreviewImage", (760, 520), title="training crops")
@@ -562,10 +569,7 @@ def r_face_sim_eval(info: dict) -> dict:
            "Shown here: 4 of the 10 Table-3 prompts; copy a branch for the rest ([man/woman] expanded for the "
            "person's class).", (-520, -40), (480, 560), title="Read me: R-FaceSim")
     unet, clip, vae = flux_loaders(g, 0, 0)
-    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=PRIOR_FILE)
-    img, aug, cap = face_and_caption(g, clip, 380, 0)
-    tr = train(g, unet, vae, aug, cap, 760, 0, prior, steps=375, rank=1, title="Meta-LoRA Train (375 steps, rank 1)")
-    ap = apply(g, unet, tr, 1140, 0)
+    prior, img, aug, cap, tr, ap = meta_lora_branch(g, unet, clip, vae)
     g.group("Personalize on the reference photo", [prior, img, aug, cap, tr, ap], color="#8A8")
     held = held_out_photos(g, 1500, 0)
     scored_cell(g, ap, clip, vae, img, held, 0, 1000, "rfacesim/person", "Generate Table-3 prompts and score")
@@ -581,10 +585,7 @@ def pulid(info: dict) -> dict:
            "Those nodes are not part of this pack.\n\nBoth rows are scored with R-FaceSim against held-out "
            "photos and shown in one labelled grid.", (-520, -40), (480, 420), title="Read me: PuLID-FLUX")
     unet, clip, vae = flux_loaders(g, 0, 0)
-    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=PRIOR_FILE)
-    img, aug, cap = face_and_caption(g, clip, 380, 0)
-    tr = train(g, unet, vae, aug, cap, 760, 0, prior, steps=375, rank=1, title="Meta-LoRA Train (375 steps, rank 1)")
-    ap = apply(g, unet, tr, 1140, 0)
+    prior, img, aug, cap, tr, ap = meta_lora_branch(g, unet, clip, vae)
     g.group("Meta-LoRA", [prior, img, aug, cap, tr, ap], color="#8A8")
     pl = g.add("PulidFluxModelLoader", (380, 560), pulid_file="pulid_flux_v0.9.0.safetensors")
     ev = g.add("PulidFluxEvaClipLoader", (380, 680))
