@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metalora_core.diffusers_host import DiffusersFluxHost, FluxTextCond  # noqa: E402
-from metalora_core.layers import FluxDims, resolve_targets  # noqa: E402
-from metalora_core.metatrain import MetaTrainConfig, MetaTrainData, meta_train  # noqa: E402
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond  # noqa: E402
+from metalora_core.lora.layers import FluxDims, resolve_targets  # noqa: E402
+from metalora_core.train.stage1 import MetaTrainConfig, MetaTrainData, meta_train  # noqa: E402
 
 MIB = 2**20
 

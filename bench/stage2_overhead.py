@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from metalora_core.diffusers_host import DiffusersFluxHost, FluxTextCond
-from metalora_core.flow import add_noise, flow_loss, velocity_target
-from metalora_core.layers import FluxDims
-from metalora_core.prior import make_prior
-from metalora_core.recipe import build_adapters
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond
+from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
+from metalora_core.lora.layers import FluxDims
+from metalora_core.formats.prior import make_prior
+from metalora_core.train.recipe import build_adapters
 
 
 def build(device: str, dtype: torch.dtype):

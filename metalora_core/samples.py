@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import atomic_write_bytes
+from .formats.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

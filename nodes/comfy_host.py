@@ -1,6 +1,6 @@
 """The ComfyUI FLUX host: Stage-2 training through ComfyUI's own FLUX model.
 
-Implements ``metalora_core.train.FlowHost`` on a ComfyUI ``ModelPatcher`` of a FLUX model.
+Implements ``metalora_core.train.stage2.FlowHost`` on a ComfyUI ``ModelPatcher`` of a FLUX model.
 
 How adapters reach the model: nothing is hooked into the (shared) torch modules. Training
 works on a *clone* of the caller's patcher and replaces every FLUX block of that clone through
@@ -29,8 +29,8 @@ from torch import nn
 import comfy.model_management
 import comfy.utils
 
-from ..metalora_core.adapter import AdapterSet, LoRAAdapter
-from ..metalora_core.layers import FluxDims
+from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter
+from ..metalora_core.lora.layers import FluxDims
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
-from ..metalora_core.prior import load_prior
-from ..metalora_core.recipe import face_crops
-from ..metalora_core.store import save_lora_new
+from ..metalora_core.formats.prior import load_prior
+from ..metalora_core.train.recipe import face_crops
+from ..metalora_core.formats.store import save_lora_new
 from . import training
 from .folders import PRIOR_FOLDER, prior_names
 

@@ -1,7 +1,7 @@
 """Evaluation nodes (V3 API): CLIP-T, FaceSim / R-FaceSim (Algorithm 3) and a labelled image grid.
 
-Thin: ``metalora_core.evaluate`` computes the scores, ``metalora_core.eval_plots`` and
-``metalora_core.image_grid`` draw the pictures.
+Thin: ``metalora_core.eval.metrics`` computes the scores, ``metalora_core.draw.eval_figures`` and
+``metalora_core.draw.sheets`` draw the pictures.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from PIL import Image
 import folder_paths
 from comfy_api.latest import io
 
-from ..metalora_core.eval_plots import draw_score_grid
-from ..metalora_core.evaluate import CLIP_T_MODEL_HINT, MISSING_FACE_POLICIES, clip_t, face_sim, r_face_sim
+from ..metalora_core.draw.eval_figures import draw_score_grid
+from ..metalora_core.eval.metrics import CLIP_T_MODEL_HINT, MISSING_FACE_POLICIES, clip_t, face_sim, r_face_sim
 from ..metalora_core.faces import DETECTOR_NAMES, EMBEDDER_NAMES, get_detector, get_embedder
-from ..metalora_core.image_grid import draw_labelled_grid
-from ..metalora_core.prompts import parse_prompts
+from ..metalora_core.draw.sheets import draw_labelled_grid
+from ..metalora_core.data.prompts import parse_prompts
 
 CLIP_FOLDER = "metalora_clip"  # models/metalora_clip/<name>/: transformers CLIP folders for CLIP-T
 GRID_ROWS = 6  # image inputs of MetaLoRAImageGrid (one row each)

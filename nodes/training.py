@@ -17,17 +17,17 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..metalora_core.adapter import AdapterSet
-from ..metalora_core.export import lora_state_dict
-from ..metalora_core.fileio import sha256_tensors
-from ..metalora_core.flow import add_noise
-from ..metalora_core.layers import DEFAULT_PRESET
-from ..metalora_core.plot import line_plot
-from ..metalora_core.prior import Prior
-from ..metalora_core.recipe import FaceCrops, build_adapters
+from ..metalora_core.lora.adapter import AdapterSet
+from ..metalora_core.formats.lora import lora_state_dict
+from ..metalora_core.formats.files import sha256_tensors
+from ..metalora_core.lora.flow import add_noise
+from ..metalora_core.lora.layers import DEFAULT_PRESET
+from ..metalora_core.draw.charts import line_plot
+from ..metalora_core.formats.prior import Prior
+from ..metalora_core.train.recipe import FaceCrops, build_adapters
 from ..metalora_core.faces import resize_to_bucket
-from ..metalora_core.store import content_key, image_digest, load_cached_adapters, store_cached_adapters
-from ..metalora_core.train import Stage2Config, personalize
+from ..metalora_core.formats.store import content_key, image_digest, load_cached_adapters, store_cached_adapters
+from ..metalora_core.train.stage2 import Stage2Config, personalize
 from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
 

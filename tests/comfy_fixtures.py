@@ -549,8 +549,8 @@ def output_files(result: dict, base_dir: pathlib.Path | str) -> list[pathlib.Pat
 # --------------------------------------------------------------------------------------------
 
 def write_tiny_transformers_clip(folder: pathlib.Path | str, seed: int = 0) -> pathlib.Path:
-    """A tiny random transformers CLIP folder for CLIP-T (``metalora_core.tiny.write_tiny_clip``)."""
-    from metalora_core.tiny import write_tiny_clip
+    """A tiny random transformers CLIP folder for CLIP-T (``metalora_core.hosts.tiny.write_tiny_clip``)."""
+    from metalora_core.hosts.tiny import write_tiny_clip
 
     return write_tiny_clip(folder, seed)
 
@@ -606,7 +606,7 @@ def random_meta_adapters(pack_module, dims, preset: str, seed: int = 0):
     ``pack_module(name)`` returns a module of the pack as ComfyUI imported it, so the adapters are
     of the classes the pack's nodes use.
     """
-    layers, recipe, prior_mod = (pack_module(f"metalora_core.{m}") for m in ("layers", "recipe", "prior"))
+    layers, recipe, prior_mod = (pack_module(f"metalora_core.{m}") for m in ("lora.layers", "train.recipe", "formats.prior"))
     g = torch.Generator().manual_seed(seed)
     shapes = layers.resolve_targets(preset, dims)
     downs = {n: torch.randn(4, fin, generator=g) / fin ** 0.5 for n, (fin, _) in shapes.items()}

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from metalora_core.cli import main
-from metalora_core.export import load_lora
-from metalora_core.layers import FluxDims
-from metalora_core.prior import make_prior, save_prior
+from metalora_core.formats.lora import load_lora
+from metalora_core.lora.layers import FluxDims
+from metalora_core.formats.prior import make_prior, save_prior
 from metalora_core.samples import sample_photo
-from metalora_core.tiny import build_tiny_flux_pipeline
+from metalora_core.hosts.tiny import build_tiny_flux_pipeline
 
 
 def test_personalize_then_export_from_state(tmp_path):

@@ -53,7 +53,7 @@ def hosts(tmp_path_factory):
             weights[key] = comfy_sd[target[0]].narrow(dim, offset, size)
     dm.load_state_dict({k: v.float().clone() for k, v in weights.items()}, strict=True)
     dm.requires_grad_(False)
-    return pack("nodes.comfy_host").ComfyFluxHost(model), pack("metalora_core.diffusers_host").DiffusersFluxHost(dm)
+    return pack("nodes.comfy_host").ComfyFluxHost(model), pack("metalora_core.hosts.diffusers_flux").DiffusersFluxHost(dm)
 
 
 def _adapters(dims, seed: int = 0):
@@ -68,7 +68,7 @@ def _inputs(seed: int = 1):
 
 
 def _loss_and_grads(host, adapters, cond, x0, noise, sigma):
-    flow = pack("metalora_core.flow")
+    flow = pack("metalora_core.lora.flow")
     handle = host.attach(adapters)
     try:
         with host.training(), torch.enable_grad():
@@ -83,7 +83,7 @@ def _loss_and_grads(host, adapters, cond, x0, noise, sigma):
 
 def test_comfyui_and_diffusers_hosts_agree(hosts):
     chost, dhost = hosts
-    dh, ch = pack("metalora_core.diffusers_host"), pack("nodes.comfy_host")
+    dh, ch = pack("metalora_core.hosts.diffusers_flux"), pack("nodes.comfy_host")
     assert chost.dims == dhost.dims
     x0, noise, sigma, ctx, pooled = _inputs()
     ccond, dcond = ch.ComfyFluxCond(ctx, pooled, 1.0), dh.FluxTextCond(ctx, pooled, torch.zeros(77, 3))
@@ -95,7 +95,7 @@ def test_comfyui_and_diffusers_hosts_agree(hosts):
     loss_c, pred_c, grads_c = _loss_and_grads(chost, copy.deepcopy(ad), ccond, x0, noise, sigma)
     loss_d, pred_d, grads_d = _loss_and_grads(dhost, copy.deepcopy(ad), dcond, x0, noise, sigma)
     with torch.no_grad():
-        plain = dhost.predict(pack("metalora_core.flow").add_noise(x0, noise, sigma), sigma, dcond)
+        plain = dhost.predict(pack("metalora_core.lora.flow").add_noise(x0, noise, sigma), sigma, dcond)
     assert (pred_d - plain).abs().max() > 1e-3, "the adapters change the output (the comparison is not vacuous)"
     torch.testing.assert_close(pred_c, pred_d, rtol=1e-5, atol=1e-5)
     assert loss_c == pytest.approx(loss_d, rel=1e-5)

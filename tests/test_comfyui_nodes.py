@@ -48,7 +48,7 @@ def loaded(env):
     vae = nodes.VAELoader().load_vae(env.names["vae"])[0]
     from PIL import Image
 
-    recipe, faces = pack("metalora_core.recipe"), pack("metalora_core.faces")
+    recipe, faces = pack("metalora_core.train.recipe"), pack("metalora_core.faces")
     crops = recipe.face_crops([Image.open(env.base_dir / "input" / "obama.jpg")], detector="yunet", seed=0,
                               augment=faces.AugmentConfig(bucket_area=64 * 64))
     g = torch.Generator().manual_seed(1)
@@ -211,7 +211,7 @@ def test_cancel_in_graph_leaves_no_file(env, executor):
 
 def test_apply_matches_lora_loader_and_model_untouched(env, loaded):
     model, vae, crops, cond = loaded
-    training, store = pack("nodes.training"), pack("metalora_core.store")
+    training, store = pack("nodes.training"), pack("metalora_core.formats.store")
     before = model_output(model)
     settings = training.TrainSettings(steps=3, lr=2e-2, seed=1, resolution=64, preview_every=0, force_retrain=True)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes

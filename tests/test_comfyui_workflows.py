@@ -49,8 +49,8 @@ def env(tmp_path_factory, sample):
     evals.register_eval_folders()
     register_v3_nodes(state, evals.EVAL_NODES)  # no-op once the extension lists them
     write_tiny_transformers_clip(models / "metalora_clip" / bw.CLIP_T_FOLDER)
-    from metalora_core.layers import FluxDims
-    from metalora_core.prior import make_prior, save_prior
+    from metalora_core.lora.layers import FluxDims
+    from metalora_core.formats.prior import make_prior, save_prior
 
     dims = FluxDims(hidden=256, mlp_hidden=1024, num_double=2, num_single=2)  # the tiny FLUX
     prior = make_prior(dims, r1=4, preset="attn_mlp", generator=torch.Generator().manual_seed(0))

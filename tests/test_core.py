@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from metalora_core.adapter import AdapterSet, attach_adapters
-from metalora_core.diffusers_host import DiffusersFluxHost, FluxTextCond, encode_prompt
-from metalora_core.export import PREFIX, load_adapter_state, load_lora, lora_state_dict, save_adapter_state, save_lora
-from metalora_core.fileio import confined_path
-from metalora_core.flow import add_noise, flow_loss, velocity_target
-from metalora_core.layers import FluxDims, resolve_targets
-from metalora_core.prior import Prior, load_prior, make_prior, save_prior, validate_prior
-from metalora_core.recipe import build_adapters
-from metalora_core.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
-from metalora_core.train import Stage2Config, personalize
+from metalora_core.lora.adapter import AdapterSet, attach_adapters
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond, encode_prompt
+from metalora_core.formats.lora import PREFIX, load_adapter_state, load_lora, lora_state_dict, save_adapter_state, save_lora
+from metalora_core.formats.files import confined_path
+from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
+from metalora_core.lora.layers import FluxDims, resolve_targets
+from metalora_core.formats.prior import Prior, load_prior, make_prior, save_prior, validate_prior
+from metalora_core.train.recipe import build_adapters
+from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+from metalora_core.train.stage2 import Stage2Config, personalize
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +289,7 @@ def test_bad_latents_and_config_rejected():
         Stage2Config(steps=0)
     with pytest.raises(ValueError, match="sigma_mode 'cosine'"):
         Stage2Config(sigma_mode="cosine")
-    from metalora_core.train import check_latents
+    from metalora_core.train.stage2 import check_latents
 
     with pytest.raises(ValueError, match="no training latents"):
         check_latents([])

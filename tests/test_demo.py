@@ -6,8 +6,8 @@ import json
 import torch
 
 from metalora_core.cli import main
-from metalora_core.export import load_lora
-from metalora_core.prior import load_prior
+from metalora_core.formats.lora import load_lora
+from metalora_core.formats.prior import load_prior
 
 
 def test_demo_writes_all_outputs(tmp_path, capsys):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from metalora_core.eval_commands import read_identities, register
-from metalora_core.eval_plots import ScatterPoint, draw_scatter, draw_score_grid
-from metalora_core.evaluate import clip_t, face_sim, load_clip, r_face_sim, split_reference
+from metalora_core.cli.eval import read_identities, register
+from metalora_core.draw.eval_figures import ScatterPoint, draw_scatter, draw_score_grid
+from metalora_core.eval.metrics import clip_t, face_sim, load_clip, r_face_sim, split_reference
 from metalora_core.faces import get_detector, get_embedder, load_image
-from metalora_core.prompts import PROMPT_TABLES, expand_prompt, is_template, load_prompts
+from metalora_core.data.prompts import PROMPT_TABLES, expand_prompt, is_template, load_prompts
 from metalora_core.samples import sample_photo
 
 
@@ -49,7 +49,7 @@ def photos() -> dict[str, Image.Image]:
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A randomly initialised transformers CLIPModel + byte-level tokenizer + image processor, saved."""
-    from metalora_core.tiny import write_tiny_clip
+    from metalora_core.hosts.tiny import write_tiny_clip
 
     return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 

@@ -30,7 +30,7 @@ from metalora_core.faces import (
     run_crops,
     select_face,
 )
-from metalora_core.faces.commands import register
+from metalora_core.cli.crops import register
 from metalora_core.faces.embed import align_face
 
 # Face boxes (x0, y0, x1, y1) read off the photos by eye after drawing the detector's boxes.

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from metalora_core.diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
-from metalora_core.fileio import read_safetensors
-from metalora_core.identity_data import DatasetConfig, prepare_dataset, vae_fingerprint
-from metalora_core.layers import resolve_targets
-from metalora_core.metatrain import (
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt
+from metalora_core.formats.files import read_safetensors
+from metalora_core.data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
+from metalora_core.lora.layers import resolve_targets
+from metalora_core.train.stage1 import (
     BucketAdapter,
     IdentityRouter,
     MetaTrainConfig,
@@ -25,10 +25,10 @@ from metalora_core.metatrain import (
     schedule_at,
     to_prior,
 )
-from metalora_core.prior import load_prior, save_prior, validate_prior
-from metalora_core.recipe import build_adapters
-from metalora_core.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
-from metalora_core.train import Stage2Config, personalize
+from metalora_core.formats.prior import load_prior, save_prior, validate_prior
+from metalora_core.train.recipe import build_adapters
+from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+from metalora_core.train.stage2 import Stage2Config, personalize
 
 IDENTITIES = ("ann", "bob", "cid", "dan")
 
@@ -263,7 +263,7 @@ def test_nan_guard_stops_with_a_clear_error(tiny):
 
 def test_real_photos_with_face_augmentation_and_cli(tiny, sample, tmp_path):
     """The --tiny command path on real photos (face grid, mixed aspect buckets), shortened."""
-    from metalora_core import metatrain_commands
+    from metalora_core.cli import meta_train as metatrain_commands
 
     data = tmp_path / "photos"
     for ident, names in {"obama": ("obama", "obama2"), "biden": ("biden",)}.items():

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from metalora_core import store
-from metalora_core.adapter import AdapterSet
-from metalora_core.export import load_lora, lora_state_dict
+from metalora_core.formats import store
+from metalora_core.lora.adapter import AdapterSet
+from metalora_core.formats.lora import load_lora, lora_state_dict
 
 
 def _adapters(seed: int = 0) -> AdapterSet:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..fileio import atomic_save_png, atomic_write_bytes
+from ..formats.files import atomic_save_png, atomic_write_bytes
 from .augment import AugmentConfig, make_crops
 from .detect import Face, FaceDetector, get_detector, select_face
 from .image import contact_sheet, draw_faces, load_image

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_save_safetensors, read_safetensors, sha256_tensors
-from .layers import PRESETS, FluxDims, resolve_targets
+from .files import atomic_save_safetensors, read_safetensors, sha256_tensors
+from ..lora.layers import PRESETS, FluxDims, resolve_targets
 
 PRIOR_FORMAT = "metalora.prior"
 PRIOR_VERSION = 1

@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> dict:
-    from .fileio import read_safetensors
+    from ..formats.files import read_safetensors
 
     tensors, meta = read_safetensors(args.file)
     info: dict = {"file": args.file, "metadata": meta, "tensors": len(tensors)}
@@ -103,13 +103,13 @@ def _personalize(args: argparse.Namespace) -> str:
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from .diffusers_host import personalize_pipeline
-    from .export import save_adapter_state, save_lora
-    from .faces import AugmentConfig, load_image
-    from .fileio import sha256_file
-    from .prior import load_prior
-    from .recipe import face_crops
-    from .train import Stage2Config
+    from ..hosts.diffusers_flux import personalize_pipeline
+    from ..formats.lora import save_adapter_state, save_lora
+    from ..faces import AugmentConfig, load_image
+    from ..formats.files import sha256_file
+    from ..formats.prior import load_prior
+    from ..train.recipe import face_crops
+    from ..train.stage2 import Stage2Config
 
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
@@ -149,7 +149,7 @@ def _personalize(args: argparse.Namespace) -> str:
 
 
 def _export(args: argparse.Namespace) -> str:
-    from .export import load_adapter_state, save_lora
+    from ..formats.lora import load_adapter_state, save_lora
 
     adapters, meta = load_adapter_state(args.state)
     extra = {k: v for k, v in meta.items() if k in ("steps", "caption", "seed", "prior_sha256", "image_sha256")}

@@ -21,7 +21,7 @@ TINY_IDENTITIES = {"obama": ("obama", "obama2", "obama3"), "biden": ("biden",), 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .layers import PRESETS
+    from ..lora.layers import PRESETS
 
     p = sub.add_parser("meta-train", help="Stage-1: learn a Meta-Down prior from many identities (Algorithm 1)")
     p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
@@ -90,7 +90,7 @@ class Progress:
 
 def make_tiny_dataset(folder: Path) -> Path:
     """Copies the sample photos into <folder>/<identity>/ (3 identities, 5 real photos)."""
-    from .samples import sample_photo
+    from ..samples import sample_photo
 
     for ident, names in TINY_IDENTITIES.items():
         d = folder / ident
@@ -126,21 +126,21 @@ def run_meta_train(args: argparse.Namespace) -> str:
     """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary."""
     import torch
 
-    from .diffusers_host import DiffusersFluxHost, encode_images, encode_prompt
-    from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
-    from .identity_data import DatasetConfig, prepare_dataset, vae_fingerprint
-    from .layers import DEFAULT_PRESET
-    from .metatrain import MetaTrainConfig, meta_train, to_prior
-    from .plot import line_plot
-    from .prior import save_prior
-    from .recipe import class_caption
+    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt
+    from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_file
+    from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
+    from ..lora.layers import DEFAULT_PRESET
+    from ..train.stage1 import MetaTrainConfig, meta_train, to_prior
+    from ..draw.charts import line_plot
+    from ..formats.prior import save_prior
+    from ..train.recipe import class_caption
 
     tiny = bool(args.tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if tiny:
-        from .tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+        from ..hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 
         # Tiny matrices gain nothing from threads, and on a busy machine OpenMP spin-waits make
         # 2 threads ~40x slower than 1 (measured: 1.85 s vs 0.05 s per step under load).

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .detect import DETECTOR_NAMES
+from ..faces.detect import DETECTOR_NAMES
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .run import run_crops
+    from ..faces.run import run_crops
 
     result = run_crops(
         args.image,

@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterSet
-from .fileio import atomic_save_safetensors, read_safetensors
-from .flow import SIGMA_MODES
-from .layers import DEFAULT_PRESET, PRESETS, resolve_targets
-from .prior import Prior
-from .train import FlowHost, check_latents, flow_step_loss
+from ..lora.adapter import AdapterSet
+from ..formats.files import atomic_save_safetensors, read_safetensors
+from ..lora.flow import SIGMA_MODES
+from ..lora.layers import DEFAULT_PRESET, PRESETS, resolve_targets
+from ..formats.prior import Prior
+from .stage2 import FlowHost, check_latents, flow_step_loss
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def collate_conds(conds: Sequence[Any]) -> Any:
     first = conds[0]
     if all(c is first for c in conds):
         return first
-    from .diffusers_host import FluxTextCond
+    from ..hosts.diffusers_flux import FluxTextCond
 
     if all(isinstance(c, FluxTextCond) for c in conds):
         if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:

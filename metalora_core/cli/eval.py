@@ -46,7 +46,7 @@ class _LazyImages(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return _LazyImages(self.paths[i])
-        from .faces.image import load_image
+        from ..faces.image import load_image
 
         p = self.paths[i]
         return None if p is None else load_image(p)
@@ -156,12 +156,12 @@ def _short(v: float | None) -> str:
 
 def run_eval(args: argparse.Namespace) -> str:
     """Runs ``metalora eval`` (see the module docstring); returns a short text summary."""
-    from . import __version__
-    from .eval_plots import ScatterPoint, draw_scatter
-    from .evaluate import face_sim, load_clip, r_face_sim
-    from .faces import get_detector, get_embedder, load_image
-    from .fileio import atomic_save_png, atomic_write_bytes
-    from .prompts import expand_prompt, is_template, load_prompts
+    from .. import __version__
+    from ..draw.eval_figures import ScatterPoint, draw_scatter
+    from ..eval.metrics import face_sim, load_clip, r_face_sim
+    from ..faces import get_detector, get_embedder, load_image
+    from ..formats.files import atomic_save_png, atomic_write_bytes
+    from ..data.prompts import expand_prompt, is_template, load_prompts
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -336,9 +336,9 @@ def run_eval(args: argparse.Namespace) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``eval`` to a CLI's subparsers (``func`` returns the text summary)."""
-    from .evaluate import MISSING_FACE_POLICIES
-    from .faces import DETECTOR_NAMES, EMBEDDER_NAMES
-    from .prompts import PROMPT_TABLES
+    from ..eval.metrics import MISSING_FACE_POLICIES
+    from ..faces import DETECTOR_NAMES, EMBEDDER_NAMES
+    from ..data.prompts import PROMPT_TABLES
 
     p = subparsers.add_parser(
         "eval",

@@ -16,9 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from .adapter import AdapterSet
-from .export import load_adapter_state, save_adapter_state, save_lora
-from .fileio import confined_path
+from ..lora.adapter import AdapterSet
+from .lora import load_adapter_state, save_adapter_state, save_lora
+from .files import confined_path
 
 log = logging.getLogger(__name__)
 

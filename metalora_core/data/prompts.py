@@ -77,7 +77,7 @@ def load_prompts(source: str | os.PathLike, gender: str | None = None) -> list[s
         text = path.read_text(encoding="utf-8")
         where = str(path)
     elif str(source) in PROMPT_TABLES:
-        text = resources.files(__package__).joinpath("data", PROMPT_TABLES[str(source)]).read_text(encoding="utf-8")
+        text = resources.files(__package__).joinpath(PROMPT_TABLES[str(source)]).read_text(encoding="utf-8")
         where = f"built-in table {source!r}"
     else:
         raise FileNotFoundError(

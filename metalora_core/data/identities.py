@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .fileio import atomic_save_safetensors, read_safetensors, sha256_tensors
-from .metatrain import MetaTrainData
+from ..formats.files import atomic_save_safetensors, read_safetensors, sha256_tensors
+from ..train.stage1 import MetaTrainData
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _prepare_images(image: Image.Image, img_sha: str, config: DatasetConfig, det
     """The training images of one photo and the mode that made them."""
     if not config.augment:
         return [plain_resize(image, config.bucket_area, config.multiple)], "resize"
-    from .faces import AugmentConfig, make_crops, select_face
+    from ..faces import AugmentConfig, make_crops, select_face
 
     try:
         face = select_face(image, detector)
@@ -177,7 +177,7 @@ def prepare_dataset(
     Raises:
         FileNotFoundError, ValueError: see ``scan_identity_folder``; unreadable images.
     """
-    from .faces import get_detector, load_image
+    from ..faces import get_detector, load_image
 
     images = scan_identity_folder(root, config.max_images_per_identity)
     names = sorted({im.identity for im in images})
@@ -186,7 +186,7 @@ def prepare_dataset(
     prep = {"version": CACHE_VERSION, "augment": config.augment, "bucket_area": config.bucket_area,
             "multiple": config.multiple}
     if config.augment:
-        from .faces import AugmentConfig
+        from ..faces import AugmentConfig
 
         prep.update(detector=detector.name, seed=config.seed,
                     grid=AugmentConfig(bucket_area=config.bucket_area, multiple=config.multiple).to_dict())

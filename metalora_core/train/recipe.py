@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .adapter import AdapterSet
-from .layers import DEFAULT_PRESET, FluxDims, resolve_targets
-from .prior import Prior, validate_prior
+from ..lora.adapter import AdapterSet
+from ..lora.layers import DEFAULT_PRESET, FluxDims, resolve_targets
+from ..formats.prior import Prior, validate_prior
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def face_crops(
         grid: False trains on each photo as it is (one crop per photo, no flips): the paper's
             un-augmented LoRA baseline.
     """
-    from .faces import AugmentConfig, get_detector, load_image, make_crops, select_face, whole_photo_crop
+    from ..faces import AugmentConfig, get_detector, load_image, make_crops, select_face, whole_photo_crop
 
     if not images:
         raise ValueError("no photo given; pass one photo of the person (or a few)")

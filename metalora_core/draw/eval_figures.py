@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .faces.image import labelled_sheet
+from ..faces.image import labelled_sheet
 
 Box = tuple[float, float, float, float]
 

@@ -15,9 +15,9 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 
-from .adapter import AdapterSet
-from .flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
-from .layers import FluxDims
+from ..lora.adapter import AdapterSet
+from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
+from ..lora.layers import FluxDims
 
 log = logging.getLogger(__name__)
 

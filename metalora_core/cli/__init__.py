@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 # Modules that add subcommands: each has ``register(subparsers)``; a subcommand sets ``func``.
 COMMAND_MODULES = (
-    "metalora_core.commands",
-    "metalora_core.faces.commands",
-    "metalora_core.eval_commands",
-    "metalora_core.metatrain_commands",
+    "metalora_core.cli.commands",
+    "metalora_core.cli.crops",
+    "metalora_core.cli.eval",
+    "metalora_core.cli.meta_train",
 )
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapter import AdapterSet, AttachHandle, attach_adapters
-from .layers import FluxDims
+from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
+from ..lora.layers import FluxDims
 
 
 @dataclass
@@ -181,9 +181,9 @@ def personalize_pipeline(
     Returns:
         ``train.TrainResult`` with the trained adapters and the losses.
     """
-    from .layers import DEFAULT_PRESET
-    from .recipe import build_adapters
-    from .train import personalize
+    from ..lora.layers import DEFAULT_PRESET
+    from ..train.recipe import build_adapters
+    from ..train.stage2 import personalize
 
     host = DiffusersFluxHost(pipe.transformer, guidance=guidance, gradient_checkpointing=gradient_checkpointing)
     latents = encode_images(pipe.vae, images)

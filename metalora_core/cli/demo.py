@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .diffusers_host import personalize_pipeline
-from .export import save_lora
-from .fileio import atomic_save_png, atomic_write_bytes, sha256_file
-from .layers import DEFAULT_PRESET, FluxDims
-from .plot import line_plot
-from .prior import load_prior, make_prior, save_prior
-from .recipe import class_caption, face_crops
-from .tiny import TINY_T5_LEN, build_tiny_flux_pipeline
-from .train import Stage2Config
+from ..hosts.diffusers_flux import personalize_pipeline
+from ..formats.lora import save_lora
+from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_file
+from ..lora.layers import DEFAULT_PRESET, FluxDims
+from ..draw.charts import line_plot
+from ..formats.prior import load_prior, make_prior, save_prior
+from ..train.recipe import class_caption, face_crops
+from ..hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+from ..train.stage2 import Stage2Config
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
              photo: str = "astronaut", bucket_area: int = 256 * 256, sample_size: int = 128,
              sample_steps: int = 4) -> dict:
     """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``."""
-    from .faces import AugmentConfig, contact_sheet, labelled_sheet
-    from .samples import sample_photo
+    from ..faces import AugmentConfig, contact_sheet, labelled_sheet
+    from ..samples import sample_photo
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

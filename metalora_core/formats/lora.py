@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterSet
-from .fileio import atomic_save_safetensors, read_safetensors
+from ..lora.adapter import AdapterSet
+from .files import atomic_save_safetensors, read_safetensors
 
 LORA_FORMAT = "metalora.lora"
 PREFIX = "transformer."
@@ -97,7 +97,7 @@ def save_adapter_state(adapters: AdapterSet, path: str | os.PathLike, **metadata
 
 def load_adapter_state(path: str | os.PathLike) -> tuple[AdapterSet, dict[str, str]]:
     """Reads a file written by ``save_adapter_state``."""
-    from .adapter import LoRAAdapter
+    from ..lora.adapter import LoRAAdapter
 
     tensors, meta = read_safetensors(path)
     if meta.get("format") != STATE_FORMAT:
