@@ -12,7 +12,7 @@ from metalora_core.formats.prior import load_prior
 
 def test_demo_writes_all_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "6", "--photo", "astronaut"]) == 0
     printed = capsys.readouterr().out
     for name in ("prior.safetensors", "crops.png", "lora.safetensors", "samples.png", "loss.png", "report.json"):
         assert (out / name).is_file(), name

@@ -51,7 +51,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
                    generator=torch.Generator().manual_seed(seed), domain="demo"), out / "prior.safetensors")
     prior = load_prior(prior_path)
 
-    photo_path = sample_photo(photo)
+    photo_path = Path(photo) if Path(photo).is_file() else sample_photo(photo)  # a path, or a sample's name
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
     atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     caption = class_caption("woman")

@@ -1,0 +1,146 @@
+"""The small-scale reproduction (experiments/reproduce.py) and the small domain it runs on."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metalora_core.synthfaces import judge, render
+from metalora_core.synthfaces.experiment import (METHODS, ReproConfig, first_reaching, held_out, reach_analysis,
+                                                 training_images)
+from metalora_core.synthfaces.models import SmallFluxConfig, encode_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finite(d: dict) -> bool:
+    return all(math.isfinite(d[k]) for k in ("mean", "std")) and d["n"] >= 1
+
+
+def test_smoke_run_writes_results_table_and_figure(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    assert _load_script("reproduce").main(["--out", str(out), "--smoke"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    steps = results["config"]["checkpoints"]
+    n = results["n_identities"] * results["runs_per_identity"]
+    assert set(results["methods"]) == set(METHODS)
+    for m in METHODS:
+        assert list(results["methods"][m]["steps"]) == [str(s) for s in steps]
+        for s in steps:
+            cell = results["methods"][m]["steps"][str(s)]
+            for metric in ("identity", "prompt"):
+                assert _finite(cell[metric]) and cell[metric]["n"] == n
+            assert -1.0 <= cell["identity"]["mean"] <= 1.0 and 0.0 <= cell["prompt"]["mean"] <= 1.0
+    assert _finite(results["base_model"]["identity"])
+    assert len(results["runs"]) == n * len(METHODS)
+    # plain LoRA trains on the photo alone, the other two on the crop grid
+    by = {r["method"]: r["train_images"] for r in results["runs"]}
+    assert by["lora"] == 1 and by["meta_lora"] > 1 and by["lora_aug"] == by["meta_lora"]
+    assert results["reach"]["target_step"] == steps[-1]
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == 2 + len(steps)  # header, base-model row, one row per checkpoint
+    assert "Meta-LoRA" in capsys.readouterr().out
+    fig = Image.open(out / "figure.png")
+    assert fig.size[0] > 400 and np.unique(np.asarray(fig.convert("L"))).size > 2
+    for f in ("autoencoder", "base", "embedder", "prior"):
+        assert (out / "artefacts" / f"{f}.safetensors").is_file()
+
+
+def test_seed_changes_the_held_out_identities_and_keeps_them_out_of_training():
+    a, b = held_out(ReproConfig(seed=0, identities=3)), held_out(ReproConfig(seed=1, identities=3))
+    assert {x.identity.index for x in a}.isdisjoint({x.identity.index for x in b})
+    assert a[0].identity != b[0].identity
+    assert np.abs(np.asarray(a[0].photo, float) - np.asarray(held_out(ReproConfig(seed=0, identities=1))[0].photo,
+                                                               float)).max() == 0  # repeatable
+    for x in a + b:
+        assert x.identity.index >= render.HELDOUT_OFFSET  # training draws below this
+        assert len(x.references) == 8
+        # the references are other images: none equals the Stage-2 photo
+        assert all(np.asarray(r).shape == (32, 32, 3) for r in x.references)
+
+
+def test_identity_traits_are_fixed_and_views_vary():
+    i1, i2 = render.make_identity(5), render.make_identity(5)
+    assert i1 == i2 and render.make_identity(6) != i1
+    g = np.random.default_rng(0)
+    views = render.render_views(i1, 3, g)
+    assert len({np.asarray(v).tobytes() for v in views}) == 3
+
+
+def test_context_score_names_the_rendered_background():
+    ident = render.make_identity(1)
+    g = np.random.default_rng(0)
+    for ctx in render.CONTEXTS:
+        im = render.render(ident, render.random_view(g, context=ctx))
+        probs = judge.context_probabilities(im)
+        assert max(probs, key=probs.get) == ctx and judge.context_score(im, ctx) > 0.9
+    with pytest.raises(ValueError, match="unknown context"):
+        judge.context_score(im, "purple")
+
+
+def test_identity_similarity_needs_references():
+    emb = judge.IdentityEmbedder()
+    im = render.render(render.make_identity(0), render.random_view(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="reference"):
+        judge.identity_similarity(emb, [im], [])
+    assert judge.identity_similarity(emb, [im], [im])[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_training_images_follow_the_method():
+    item = held_out(ReproConfig(identities=1))[0]
+    assert len(training_images(item, "lora", 0)) == 1
+    crops = training_images(item, "meta_lora", 0)
+    assert len(crops) > 5 and all(im.size[0] % 8 == 0 and im.size[1] % 8 == 0 for im in crops)
+    assert len({im.size for im in crops}) == 3  # the grid's 16:9/4:3, 1:1 and 3:4/9:16 buckets at 32x32 area
+
+
+def test_text_conditioning_is_fixed_per_word():
+    a, b = encode_text("a photo of a face on a red background", 32), encode_text("a photo of a face on a red background", 32)
+    c = encode_text("a photo of a face on a blue background", 32)
+    assert torch.equal(a.prompt_embeds, b.prompt_embeds) and not torch.equal(a.prompt_embeds, c.prompt_embeds)
+    with pytest.raises(ValueError, match="words"):
+        encode_text(" ".join(["w"] * 20), 32)
+
+
+def test_reach_analysis_finds_the_first_step_at_the_target():
+    cfg = ReproConfig(identities=1, runs_per_identity=1, checkpoints=(1, 2, 3))
+    curves = {"lora": (0.1, 0.2, 0.5), "meta_lora": (0.3, 0.6, 0.7), "lora_aug": (0.1, 0.1, 0.2)}
+    runs = [{"method": m, "identity": 0, "seed": 0, "scores": {s: {"identity": v, "prompt": 0.5}
+                                                                for s, v in zip(cfg.checkpoints, c)}}
+            for m, c in curves.items()]
+    r = reach_analysis(runs, cfg)
+    assert r["target_value"] == 0.5
+    assert r["meta_lora"]["mean_curve_first_step_at_or_above_target"] == 2 and r["meta_lora"]["steps_saved_vs_lora"] == 1
+    assert r["lora_aug"]["mean_curve_first_step_at_or_above_target"] is None
+    assert first_reaching({1: 0.0, 2: 1.0}, 0.5) == 2
+
+
+def test_configs_refuse_bad_values():
+    with pytest.raises(ValueError, match="checkpoints"):
+        ReproConfig(checkpoints=(250, 125))
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        SmallFluxConfig(head_dim=8)
+    from metalora_core.synthfaces.artefacts import BuildConfig
+
+    with pytest.raises(ValueError, match="meta_warmup_steps"):
+        BuildConfig(meta_warmup_steps=500, meta_bucket_steps=200)
+
+
+def test_missing_artefacts_name_the_rebuild_command(tmp_path):
+    from metalora_core.synthfaces.artefacts import load_artefacts
+
+    with pytest.raises(FileNotFoundError, match="build_artefacts.py"):
+        load_artefacts(tmp_path)
