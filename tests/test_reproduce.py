@@ -55,6 +55,7 @@ def test_smoke_run_writes_results_table_and_figure(tmp_path, capsys):
     assert "Meta-LoRA" in capsys.readouterr().out
     fig = Image.open(out / "figure.png")
     assert fig.size[0] > 400 and np.unique(np.asarray(fig.convert("L"))).size > 2
+    assert Image.open(out / "samples.png").size[1] >= 80 * (1 + 2 * len(METHODS))
     for f in ("autoencoder", "base", "embedder", "prior"):
         assert (out / "artefacts" / f"{f}.safetensors").is_file()
 
@@ -144,3 +145,31 @@ def test_missing_artefacts_name_the_rebuild_command(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="build_artefacts.py"):
         load_artefacts(tmp_path)
+
+
+def test_demo_personalizes_a_held_out_identity_of_the_small_domain(tmp_path, capsys):
+    from metalora_core.cli import main
+    from metalora_core.formats.lora import load_lora
+    from metalora_core.formats.prior import load_prior
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
+    assert "identity score base" in capsys.readouterr().out
+    for name in ("comparison.png", "crops.png", "lora.safetensors", "loss.png", "report.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4 and report["crops"] > 5 and report["r2"] == 1
+    for k in ("identity_score_base_mean", "identity_score_metalora_mean", "prompt_score_metalora_mean"):
+        assert math.isfinite(report[k]) and -1.0 <= report[k] <= 1.0
+    tensors, meta = load_lora(out / "lora.safetensors")
+    assert meta["prior_sha256"] == load_prior(ROOT / "experiments" / "artefacts" / "prior.safetensors").sha256
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_B.weight"))
+    sheet = Image.open(out / "comparison.png")
+    assert sheet.size[0] >= 8 * 96 and sheet.size[1] >= 3 * 96  # photo row, base row, Meta-LoRA row
+
+
+def test_demo_without_artefacts_names_the_rebuild_command(tmp_path, capsys):
+    from metalora_core.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2", "--artefacts", str(tmp_path / "none")]) == 2
+    assert "build_artefacts.py" in capsys.readouterr().err

@@ -47,7 +47,7 @@ class ReproConfig:
     """The comparison's settings (defaults: the committed full run)."""
 
     seed: int = 0  # picks the held-out identities, their photos and every Stage-2 seed
-    identities: int = 8  # held-out identities, one Stage-2 photo each
+    identities: int = 6  # held-out identities, one Stage-2 photo each
     runs_per_identity: int = 2  # Stage-2 seeds per identity and method
     checkpoints: tuple[int, ...] = (125, 250, 375, 500, 625, 750)  # step counts scored
     r2: int = 1  # rank (the paper's rank-1), the same for every method
@@ -141,8 +141,10 @@ def evaluate_host(arts: Artefacts, host, item: HeldOut, config: ReproConfig, sam
     return score_images(arts, images, item), images
 
 
-def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: ReproConfig) -> dict[str, Any]:
-    """Stage-2 for one (identity, method, seed); scores at every checkpoint."""
+def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: ReproConfig,
+               keep_images: Sequence[int] = ()) -> dict[str, Any]:
+    """Stage-2 for one (identity, method, seed); scores at every checkpoint (and the samples of
+    the checkpoints in ``keep_images``)."""
     host = arts.host
     prior = arts.prior if method == "meta_lora" else None
     images = training_images(item, method, seed)
@@ -158,13 +160,25 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
 
     s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, r2=config.r2, seed=seed)
     result = personalize(host, adapters, latents, cond, s2, keep)
-    scores = {}
+    scores, kept = {}, {}
     for step in config.checkpoints:
         adapters.load_state_dict(snaps[step])
         with host.attach(adapters):
-            scores[step], _ = evaluate_host(arts, host, item, config, seed)
+            scores[step], imgs = evaluate_host(arts, host, item, config, seed)
+        if step in keep_images:
+            kept[step] = imgs
     return {"scores": scores, "losses": result.losses, "seconds": result.seconds, "train_images": len(images),
-            "adapters": adapters}
+            "adapters": adapters, "images": kept}
+
+
+def embedder_check(arts: Artefacts, items: Sequence[HeldOut]) -> dict[str, Any]:
+    """How well the embedder separates the held-out identities it never saw: mean cosine of two
+    images of the same identity vs of two different identities."""
+    embs = [arts.embedder.embed(it.references) for it in items]
+    same = [float((e @ e.T)[~torch.eye(len(e), dtype=torch.bool)].mean()) for e in embs if len(e) > 1]
+    diff = [float((a @ b.T).mean()) for i, a in enumerate(embs) for b in embs[i + 1:]]
+    return {"same_identity_mean_cosine": float(np.mean(same)) if same else None,
+            "different_identity_mean_cosine": float(np.mean(diff)) if diff else None}
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
@@ -228,16 +242,21 @@ def run_reproduction(arts: Artefacts, out: str | Path, config: ReproConfig = Rep
             seed = config.seed * 1000 + k * 10 + j
             base, base_imgs = evaluate_host(arts, arts.host, item, config, seed)
             base_scores.append({"identity": k, "seed": seed, **base})
+            show = k < 2 and j == 0
+            if show:
+                sheet_rows.append((f"id {k}: base model", [item.photo] + _flat(base_imgs)))
             for method in METHODS:
-                r = run_method(arts, item, method, seed, config)
+                keep = sorted({config.checkpoints[len(config.checkpoints) // 2 - 1], config.checkpoints[-1]}) if show else ()
+                r = run_method(arts, item, method, seed, config, keep)
+                for step in keep:
+                    sheet_rows.append((f"id {k}: {METHOD_LABELS[method]} @ {step}", [item.photo] + _flat(r["images"][step])))
                 per_run.append({"identity": k, "seed": seed, "method": method, "scores": r["scores"],
                                 "train_images": r["train_images"], "stage2_seconds": round(r["seconds"], 2),
                                 "final_loss_mean25": float(np.mean(r["losses"][-25:]))})
                 log.info("identity %d seed %d %s: identity %s", k, seed, method,
                          {s: round(v["identity"], 3) for s, v in r["scores"].items()})
-            if k < 3 and j == 0:
-                sheet_rows.append((f"id {k}", [item.photo.resize((32, 32))] + item.references[:3]))
     results = _collect(per_run, base_scores, config)
+    results["embedder_check"] = embedder_check(arts, items)
     results["reach"] = reach_analysis(per_run, config)
     results["config"] = config.to_dict()
     results["label"] = label
@@ -251,7 +270,23 @@ def run_reproduction(arts: Artefacts, out: str | Path, config: ReproConfig = Rep
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, sort_keys=True).encode())
     atomic_write_bytes(out / "table.md", render_table(results).encode())
     atomic_save_png(draw_figure(results), out / "figure.png")
+    atomic_save_png(draw_samples(sheet_rows), out / "samples.png")
     return results
+
+
+def _flat(images_by_context: dict[str, list[Image.Image]]) -> list[Image.Image]:
+    return [im for c in images_by_context for im in images_by_context[c]]
+
+
+def draw_samples(rows: list[tuple[str, list[Image.Image]]], tile: int = 80) -> Image.Image:
+    """One row per (identity, method, checkpoint): the Stage-2 photo, then the samples per context prompt."""
+    from ..draw.sheets import draw_labelled_grid
+
+    n = max(len(r[1]) for r in rows) - 1
+    per = max(1, n // len(CONTEXTS))
+    cols = ["Stage-2 photo"] + [f"prompt: {c} background" for c in CONTEXTS for _ in range(per)]
+    return draw_labelled_grid([[im.resize((tile - 8, tile - 8), Image.Resampling.NEAREST) for im in ims] for _, ims in rows],
+                              row_labels=[r[0] for r in rows], column_labels=cols[: n + 1], tile=tile)
 
 
 def _collect(per_run: list[dict[str, Any]], base_scores: list[dict[str, Any]], config: ReproConfig) -> dict[str, Any]:
