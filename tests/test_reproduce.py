@@ -90,6 +90,8 @@ def test_context_score_names_the_rendered_background():
         assert max(probs, key=probs.get) == ctx and judge.context_score(im, ctx) > 0.9
     with pytest.raises(ValueError, match="unknown context"):
         judge.context_score(im, "purple")
+    with pytest.raises(ValueError, match="unknown context"):
+        render.random_view(g, context="purple")
 
 
 def test_identity_similarity_needs_references():
@@ -138,6 +140,14 @@ def test_configs_refuse_bad_values():
 
     with pytest.raises(ValueError, match="meta_warmup_steps"):
         BuildConfig(meta_warmup_steps=500, meta_bucket_steps=200)
+    with pytest.raises(ValueError, match="base_steps"):
+        BuildConfig(base_steps=0)
+    with pytest.raises(ValueError, match="context_dropout"):
+        BuildConfig(context_dropout=1.0)
+    with pytest.raises(ValueError, match="identities"):
+        ReproConfig(identities=0)
+    with pytest.raises(ValueError, match="r2"):
+        ReproConfig(r2=0)
 
 
 def test_missing_artefacts_name_the_rebuild_command(tmp_path):

@@ -47,14 +47,14 @@ class ReproConfig:
     """The comparison's settings (defaults: the committed full run)."""
 
     seed: int = 0  # picks the held-out identities, their photos and every Stage-2 seed
-    identities: int = 6  # held-out identities, one Stage-2 photo each
+    identities: int = 4  # held-out identities, one Stage-2 photo each
     runs_per_identity: int = 2  # Stage-2 seeds per identity and method
-    checkpoints: tuple[int, ...] = (125, 250, 375, 500, 625, 750)  # step counts scored
+    checkpoints: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # step counts scored (the paper: 250..750)
     r2: int = 1  # rank (the paper's rank-1), the same for every method
     lr: float = 4e-4  # the paper's Stage-2 learning rate
     references: int = 8  # other images of each identity the identity score compares against
     samples_per_prompt: int = 2  # generated images per context prompt and checkpoint
-    sample_steps: int = 20  # Euler steps per generated image
+    sample_steps: int = 16  # Euler steps per generated image
 
     def __post_init__(self) -> None:
         if self.identities < 1 or self.runs_per_identity < 1 or self.references < 1 or self.samples_per_prompt < 1:
