@@ -7,7 +7,7 @@ from metalora_core.cli import main
 from metalora_core.formats.lora import load_lora
 from metalora_core.lora.layers import FluxDims
 from metalora_core.formats.prior import make_prior, save_prior
-from metalora_core.samples import sample_photo
+from sample_photos import sample_photo
 from metalora_core.hosts.tiny import build_tiny_flux_pipeline
 
 

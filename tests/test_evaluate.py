@@ -18,7 +18,7 @@ from metalora_core.draw.eval_figures import ScatterPoint, draw_scatter, draw_sco
 from metalora_core.eval.metrics import clip_t, face_sim, load_clip, r_face_sim, split_reference
 from metalora_core.faces import get_detector, get_embedder, load_image
 from metalora_core.data.prompts import PROMPT_TABLES, expand_prompt, is_template, load_prompts
-from metalora_core.samples import sample_photo
+from sample_photos import sample_photo
 
 
 # ---------------------------------------------------------------------------------------------

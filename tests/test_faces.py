@@ -5,7 +5,6 @@ Photos come from registry packages (see metalora_core.samples); no detector is m
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -30,7 +29,6 @@ from metalora_core.faces import (
     run_crops,
     select_face,
 )
-from metalora_core.cli.crops import register
 from metalora_core.faces.embed import align_face
 
 # Face boxes (x0, y0, x1, y1) read off the photos by eye after drawing the detector's boxes.
@@ -342,13 +340,12 @@ def test_run_crops_writes_pngs_sheet_and_json(sample, tmp_path: Path) -> None:
 
 
 def test_crops_subcommand(sample, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metalora")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet", "--seed", "1"]
-    )
-    assert args.func(args) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "c")
+    """`metalora crops` through the real entry point prints the output folder and nothing else."""
+    from metalora_core.cli import main
+
+    assert main(["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'c'}\n"
     assert (tmp_path / "c" / "crops.json").is_file()
 
 

@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photo", help="photo of one person ('make demo' fetches a public-domain one)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,16 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _demo(args: argparse.Namespace) -> str:
     from .demo import run_demo
 
-    report = run_demo(args.out, steps=args.steps, seed=args.seed)
+    report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
              f"detector {report['detector']})"]
@@ -120,7 +115,8 @@ def _personalize(args: argparse.Namespace) -> str:
     if args.transformer:
         kw["transformer"] = FluxTransformer2DModel.from_single_file(
             args.transformer, config=str(model), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(device)
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
     area = args.resolution * args.resolution

@@ -336,7 +336,7 @@ def run_eval(args: argparse.Namespace) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``eval`` to a CLI's subparsers (``func`` returns the text summary)."""
-    from ..eval.metrics import MISSING_FACE_POLICIES
+    from ..eval.names import MISSING_FACE_POLICIES
     from ..faces import DETECTOR_NAMES, EMBEDDER_NAMES
     from ..data.prompts import PROMPT_TABLES
 

