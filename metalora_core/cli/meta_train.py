@@ -1,14 +1,13 @@
 """``metalora meta-train``: Stage-1 on a folder of identities -> a Meta-Down prior file.
 
-``--tiny`` runs the whole thing on CPU in about a minute: the demo's tiny FLUX and a small
-multi-identity dataset made of real sample photos (obama x3, biden, astronaut).
+``--tiny`` runs the whole thing on CPU in about a minute on the demo's tiny FLUX; ``make meta-train-tiny``
+gives it a small multi-identity folder of real sample photos (obama x3, biden, astronaut).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 # --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
 TINY = {"steps": 600, "bucket_steps": 100, "warmup_steps": 40, "identities_per_bucket": 2, "r1": 8,
         "resolution": 64, "checkpoint_every": 100}
-TINY_IDENTITIES = {"obama": ("obama", "obama2", "obama3"), "biden": ("biden",), "astronaut": ("astronaut",)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
     p.add_argument("--out", required=True, help="output folder: prior.safetensors, loss.png, summary.json, checkpoint")
     p.add_argument("--model", help="local diffusers FLUX folder (holds model_index.json)")
-    p.add_argument("--tiny", action="store_true", help="tiny FLUX + sample photos on CPU (about a minute)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny FLUX on CPU with --data (about a minute; make meta-train-tiny fetches sample photos)")
     p.add_argument("--domain", default="person", help="domain label of the prior, e.g. woman, man (default person)")
     p.add_argument("--caption", help="class caption for photos without a .txt (default: 'a photo of a <domain>')")
     p.add_argument("--r1", type=int, help="Meta-Down rank (default 16; --tiny 8)")
@@ -88,21 +87,6 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
 
-def make_tiny_dataset(folder: Path) -> Path:
-    """Copies the sample photos into <folder>/<identity>/ (3 identities, 5 real photos)."""
-    from ..samples import sample_photo
-
-    for ident, names in TINY_IDENTITIES.items():
-        d = folder / ident
-        d.mkdir(parents=True, exist_ok=True)
-        for n in names:
-            src = sample_photo(n)
-            dst = d / src.name
-            if not dst.is_file():
-                shutil.copyfile(src, dst)
-    return folder
-
-
 def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     if value is not None:
         return value
@@ -146,7 +130,10 @@ def run_meta_train(args: argparse.Namespace) -> str:
         # 2 threads ~40x slower than 1 (measured: 1.85 s vs 0.05 s per step under load).
         torch.set_num_threads(1)
         pipe = build_tiny_flux_pipeline(args.seed)
-        data_dir = Path(args.data) if args.data else make_tiny_dataset(out / "tiny_data")
+        if not args.data:
+            raise ValueError("meta-train --tiny needs --data DIR (one subfolder of photos per identity); "
+                             "'make meta-train-tiny' lays out one from sample photos and runs this")
+        data_dir = Path(args.data)
         max_len, base_model = TINY_T5_LEN, "tiny-flux (random weights, demo only)"
     else:
         if not args.data or not args.model:
