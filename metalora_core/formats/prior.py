@@ -110,6 +110,9 @@ def load_prior(path: str | os.PathLike) -> Prior:
 
 
 # BFL / ComfyUI module names -> canonical names (a fused layer shares one Down).
+# diffusers' FluxPipeline.lora_state_dict is not used here: it folds kohya's alpha/rank into Down,
+# chunks Down of a block-sparse fused Up, hard-codes FLUX.1 widths (3072) for kohya files and leaves
+# BFL-named peft keys unconverted; tests/test_prior_formats.py pins where it agrees with these tables.
 _BFL_DOUBLE = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "img_attn.proj": ("attn.to_out.0",),
