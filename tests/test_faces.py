@@ -1,6 +1,6 @@
 """Faces on real photos: detection, the paper's crop grid, identity embeddings, input hygiene.
 
-Photos come from registry packages (see metalora_core.samples); no detector is mocked.
+Photos come from registry packages (see tests/sample_photos.py); no detector is mocked.
 """
 
 from __future__ import annotations
