@@ -60,3 +60,11 @@ def test_cli_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "", f"--help imported {out.stdout.strip()}"
+
+
+def test_faces_lazy_exports_all_resolve():
+    import metalora_core.faces as faces
+
+    assert sorted(faces.__all__) == sorted(faces._EXPORTS)
+    for name in faces.__all__:
+        assert getattr(faces, name) is getattr(importlib.import_module(faces._EXPORTS[name], faces.__name__), name)
