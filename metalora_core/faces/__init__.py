@@ -8,13 +8,24 @@ ever downloaded.
 
 from __future__ import annotations
 
-from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket, whole_photo_crop
+from .augment import (
+    PAPER_RATIOS,
+    AugmentConfig,
+    Crop,
+    bucket_size,
+    fit_to_ratio,
+    grid_boxes,
+    make_crops,
+    resize_to_bucket,
+    whole_photo_crop,
+)
 from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
 from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
 from .image import contact_sheet, draw_faces, labelled_sheet, load_image
 from .run import run_crops
 
 __all__ = [
+    "PAPER_RATIOS",
     "AugmentConfig",
     "Crop",
     "DETECTOR_NAMES",
@@ -27,6 +38,7 @@ __all__ = [
     "contact_sheet",
     "cosine",
     "draw_faces",
+    "fit_to_ratio",
     "get_detector",
     "get_embedder",
     "grid_boxes",

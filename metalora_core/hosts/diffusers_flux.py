@@ -87,6 +87,16 @@ class DiffusersFluxHost:
             for p, f in zip(self.transformer.parameters(), flags):
                 p.requires_grad_(f)
 
+    def collate_conds(self, conds: Sequence[FluxTextCond]) -> FluxTextCond:
+        """One conditioning for a batch whose items have different captions (rows stacked)."""
+        if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
+            raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
+        return FluxTextCond(
+            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
+            pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
+            text_ids=conds[0].text_ids,
+        )
+
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxTextCond) -> torch.Tensor:
         """Flow velocity for noisy latents.
 
@@ -175,7 +185,7 @@ def personalize_pipeline(
         pipe: the pipeline (its VAE encodes the crops, its text encoders the caption).
         prior: a ``Prior`` (Meta-LoRA) or None (plain LoRA on ``preset`` layers).
         images: the training crops (sizes may differ).
-        caption: the class caption (the paper: "a photo of a woman"/"man", no trigger word).
+        caption: the training caption, e.g. "a photo of a woman" (the paper states none).
         config: ``train.Stage2Config``; its ``r2`` is the rank, its ``seed`` seeds everything.
 
     Returns:
