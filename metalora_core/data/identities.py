@@ -84,8 +84,6 @@ def read_identity_folders(root: str | os.PathLike, max_per_identity: int = 0) ->
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         photos = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
                         and not p.name.startswith("."))
-        if max_per_identity:
-            photos = photos[:max_per_identity]
         if not photos:
             log.warning("identity folder %s holds no images (%s); skipped", sub, ", ".join(IMAGE_EXTS))
             continue
@@ -98,6 +96,8 @@ def read_identity_folders(root: str | os.PathLike, max_per_identity: int = 0) ->
                 raise ValueError(f"{sub / 'reference.txt'} names {name!r}, which is not a photo in {sub}; write one of "
                                  f"{[p.name for p in photos]}")
             reference = hit[0]
+        if max_per_identity:  # after the reference is found among all photos
+            photos = photos[:max_per_identity]
         captions = {p: c for p in photos if (c := _read_text(p.with_suffix(".txt"))) is not None}
         out[sub.name] = IdentityFolder(name=sub.name, photos=tuple(photos), reference=reference,
                                        gender=_read_text(sub / "gender.txt"), captions=captions)

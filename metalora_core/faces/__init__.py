@@ -21,7 +21,8 @@ from .augment import (
 )
 from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
 from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
-from .image import contact_sheet, draw_faces, labelled_sheet, load_image
+from ..draw.sheets import labelled_sheet
+from .image import contact_sheet, draw_faces, load_image
 from .run import run_crops
 
 __all__ = [
