@@ -225,6 +225,7 @@ def test_prior_loads_validates_and_drives_stage2(tiny):
     loaded = load_prior(path)
     assert (loaded.r1, loaded.preset, loaded.domain, loaded.base_model) == (4, "all", "person", "tiny-flux")
     assert loaded.training["steps"] == 8 and loaded.training["data"]["identities"] == 4
+    assert loaded.training["identities_trained"] == 4 and loaded.training["buckets"] == 2
     validate_prior(loaded, tiny.host.dims)
     for n, t in result.downs.items():
         assert torch.equal(loaded.downs[n], t)

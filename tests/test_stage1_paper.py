@@ -187,6 +187,29 @@ def test_stage1_dataset_caches_both_orientations(tiny, tmp_path):
     assert single.summary["cache_misses"] == 4 and all(isinstance(z, torch.Tensor) for z in single.latents)
 
 
+def test_bad_pairs_and_photo_indices_are_refused():
+    z = torch.zeros(4, 2, 2)
+    with pytest.raises(ValueError, match="latent pair 0 must be"):
+        MetaTrainData(identities=["a"], latents=[(z, torch.zeros(4, 2, 4))], item_identity=[0], item_caption=["c"],
+                      conds={"c": None}).validate()
+    with pytest.raises(ValueError, match="1 latents but 2 photo indices"):
+        MetaTrainData(identities=["a"], latents=[z], item_identity=[0], item_caption=["c"], conds={"c": None},
+                      item_photo=[0, 1]).validate()
+
+
+def test_resume_on_another_model_is_refused(tiny, tmp_path):
+    from metalora_core.hosts.tiny import TinyFluxConfig
+
+    data = MetaTrainData(identities=["a"], latents=[torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))],
+                         item_identity=[0], item_caption=["c"], conds={"c": tiny.cond})
+    config = MetaTrainConfig(steps=2, bucket_steps=2, warmup_steps=1, batch_size=1, r1=2, preset="attn")
+    ck = tmp_path / "ck.safetensors"
+    meta_train(tiny.host, data, MetaTrainConfig(**{**config.to_dict(), "steps": 1}), checkpoint_path=ck)
+    other = build_tiny_flux_pipeline(0, TinyFluxConfig(num_double=1))
+    with pytest.raises(ValueError, match="other adapter layers than this model's"):
+        meta_train(DiffusersFluxHost(other.transformer), data, config, checkpoint_path=ck, resume=True)
+
+
 # --- target layers --------------------------------------------------------------------------
 
 

@@ -57,9 +57,7 @@ def encode_flip_pairs(encode: Callable[[list[Image.Image]], list[torch.Tensor]],
     images = list(images)
     plain = encode(images)
     mirrored = encode([ImageOps.mirror(im) for im in images])
-    if len(plain) != len(images) or len(mirrored) != len(images):
-        raise ValueError(f"the encoder returned {len(plain)} and {len(mirrored)} latents for {len(images)} images")
-    return list(zip(plain, mirrored))
+    return list(zip(plain, mirrored, strict=True))
 
 
 def check_latents(latents: Sequence[Latent]) -> None:

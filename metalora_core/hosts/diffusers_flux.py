@@ -195,8 +195,11 @@ def personalize_pipeline(
     from ..train.recipe import build_adapters
     from ..train.stage2 import personalize
 
+    from ..data.latents import encode_flip_pairs
+
     host = DiffusersFluxHost(pipe.transformer, guidance=guidance, gradient_checkpointing=gradient_checkpointing)
-    latents = encode_images(pipe.vae, images)
+    # both orientations of every crop: Stage-2 draws a random horizontal flip per step (paper Sec. 3)
+    latents = encode_flip_pairs(lambda ims: encode_images(pipe.vae, ims), images)
     cond = encode_prompt(pipe, caption, max_sequence_length=max_sequence_length)
     adapters = build_adapters(host.dims, prior, rank=config.r2, preset=preset or DEFAULT_PRESET, seed=config.seed,
                               source=prior_source)

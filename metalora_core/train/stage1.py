@@ -816,6 +816,7 @@ def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-
         "r2": c.r2,
         "seed": c.seed,
         "identities": len(result.identities),
+        "identities_trained": result.plan.identities_visited if result.plan else None,
         "buckets": len(result.buckets),
         "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
         "data": dict(data_summary or {}),
