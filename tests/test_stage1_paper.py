@@ -197,6 +197,28 @@ def test_bad_pairs_and_photo_indices_are_refused():
                       item_photo=[0, 1]).validate()
 
 
+def test_state_dict_mid_epoch_resumes_the_same_data_order(tiny):
+    """A state taken mid-epoch (items of the bucket still queued) continues exactly as one run."""
+    pairs = encode_flip_pairs(tiny.encode, [_person(k) for k in range(6)])
+    data = MetaTrainData(identities=["a", "b"], latents=pairs, item_identity=[0, 0, 0, 1, 1, 1],
+                         item_caption=["c"] * 6, conds={"c": tiny.cond})
+
+    def config(steps):
+        return MetaTrainConfig(steps=steps, bucket_steps=6, warmup_steps=1, identities_per_bucket=2, batch_size=2,
+                               r1=2, preset="attn")
+
+    ref = MetaTrainer(tiny.host, data, config(5)).run()
+    first = MetaTrainer(tiny.host, data, config(1))
+    first.run()
+    state = first.state_dict()
+    assert len(state["queue"]) == 4 and state["queue_visit"] == 0  # 2 of the epoch's 6 items used
+    second = MetaTrainer(tiny.host, data, config(5))
+    second.load_state_dict(state)
+    got = second.run()
+    assert got.resumed_from == 1 and got.losses == ref.losses
+    assert all(torch.equal(got.downs[n], ref.downs[n]) for n in ref.downs)
+
+
 def test_resume_on_another_model_is_refused(tiny, tmp_path):
     from metalora_core.hosts.tiny import TinyFluxConfig
 

@@ -600,6 +600,7 @@ class MetaTrainer:
             return
         self._sync_bank()
         self._live.handle.remove()
+        self._resume_queue = (self._live.visit, list(self._live.queue.queue))  # a later state_dict keeps it
         self._live = None
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -608,6 +609,7 @@ class MetaTrainer:
         """Everything a resume needs, on the CPU (the live bucket is synced into the bank first)."""
         self._sync_bank()
         live = self._live
+        queue_visit, queue = (live.visit, list(live.queue.queue)) if live is not None else self._resume_queue
         return {
             "step": self.step,
             "config": self.config.to_dict(),
@@ -617,8 +619,8 @@ class MetaTrainer:
             "down_adam": {n: _cpu(self.down_opt.state[p]) for n, p in self.downs.items() if self.down_opt.state.get(p)},
             "bank": self.bank.state_dict(),
             "generator": self.generator.get_state(),
-            "queue": list(live.queue.queue) if live is not None else [],
-            "queue_visit": live.visit if live is not None else -1,
+            "queue": list(queue),
+            "queue_visit": queue_visit,
             "losses": list(self.losses),
         }
 
