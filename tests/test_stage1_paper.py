@@ -144,6 +144,19 @@ def test_stage2_draws_one_orientation_per_step(tiny):
     assert both != _stage2_losses(tiny, [(a, b), (c, d)], seed=1)
 
 
+def test_pipeline_stage2_trains_on_both_orientations(tiny):
+    """The CLI/demo path (``personalize_pipeline``) hands Stage-2 (plain, mirrored) pairs."""
+    from metalora_core.hosts.diffusers_flux import personalize_pipeline
+
+    images = [_person(0), _person(1)]
+    config = Stage2Config(steps=6, seed=3)
+    got = personalize_pipeline(tiny.pipe, None, images, caption="a photo of a person", config=config, preset="attn",
+                               max_sequence_length=TINY_T5_LEN).losses
+    adapters = build_adapters(tiny.host.dims, None, rank=1, preset="attn", seed=3)
+    want = personalize(tiny.host, adapters, encode_flip_pairs(tiny.encode, images), tiny.cond, config).losses
+    assert got == want
+
+
 def test_stage1_draws_one_orientation_per_step(tiny):
     pairs = encode_flip_pairs(tiny.encode, [_person(k) for k in range(4)])
 
