@@ -457,16 +457,10 @@ def collate_conds(conds: Sequence[Any]) -> Any:
     first = conds[0]
     if all(c is first for c in conds):
         return first
-    from ..hosts.diffusers_flux import FluxTextCond
+    from ..hosts.diffusers_flux import FluxTextCond, collate_text_conds
 
     if all(isinstance(c, FluxTextCond) for c in conds):
-        if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
-            raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
-        return FluxTextCond(
-            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
-            pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
-            text_ids=first.text_ids,
-        )
+        return collate_text_conds(conds)
     raise ValueError(
         f"a batch mixes captions but their conditioning ({type(first).__name__}) cannot be stacked; pass "
         "collate= to meta_train, use one class caption, or batch_size=1"
