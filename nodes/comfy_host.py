@@ -421,6 +421,21 @@ def _patch_digest(value: Any, h: "hashlib._Hash") -> None:
         h.update(repr(value).encode())
 
 
+def weights_as_loaded(model: Any) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights without the patches a loaded clone applied in place.
+
+    All clones of a model share one ``backup`` (ComfyUI's ``get_clone_model_override``) that
+    holds the original of every weight a clone patched in place; it is emptied on unpatch.
+    """
+    prefix = "diffusion_model."
+    backup = getattr(model, "backup", {}) or {}
+    state = {}
+    for k, v in model.model.diffusion_model.state_dict().items():
+        bk = backup.get(prefix + k)
+        state[k] = bk.weight if bk is not None else v
+    return state
+
+
 def model_identity(model: Any) -> str:
     """Content identity of a ComfyUI MODEL as loaded plus its own weight patches.
 
@@ -431,12 +446,7 @@ def model_identity(model: Any) -> str:
     loaded now. The caller's own patches (a LoRA loaded before training) are part of the model
     it trains on: their keys, strengths and tensors are hashed too.
     """
-    prefix = "diffusion_model."
-    backup = getattr(model, "backup", {}) or {}
-    state = {}
-    for k, v in model.model.diffusion_model.state_dict().items():
-        bk = backup.get(prefix + k)
-        state[k] = bk.weight if bk is not None else v
+    state = weights_as_loaded(model)
     h = hashlib.sha256()
     h.update(type(model.model).__name__.encode())
     for k in sorted(model.patches):
