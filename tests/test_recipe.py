@@ -12,7 +12,7 @@ from metalora_core.formats.files import read_safetensors
 from metalora_core.formats.lora import load_adapter_state, load_lora
 from metalora_core.formats.prior import load_prior, make_prior, save_prior
 from metalora_core.formats.store import image_digest, store_cached_adapters, weights_identity
-from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond, encode_prompt
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
 from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from metalora_core.lora.layers import FluxDims
 from metalora_core.train import host as host_protocol
