@@ -152,9 +152,12 @@ def test_cli_and_node_write_the_same_provenance_keys(env, tmp_path, sample):
     photo = env.base_dir / "input" / "obama.png"
     assert main(["personalize", "--model", str(tmp_path / "flux"), "--image", str(photo), "--out", str(out),
                  "--steps", "2", "--lr", "1e-2", "--resolution", "64", "--seed", "0", "--detector", "yunet",
-                 "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man"]) == 0
+                 "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man",
+                 "--state", str(tmp_path / "state.safetensors")]) == 0
+    assert main(["export", str(tmp_path / "state.safetensors"), "--out", str(tmp_path / "export.safetensors")]) == 0
     _, cli = load_lora(out)
-    assert set(cli) == set(node)
+    _, exported = load_lora(tmp_path / "export.safetensors")
+    assert set(cli) == set(node) == set(exported) and exported == cli
     same = ("images_sha256", "images", "detector", "augmentation", "resolution", "seed", "steps", "rank", "lr",
             "preset", "mode", "prior_sha256", "guidance", "provenance_version", "format", "base_model")
     assert {k: cli[k] for k in same} == {k: node[k] for k in same}  # same photo, same settings: same values
