@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -71,8 +71,6 @@ class FaceCrops:
         Returns ``self`` when the crops already have that resolution. The crop boxes and flips do
         not depend on the bucket size, so only the output size changes.
         """
-        from dataclasses import replace
-
         if side * side == self.augment.bucket_area:
             return self
         if not self.sources:
