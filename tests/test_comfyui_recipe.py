@@ -206,3 +206,20 @@ def test_train_resolution_other_than_the_crops_recuts_them_once(env):
     p = result.provenance
     assert p.resolution == 96 and p.images_sha256 == store.image_digest(crops.at_resolution(96).images)
     assert p.images_sha256 != store.image_digest(crops.images)
+
+
+def test_image_conversion_roundtrips_and_refuses_mixed_sizes(env):
+    import numpy as np
+    from PIL import Image
+
+    images = pack("nodes.images")
+    g = np.random.default_rng(0)
+    pics = [Image.fromarray(g.integers(0, 256, (12, 20, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = images.pils_to_image(pics)
+    assert batch.shape == (2, 12, 20, 3) and batch.dtype == torch.float32
+    back = images.image_to_pils(batch)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pics, back))  # exact both ways
+    with pytest.raises(ValueError, match="different sizes"):
+        images.pils_to_image([pics[0], pics[0].resize((10, 10))])
+    with pytest.raises(ValueError, match="expected \\(batch, height, width, 3\\)"):
+        images.image_to_pils(batch[0])
