@@ -49,7 +49,7 @@ class ReproConfig:
     seed: int = 0  # picks the held-out identities, their photos and every Stage-2 seed
     identities: int = 4  # held-out identities, one Stage-2 photo each
     runs_per_identity: int = 2  # Stage-2 seeds per identity and method
-    checkpoints: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # step counts scored (the paper: 250..750)
+    checkpoints: tuple[int, ...] = (100, 200, 300, 400, 500)  # step counts scored (the paper: 250..750)
     r2: int = 1  # rank (the paper's rank-1), the same for every method
     lr: float = 4e-4  # the paper's Stage-2 learning rate
     references: int = 8  # other images of each identity the identity score compares against
