@@ -30,7 +30,8 @@ def test_demo_writes_all_outputs(tmp_path, capsys, sample):
     assert not list(out.glob(".*.tmp")), "no temp files left behind"
 
 
-def test_demo_without_a_photo_is_a_clear_error(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"]) == 2
+def test_demo_with_a_missing_photo_is_a_clear_error(tmp_path, capsys):
+    # without --photo the demo runs the small trained domain (tests/test_reproduce.py)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1", "--photo", str(tmp_path / "none.jpg")]) == 2
     assert "pass --photo PATH" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()

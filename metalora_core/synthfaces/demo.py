@@ -59,7 +59,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
                                    tile=tile, columns=5), out / "crops.png")
     adapters = build_adapters(host.dims, arts.prior, rank=1, preset=arts.prior.preset or "all", seed=seed)
     result = personalize(host, adapters, encode_crops(arts.vae, images), arts.cond(None),
-                         Stage2Config(steps=steps, r2=1, seed=seed))
+                         Stage2Config(steps=steps, rank=1, seed=seed))
     lora_path = save_lora(result.adapters, out / "lora.safetensors", steps=str(steps), prior_sha256=arts.prior.sha256,
                           caption="a photo of a face", seed=str(seed), domain="synthfaces",
                           image_sha256=sha256_tensors({"photo": torch.from_numpy(np.asarray(item.photo).copy())}))

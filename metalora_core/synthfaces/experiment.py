@@ -26,12 +26,11 @@ from PIL import Image, ImageDraw
 from ..faces.augment import AugmentConfig, make_crops, whole_photo_crop
 from ..faces.detect import Face
 from ..formats.files import atomic_save_png, atomic_write_bytes
-from ..hosts.diffusers_flux import tensor_to_pil
 from ..train.recipe import build_adapters
 from ..train.stage2 import Stage2Config, personalize
 from .artefacts import CLASS_NOUN, Artefacts
 from .judge import context_score, identity_similarity
-from .models import decode_latents, encode_crops, sample
+from .models import decode_latents, encode_crops, sample, tensor_to_pil
 from .render import CONTEXTS, HELDOUT_OFFSET, Identity, context_prompt, face_box, make_identity, random_view, render
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
         if step in marks:
             snaps[step] = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
 
-    s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, r2=config.r2, seed=seed)
+    s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, rank=config.r2, seed=seed)
     result = personalize(host, adapters, latents, cond, s2, keep)
     scores, kept = {}, {}
     for step in config.checkpoints:

@@ -214,6 +214,14 @@ def sample(host: DiffusersFluxHost, cond: FluxTextCond, *, n: int, generator: to
     return x
 
 
+def tensor_to_pil(x: torch.Tensor):
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    from PIL import Image
+
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
+
+
 def encode_crops(vae, images) -> list[torch.Tensor]:
     """The project's own Stage-2 encoder (posterior mean, shift, scale), one image at a time."""
     return encode_images(vae, images)
