@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "metalora_core.cli.commands",
     "metalora_core.cli.crops",
+    "metalora_core.cli.download",
     "metalora_core.cli.eval",
     "metalora_core.cli.meta_train",
 )

@@ -37,6 +37,7 @@ class Prior:
     domain: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "prior"  # "prior" or the LoRA flavour it was read from
+    provenance: dict[str, str] = field(default_factory=dict)  # source_* metadata (where the file was downloaded from)
 
     @property
     def sha256(self) -> str:
@@ -52,6 +53,7 @@ class Prior:
             "domain": self.domain,
             "training": json.dumps(self.training, sort_keys=True),
             "layers": str(len(self.downs)),
+            **self.provenance,
         }
 
 
@@ -94,6 +96,7 @@ def load_prior(path: str | os.PathLike) -> Prior:
             base_model=meta.get("base_model", ""),
             domain=meta.get("domain", ""),
             training=json.loads(meta.get("training") or "{}"),
+            provenance=_provenance(meta),
         )
     downs, flavour = downs_from_lora(tensors)
     if not downs:
@@ -105,7 +108,13 @@ def load_prior(path: str | os.PathLike) -> Prior:
     if len(ranks) != 1:
         name = next(n for n, t in downs.items() if t.shape[0] != next(iter(downs.values())).shape[0])
         raise ValueError(f"{path}: LoRA ranks differ between layers ({sorted(ranks)}, e.g. {name!r}); a prior needs one r1")
-    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", "flux"), source=flavour)
+    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", "flux"), source=flavour,
+                 provenance=_provenance(meta))
+
+
+def _provenance(meta: Mapping[str, str]) -> dict[str, str]:
+    """The ``source_*`` metadata keys a download adds (repo, filename, revision, commit, sha256, url)."""
+    return {k: v for k, v in meta.items() if k.startswith("source_")}
 
 
 # BFL / ComfyUI module names -> canonical names (a fused layer shares one Down).
