@@ -10,7 +10,7 @@ from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
 from ..metalora_core.formats.prior import load_prior
 from ..metalora_core.train.recipe import face_crops
 from ..metalora_core.formats.store import save_lora_new
-from . import training
+from . import interop, training
 from .folders import PRIOR_FOLDER, prior_names
 
 MetaLoRAPrior = io.Custom("META_LORA_PRIOR")
@@ -59,7 +59,8 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                 io.Image.Input("image", tooltip="One photo of the person, or a batch of a few photos of the same person."),
                 io.Combo.Input("detector", options=list(DETECTOR_NAMES), default="auto",
                                tooltip="Face detector; 'auto' uses insightface from models/insightface if present, else YuNet."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the random horizontal flips (fixed: a new seed means new crops and a new training)."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
                 io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid", optional=True,
@@ -97,7 +98,8 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Int.Input("rank", default=1, min=1, max=256, tooltip="r2, the rank of the exported LoRA (paper: 1)."),
                 io.Float.Input("learning_rate", default=4e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (paper: 4e-4)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, data order, noise and sigmas."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed for init, data order, noise and sigmas (fixed: a new seed trains again)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Crops are resized to about this many pixels squared before encoding."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
@@ -107,7 +109,9 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Boolean.Input("force_retrain", default=False,
                                  tooltip="Ignore the disk cache of earlier identical runs and train again."),
             ],
-            outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve")],
+            outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve"),
+                     io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA for core Save LoRA Weights / Load LoRA Model."),
+                     io.LossMap.Output(display_name="loss_map", tooltip="Loss per step for core Plot Loss Graph.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -119,7 +123,8 @@ class MetaLoRATrain(io.ComfyNode):
                                           gradient_checkpointing=gradient_checkpointing, preview_every=preview_every,
                                           force_retrain=force_retrain)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
-        return io.NodeOutput(result, training.loss_plot(result.losses))
+        return io.NodeOutput(result, training.loss_plot(result.losses), interop.lora_model(result),
+                             interop.loss_map(result.losses))
 
 
 class MetaLoRAApply(io.ComfyNode):

@@ -1,0 +1,23 @@
+"""Values for ComfyUI's core training sockets, made from a trained Meta-LoRA.
+
+``LORA_MODEL`` is what core ``TrainLoraNode`` outputs and ``SaveLoRA`` / ``LoraModelLoader``
+read: a flat dict of LoRA tensors in a key layout ``comfy.lora_convert`` + ``comfy.lora`` map
+onto the model (here the merged rank-r2 ``lora_A``/``lora_B`` pairs, exactly what Meta-LoRA
+Save writes). ``LOSS_MAP`` is ``{"loss": [float per step]}``, as ``LossGraphNode`` plots it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..metalora_core.formats.lora import lora_state_dict
+from .training import TrainedLoRA
+
+
+def lora_model(trained: TrainedLoRA, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The LORA_MODEL socket value: merged LoRA tensors (``B @ A`` = each layer's trained delta)."""
+    return lora_state_dict(trained.adapters, dtype)
+
+
+def loss_map(losses: list[float]) -> dict[str, list[float]]:
+    """The LOSS_MAP socket value: one loss per training step (empty when the run came from a cache without them)."""
+    return {"loss": [float(x) for x in losses]}
