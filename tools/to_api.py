@@ -7,11 +7,11 @@ comes from the node definitions ComfyUI serves at ``GET /object_info``. Standard
 Usage::
 
     # convert with the node definitions of a running ComfyUI (default http://127.0.0.1:8188)
-    python workflows/to_api.py workflows/01_one_click_meta_lora.json -o api.json
+    python tools/to_api.py example_workflows/01_one_click_meta_lora.json -o api.json
     # convert offline with a saved object_info (curl http://127.0.0.1:8188/object_info > object_info.json)
-    python workflows/to_api.py WORKFLOW.json --object-info object_info.json -o api.json
+    python tools/to_api.py WORKFLOW.json --object-info object_info.json -o api.json
     # convert and queue on a server (POST /prompt); --set changes an input by node id or title
-    python workflows/to_api.py WORKFLOW.json --server http://127.0.0.1:8188 \\
+    python tools/to_api.py WORKFLOW.json --server http://127.0.0.1:8188 \\
         --set "Meta-LoRA Train.steps=375" --set 12.rank=2
 
 Frontend-only nodes (Note, MarkdownNote, Reroute) are dropped, links through Reroute nodes are
