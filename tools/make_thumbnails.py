@@ -7,7 +7,7 @@ labelled card: the workflow's title and what it does, over a map of its own grap
 its saved position; this pack's nodes in violet, ComfyUI core's in grey, third-party in orange;
 groups outlined). Needs Pillow.
 
-    python tools/make_thumbnails.py          # rewrite example_workflows/*.jpg
+    python tools/make_thumbnails.py          # rewrite example_workflows/*.jpg (and docs/icon.png)
     python tools/make_thumbnails.py --check  # exit 1 if a thumbnail is missing or differs
 """
 from __future__ import annotations
@@ -98,6 +98,17 @@ def card(name: str, workflow: dict) -> Image.Image:
     return img
 
 
+def icon() -> Image.Image:
+    """The Registry icon (docs/icon.png): a LoRA's three layers, Down shared (violet), Mid and Up per person."""
+    img = Image.new("RGB", (256, 256), _BG)
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([40, 44, 216, 92], radius=10, fill=_OURS)  # Meta-Down: the prior
+    d.rounded_rectangle([92, 112, 164, 144], radius=8, fill=_GROUP)  # Mid
+    d.rounded_rectangle([60, 164, 196, 212], radius=10, fill=_THIRD)  # Up
+    d.text((128, 232), "Meta-LoRA", fill=_INK, font=_font(18), anchor="mm")
+    return img
+
+
 def jpeg_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=88)
@@ -127,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                     stale.append(name)
         else:
             path.write_bytes(jpeg_bytes(img))
+    if not args.check:
+        (HERE.parent / "docs").mkdir(exist_ok=True)
+        icon().save(HERE.parent / "docs" / "icon.png", format="PNG")
     if stale:
         print(f"thumbnails missing or out of date (run tools/make_thumbnails.py): {stale}", file=sys.stderr)
         return 1

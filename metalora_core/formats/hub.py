@@ -109,11 +109,15 @@ class _Unreachable(RuntimeError):
 
 
 def _hub_errors(src: HubFile, dest: Path, e: BaseException) -> Exception:
-    """A huggingface_hub / transport error -> one clear error naming the fix."""
+    """A huggingface_hub / transport error -> one clear error naming the fix.
+
+    Anything that is not an HTTP answer from the Hub (connection refused, DNS, timeout, proxy) is
+    "unreachable"; the transport's own exception classes differ between huggingface_hub versions.
+    """
     from huggingface_hub import errors as hf_errors
 
     where = f"{src.repo_id}/{src.filename} @ {src.revision}"
-    if isinstance(e, hf_errors.RemoteEntryNotFoundError):
+    if isinstance(e, getattr(hf_errors, "RemoteEntryNotFoundError", hf_errors.EntryNotFoundError)):
         return FileNotFoundError(f"{where}: the repository has no such file at this revision; check the filename "
                                  f"(names are case-sensitive) and the revision")
     if isinstance(e, hf_errors.RevisionNotFoundError):
@@ -132,13 +136,12 @@ def _hub_errors(src: HubFile, dest: Path, e: BaseException) -> Exception:
 
 def _head(src: HubFile, dest: Path):
     """Metadata (commit, etag, size) of the file at ``src.revision``; raises one clear error."""
-    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(src.repo_id, src.filename, revision=src.revision, endpoint=_endpoint())
     try:
         meta = get_hf_file_metadata(url, endpoint=_endpoint())
-    except (httpx2.HTTPError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - every Hub or transport failure becomes one clear error
         raise _hub_errors(src, dest, e) from e
     if not meta.commit_hash:
         raise _Unreachable(f"{url} answered without an X-Repo-Commit header, so it is not a Hub endpoint "
@@ -228,13 +231,13 @@ def download_prior(src: HubFile, dest_dir: str | os.PathLike, *, name: str | Non
 
 
 def _fetch(src: HubFile, commit: str, tmp: Path, dest: Path) -> Path:
-    import httpx2
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return Path(hf_hub_download(src.repo_id, src.filename, revision=commit, local_dir=tmp, endpoint=_endpoint()))
-    except (httpx2.HTTPError, OSError) as e:
-        if "Consistency check failed" in str(e) or isinstance(e, httpx2.TransportError):
+    except Exception as e:  # noqa: BLE001 - see _hub_errors
+        if "Consistency check failed" in str(e) or not isinstance(e, HfHubHTTPError):
             raise RuntimeError(f"{src.repo_id}/{src.filename}: the transfer was interrupted ({_one_line(e)[:160]}); "
                                f"nothing was placed; run it again, or {manual_hint(src, dest)}") from e
         raise _hub_errors(src, dest, e) from e
