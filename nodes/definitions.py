@@ -1,17 +1,15 @@
 """The MetaLoRA ComfyUI nodes (V3 API). Thin: they translate, ``training``/``metalora_core`` compute."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
-from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
+from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
+from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
-from ..metalora_core.train.recipe import face_crops
 from ..metalora_core.formats.store import save_lora_new
 from . import interop, training
-from .folders import PRIOR_FOLDER, prior_names
+from .folders import PRIOR_FOLDER, insightface_folder, prior_names
 
 MetaLoRAPrior = io.Custom("META_LORA_PRIOR")
 MetaLoRAType = io.Custom("META_LORA")
@@ -67,18 +65,30 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                                tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
                                        "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
                                        "one crop per photo (the paper's plain-LoRA baseline)."),
+                io.Int.Input("face_index", default=0, min=0, max=63, optional=True,
+                             tooltip="Which face when a photo shows several: 0 the largest, 1 the next largest, ..."),
+                io.Combo.Input("other_faces", options=list(OTHER_FACES), default="blur", optional=True,
+                               tooltip="Crops that would show other people's faces: blur those faces, drop the "
+                                       "crop, or keep it as it is. The preview says how many."),
             ],
-            outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview")],
+            outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview"),
+                     io.String.Output(display_name="info", tooltip="Faces found and used, face sizes, warnings, "
+                                                                   "crops blurred or dropped.")],
+            hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # a list of photos (core folder loaders) of any sizes is one person
         )
 
     @classmethod
-    def execute(cls, image, detector: str, seed: int, bucket_resolution: int,
-                augmentation: str = "paper_grid") -> io.NodeOutput:
-        crops = face_crops(training.image_to_pils(image), detector=detector, seed=seed,
-                           augment=AugmentConfig(bucket_area=bucket_resolution ** 2),
-                           insightface_root=os.path.join(folder_paths.models_dir, "insightface"),
-                           grid=augmentation == "paper_grid")
-        return io.NodeOutput(crops, training.pils_to_image([contact_sheet(crops.crops)]))
+    def execute(cls, image, detector, seed, bucket_resolution, augmentation=("paper_grid",), face_index=(0,),
+                other_faces=("blur",)) -> io.NodeOutput:
+        one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - widget lists hold one value
+        photos = [pil for batch in (image if isinstance(image, (list, tuple)) else [image])
+                  for pil in training.image_to_pils(batch)]
+        crops, report = person_crops(photos, detector=one(detector), seed=one(seed), face_index=one(face_index),
+                                     others=one(other_faces), augment=AugmentConfig(bucket_area=one(bucket_resolution) ** 2),
+                                     insightface_root=insightface_folder(), grid=one(augmentation) == "paper_grid")
+        training.send_text(report.text(), _node_id(cls))
+        return io.NodeOutput(crops, training.pils_to_image([labelled_preview(crops.crops, report)]), report.text())
 
 
 class MetaLoRATrain(io.ComfyNode):
@@ -123,6 +133,7 @@ class MetaLoRATrain(io.ComfyNode):
                                           gradient_checkpointing=gradient_checkpointing, preview_every=preview_every,
                                           force_retrain=force_retrain)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
+        training.send_text(interop.run_summary(result, prior), _node_id(cls))  # stays on the node
         return io.NodeOutput(result, training.loss_plot(result.losses), interop.lora_model(result),
                              interop.loss_map(result.losses))
 

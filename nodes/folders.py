@@ -39,3 +39,13 @@ def prior_names() -> list[str]:
         register_folders()
     # the cache lives in meta_lora/cache; its adapter states are not priors
     return [n for n in folder_paths.get_filename_list(PRIOR_FOLDER) if not n.replace(os.sep, "/").startswith("cache/")]
+
+
+def insightface_folder() -> str:
+    """Where insightface model packs are looked for: ``models/insightface``, or the first ``insightface``
+    path from extra_model_paths.yaml (registered like any model folder)."""
+    if "insightface" in folder_paths.folder_names_and_paths:
+        paths = folder_paths.get_folder_paths("insightface")
+        if paths:
+            return paths[0]
+    return os.path.join(folder_paths.models_dir, "insightface")

@@ -21,3 +21,21 @@ def lora_model(trained: TrainedLoRA, dtype: torch.dtype = torch.float32) -> dict
 def loss_map(losses: list[float]) -> dict[str, list[float]]:
     """The LOSS_MAP socket value: one loss per training step (empty when the run came from a cache without them)."""
     return {"loss": [float(x) for x in losses]}
+
+
+def describe_prior(prior) -> str:
+    """One line naming the prior a training uses (or that there is none)."""
+    if prior is None:
+        return "no prior: training a plain LoRA (the paper's baseline)"
+    kind = f"preset {prior.preset}" if prior.preset else f"from a {prior.source} LoRA"
+    where = prior.provenance
+    src = f", {where['source_repo']}/{where.get('source_filename', '')} @ {where.get('source_commit', '')[:12]}" \
+        if where.get("source_repo") else ""
+    return f"prior: r1 {prior.r1}, {len(prior.downs)} layers, {kind}, sha256 {prior.sha256[:12]}{src}"
+
+
+def run_summary(trained: TrainedLoRA, prior) -> str:
+    """What the node shows when the run is over: loss, steps and the prior used."""
+    losses = trained.losses
+    loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps" if losses else "no loss record"
+    return f"done: {loss}; {describe_prior(prior)}"

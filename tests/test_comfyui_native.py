@@ -215,3 +215,36 @@ def _latent(executor, node_id: str) -> torch.Tensor:
 
     entry = asyncio.run(executor.caches.outputs.get(node_id))
     return entry.outputs[0][0]["samples"]
+
+
+# ------------------------------------------------------------------ face augment: lists, several faces, report
+
+
+def test_face_augment_takes_a_folder_of_photos_of_any_size_as_one_person(env, sample):
+    folder = env.base_dir / "input" / "person_set"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(sample("obama"), folder / "a.jpg")
+    shutil.copy(sample("obama2"), folder / "b.jpg")
+    shutil.copy(sample("t1"), env.base_dir / "input" / "group.jpg")
+    prompt = {
+        "1": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "person_set"}},
+        "2": {"class_type": "MetaLoRAFaceAugment",
+              "inputs": {"image": ["1", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 64}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "group.jpg"}},
+        "6": {"class_type": "MetaLoRAFaceAugment",
+              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 64,
+                         "face_index": 2, "other_faces": "drop"}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 2]}},
+    }
+    result = run_prompt(prompt, executor=new_executor())
+    folder_info = result["outputs"]["3"]["text"][0]
+    assert "crops from 2 photo(s)" in folder_info.splitlines()[0], folder_info
+    assert "photo 1 (" in folder_info and "photo 2 (" in folder_info
+    sizes = {line.split("(")[1].split(")")[0] for line in folder_info.splitlines() if line.startswith("photo ")}
+    assert len(sizes) == 2, sizes  # two different sizes, one person
+    group_info = result["outputs"]["7"]["text"][0]
+    assert "6 face(s), using face 2" in group_info and "dropped (other faces)" in group_info
+    texts = [d["text"] for e, d, _ in result["messages"] if e == "progress_text" and d["node_id"] == "6"]
+    assert texts and texts[-1] == group_info  # the same report shows under the node

@@ -159,8 +159,9 @@ def test_chain_reuse_and_restart(env, executor, capsys):
     lora = pathlib.Path(env.folder_paths.get_folder_paths("loras")[0]) / "metalora" / "obama_00001.safetensors"
     assert lora.is_file()
     assert "metalora/obama_00001.safetensors" in env.folder_paths.get_filename_list("loras")
-    steps = texts(first, "7")
+    steps = [t for t in texts(first, "7") if t.startswith("step ")]
     assert [t.split()[1] for t in steps] == ["1/3", "2/3", "3/3"] and "loss" in steps[0]
+    assert texts(first, "7")[-1].startswith("done: loss") and "no prior" in texts(first, "7")[-1]
     assert any(e == "preview_image" for e, _, _ in first["messages"])
     # only the sampling prompt changes: ComfyUI's output cache must not run the train node again
     second = run_prompt(graph(env, prompt="a man in a forest"), executor=executor)
@@ -177,7 +178,7 @@ def test_trains_on_fp8_weights(env, executor):
     """FLUX loaded with fp8 weights (what fits a 24 GB card) trains: ComfyUI casts per layer."""
     result = run_prompt(graph(env, steps=2, seed=5, force=True, weight_dtype="fp8_e4m3fn"), executor=executor)
     assert result["success"]
-    losses = [float(t.split("loss")[1].split()[0]) for t in texts(result, "7")]
+    losses = [float(t.split("loss")[1].split()[0]) for t in texts(result, "7") if t.startswith("step ")]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
