@@ -182,3 +182,10 @@ def test_any_opencv_4_8_or_5_with_the_face_api_is_accepted():
     assert cv2_supported("4.8.0", api) and cv2_supported("4.14.0", api) and cv2_supported("5.0.0", api)
     assert not cv2_supported("4.7.0", api) and not cv2_supported("5.0.0", api[:1]) and not cv2_supported("x", api)
     assert _import_cv2().__version__  # the installed one passes
+
+
+def test_no_hint_names_the_removed_huggingface_cli():
+    """huggingface_hub removed ``huggingface-cli``; the command is ``hf download``."""
+    stale = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".json")
+             and ".venv" not in p.parts and p.name != "test_install.py" and "huggingface-cli" in p.read_text(errors="ignore")]
+    assert stale == []
