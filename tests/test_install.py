@@ -186,6 +186,9 @@ def test_any_opencv_4_8_or_5_with_the_face_api_is_accepted():
 
 def test_no_hint_names_the_removed_huggingface_cli():
     """huggingface_hub removed ``huggingface-cli``; the command is ``hf download``."""
-    stale = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".json")
-             and ".venv" not in p.parts and p.name != "test_install.py" and "huggingface-cli" in p.read_text(errors="ignore")]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("SKIPPED: not a git checkout")
+    stale = [f for f in tracked if f.endswith((".py", ".md", ".json")) and f != "tests/test_install.py"
+             and "huggingface-cli" in (REPO / f).read_text(errors="ignore")]
     assert stale == []

@@ -294,3 +294,26 @@ def test_loader_nodes_name_their_model_downloads(path):
         for m in models:
             assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
             assert m["directory"] in {"diffusion_models", "text_encoders", "vae"}
+
+
+def test_workflows_saved_before_the_new_optional_widgets_still_convert(info):
+    """A graph saved by an earlier version (Face Augment without face_index / other_faces, Train
+    without the lora / loss_map outputs) converts to the same prompt minus those inputs."""
+    wf = load(WORKFLOWS / "01_one_click_meta_lora.json")
+    new = to_api.workflow_to_api(wf, info)
+    for n in wf["nodes"]:
+        if n["type"] == "MetaLoRAFaceAugment":
+            n["widgets_values"] = n["widgets_values"][:-2]
+        if n["type"] == "MetaLoRATrain":
+            n["outputs"] = n["outputs"][:2]
+    old = to_api.workflow_to_api(wf, info)
+    aug = next(k for k, v in new.items() if v["class_type"] == "MetaLoRAFaceAugment")
+    assert {"face_index", "other_faces"} <= set(new[aug]["inputs"])
+    for k in ("face_index", "other_faces"):
+        new[aug]["inputs"].pop(k)
+    assert old == new
+    # a required widget missing is still an error
+    n = next(n for n in wf["nodes"] if n["type"] == "MetaLoRAFaceAugment")
+    n["widgets_values"] = n["widgets_values"][:-2]
+    with pytest.raises(to_api.ConversionError, match="widget value"):
+        to_api.workflow_to_api(wf, info)

@@ -133,6 +133,12 @@ def workflow_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any])
             real = [s for s in slots if s[0] is not None]
             if len(values) < len(slots) and len(values) == len(real):
                 slots = real  # saved without the extra UI-only widgets
+            optional = set(info.get("input", {}).get("optional", {}))
+            tail = slots[len(values):]
+            if tail and all(name is None or name in optional for name, _, _ in tail) and \
+                    (tail[0][0] is not None or len(values) == len(slots) - len(tail)):
+                # saved before these optional widgets existed: left out, the node uses their defaults
+                slots = slots[:len(values)]
             if len(values) < len(slots):
                 raise ConversionError(
                     f"node {nid} ({node['type']}): {len(values)} widget value(s) for {len(slots)} widget(s) "
