@@ -52,6 +52,7 @@ class MetaLoRAFaceAugment(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MetaLoRAFaceAugment", display_name="Meta-LoRA Face Augment", category="MetaLoRA/data",
+            search_aliases=["face crops", "face dataset", "identity photos"],
             description="Detects the face and makes the paper's grid of face-centred training crops.",
             inputs=[
                 io.Image.Input("image", tooltip="One photo of the person, or a batch of a few photos of the same person."),
@@ -96,6 +97,7 @@ class MetaLoRATrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MetaLoRATrain", display_name="Meta-LoRA Train (Stage-2)", category="MetaLoRA/train",
+            search_aliases=["train lora", "face lora", "identity lora", "personalize"],
             description="Trains LoRA-Mid/Up on the crops (plain LoRA without a prior) on a clone of the MODEL.",
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
@@ -179,7 +181,8 @@ class MetaLoRASave(io.ComfyNode):
     @classmethod
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
         path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
-                             **meta_lora.metadata)
+                             **meta_lora.metadata,
+                             **interop.modelspec(filename_prefix, meta_lora.metadata.get("resolution")))
         training.refresh_lora_list()
         name = training.relative_lora_name(path)
         return io.NodeOutput(name, ui={"text": [name]})

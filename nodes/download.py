@@ -26,6 +26,7 @@ class MetaLoRAPriorDownload(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MetaLoRAPriorDownload", display_name="Meta-LoRA Prior Download", category="MetaLoRA/loaders",
+            search_aliases=["download prior", "hugging face", "hub download"],
             description="Downloads a Meta-Down prior (or a FLUX LoRA usable as one) from a Hugging Face Hub "
                         "repository into models/meta_lora when the graph runs, checks it before placing it, and "
                         "outputs it like the Prior Loader. Uses HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE.",

@@ -7,6 +7,8 @@ Save writes). ``LOSS_MAP`` is ``{"loss": [float per step]}``, as ``LossGraphNode
 """
 from __future__ import annotations
 
+import datetime
+
 import torch
 
 from ..metalora_core.formats.lora import lora_state_dict
@@ -39,3 +41,15 @@ def run_summary(trained: TrainedLoRA, prior) -> str:
     losses = trained.losses
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps" if losses else "no loss record"
     return f"done: {loss}; {describe_prior(prior)}"
+
+
+def modelspec(title: str, resolution: str | int | None = None, now: datetime.datetime | None = None) -> dict[str, str]:
+    """``modelspec.*`` metadata (the keys LoRA managers read) for a saved FLUX.1-dev LoRA."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "flux-1-dev/lora",
+           "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+           "modelspec.title": title, "modelspec.date": now.date().isoformat()}
+    if resolution:
+        side = str(resolution)
+        out["modelspec.resolution"] = side if "x" in side else f"{side}x{side}"
+    return out

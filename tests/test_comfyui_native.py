@@ -156,7 +156,10 @@ def test_download_node_fetches_a_prior_that_trains(env, monkeypatch, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(sorted(saved.glob("*.safetensors"))[-1]), "pt") as f:
-        assert f.metadata()["prior_sha256"] == p.sha256  # trained on the downloaded prior
+        meta = f.metadata()
+        assert meta["prior_sha256"] == p.sha256  # trained on the downloaded prior
+        assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.title"] == "t"
+        assert len(meta["modelspec.date"]) == 10
 
 
 def test_download_node_offline_is_one_clear_error(env, monkeypatch):

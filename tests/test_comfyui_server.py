@@ -159,3 +159,16 @@ def test_template_browser_lists_every_template_with_its_thumbnail(server):
     # scripts are not in the served folder any more
     for path in ("to_api.py", "support/build_workflows.py", "../tools/to_api.py"):
         assert _status(f"{url}/api/workflow_templates/ComfyUI-MetaLoRA/{path}")[0] in (403, 404), path
+
+
+def test_help_pages_are_served_for_every_pack_node(server):
+    url, _ = server
+    info = _get(f"{url}/object_info")
+    ours = [k for k, v in info.items() if v.get("python_module", "").endswith("ComfyUI-MetaLoRA")
+            or k.startswith("MetaLoRA")]
+    docs = sorted(p.stem for p in (REPO / "web" / "docs").glob("*.md"))
+    assert docs and set(docs) <= set(ours)
+    for node in ("MetaLoRATrain", "MetaLoRAFaceAugment", "MetaLoRAPriorDownload"):
+        status, _, body = _status(f"{url}/extensions/ComfyUI-MetaLoRA/docs/{node}.md")
+        assert status == 200 and body.decode().startswith("# "), node
+    assert "train lora" in info["MetaLoRATrain"].get("search_aliases", [])
