@@ -1,4 +1,5 @@
-"""``metalora download``: fetch a prior from a Hugging Face Hub repository (only when asked)."""
+"""``metalora download`` (fetch a prior from a Hugging Face Hub repository, only when asked) and
+``metalora cache-prune`` (keep the trained-adapter cache under a size limit)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a file of that name from another source")
     p.set_defaults(func=_download)
 
+    p = sub.add_parser("cache-prune", help="keep the trained-adapter cache under a size limit (oldest entries go first)")
+    p.add_argument("folder", help="the cache folder, e.g. ComfyUI/models/meta_lora/cache")
+    p.add_argument("--max-size", default="2G", help="size to keep, e.g. 500M, 2G (default 2G; 0 empties it)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(func=_cache_prune)
+
 
 def _download(args: argparse.Namespace) -> dict:
     from ..formats.hub import HubFile, download_prior
@@ -29,3 +36,11 @@ def _download(args: argparse.Namespace) -> dict:
                             force=args.force)
     return {"path": str(result.path), "reused": result.reused, "r1": result.prior.r1,
             "layers": len(result.prior.downs), "source": result.prior.source, **result.provenance}
+
+
+def _cache_prune(args: argparse.Namespace) -> dict:
+    from ..formats.cache_prune import parse_size, prune_cache
+
+    r = prune_cache(args.folder, parse_size(args.max_size), dry_run=args.dry_run)
+    return {"removed" if not args.dry_run else "would_remove": [p.name for p in r.removed],
+            "kept": len(r.kept), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}
