@@ -55,7 +55,7 @@ class MetaLoRAFaceAugment(io.ComfyNode):
             search_aliases=["face crops", "face dataset", "identity photos"],
             description="Detects the face and makes the paper's grid of face-centred training crops.",
             inputs=[
-                io.Image.Input("image", tooltip="One photo of the person, or a batch of a few photos of the same person."),
+                io.Image.Input("image", tooltip="One photo of the person, a batch, or a list of photos of any sizes (e.g. Load Image from Folder): all one person."),
                 io.Combo.Input("detector", options=list(DETECTOR_NAMES), default="auto",
                                tooltip="Face detector; 'auto' uses insightface from models/insightface if present, else YuNet."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
