@@ -251,3 +251,16 @@ def test_face_augment_takes_a_folder_of_photos_of_any_size_as_one_person(env, sa
     assert "6 face(s), using face 2" in group_info and "dropped (other faces)" in group_info
     texts = [d["text"] for e, d, _ in result["messages"] if e == "progress_text" and d["node_id"] == "6"]
     assert texts and texts[-1] == group_info  # the same report shows under the node
+
+
+def test_insightface_folder_follows_extra_model_paths(env, tmp_path):
+    import os
+
+    folders = pack("nodes.folders")
+    env.folder_paths.folder_names_and_paths.pop("insightface", None)
+    try:
+        assert folders.insightface_folder() == os.path.join(env.folder_paths.models_dir, "insightface")
+        env.folder_paths.add_model_folder_path("insightface", str(tmp_path / "faces"))  # what extra_model_paths.yaml does
+        assert folders.insightface_folder() == str(tmp_path / "faces")
+    finally:
+        env.folder_paths.folder_names_and_paths.pop("insightface", None)

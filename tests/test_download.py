@@ -193,3 +193,17 @@ def test_cli_download_and_one_line_error_without_a_server(hub, prior_bytes, tmp_
 def test_hubfile_validates(repo, filename, rev, msg):
     with pytest.raises(ValueError, match=msg):
         HubFile(repo, filename, rev)
+
+
+def test_nothing_touches_the_hub_at_import_or_when_loading_a_prior(tmp_path, prior_bytes):
+    """Importing the CLI and the download module, and loading a prior, import no Hub client at all."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.safetensors").write_bytes(prior_bytes)
+    code = ("import sys; import metalora_core.cli, metalora_core.cli.download, metalora_core.formats.hub; "
+            "from metalora_core.formats.prior import load_prior; load_prior(sys.argv[1]); "
+            "assert 'huggingface_hub' not in sys.modules, 'huggingface_hub imported'")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.safetensors")], capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-1500:]
