@@ -8,8 +8,10 @@ from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
 from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
 from ..metalora_core.formats.store import save_lora_new
+from ..metalora_core.train.stage2 import Stage2Config
 from . import interop, training
-from .folders import PRIOR_FOLDER, insightface_folder, prior_names
+from .folders import PRIOR_FOLDER, insightface_root, prior_names
+from .images import image_to_pils, pils_to_image
 
 MetaLoRAPrior = io.Custom("META_LORA_PRIOR")
 MetaLoRAType = io.Custom("META_LORA")
@@ -61,7 +63,8 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Seed of the random horizontal flips (fixed: a new seed means new crops and a new training)."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
+                             tooltip="Each crop is cut at about this many pixels squared (512: 512x512 area). "
+                                     "Meta-LoRA Train cuts them again from the photos if its resolution differs."),
                 io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid", optional=True,
                                tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
                                        "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
@@ -84,12 +87,12 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                 other_faces=("blur",)) -> io.NodeOutput:
         one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - widget lists hold one value
         photos = [pil for batch in (image if isinstance(image, (list, tuple)) else [image])
-                  for pil in training.image_to_pils(batch)]
+                  for pil in image_to_pils(batch)]
         crops, report = person_crops(photos, detector=one(detector), seed=one(seed), face_index=one(face_index),
                                      others=one(other_faces), augment=AugmentConfig(bucket_area=one(bucket_resolution) ** 2),
-                                     insightface_root=insightface_folder(), grid=one(augmentation) == "paper_grid")
+                                     insightface_root=insightface_root(), grid=one(augmentation) == "paper_grid")
         training.send_text(report.text(), _node_id(cls))
-        return io.NodeOutput(crops, training.pils_to_image([labelled_preview(crops.crops, report)]), report.text())
+        return io.NodeOutput(crops, pils_to_image([labelled_preview(crops.crops, report)]), report.text())
 
 
 class MetaLoRATrain(io.ComfyNode):
@@ -103,7 +106,8 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
                 io.Vae.Input("vae", tooltip="FLUX VAE that encodes the crops (and decodes previews)."),
                 FaceCropsType.Input("crops", tooltip="Crops from Meta-LoRA Face Augment."),
-                io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'."),
+                io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'. Trains at "
+                                                          "FLUX guidance 1.0 unless a FluxGuidance node sets it."),
                 MetaLoRAPrior.Input("prior", optional=True,
                                     tooltip="Meta-Down prior; leave empty to train a plain LoRA (the paper's baseline)."),
                 io.Int.Input("steps", default=375, min=1, max=100000, tooltip="Training steps (paper: 375)."),
@@ -113,7 +117,9 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Seed for init, data order, noise and sigmas (fixed: a new seed trains again)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Crops are resized to about this many pixels squared before encoding."),
+                             tooltip="Training resolution (about this many pixels squared per crop). Crops made at "
+                                     "this bucket_resolution are used as they are; otherwise they are cut again from "
+                                     "the photos at this size (one resize, same crops and flips) and the node says so."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute each block in backward: much less activation memory, slower steps (each block runs forward twice)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100000,
@@ -131,9 +137,9 @@ class MetaLoRATrain(io.ComfyNode):
     def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
                 resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
                 prior=None) -> io.NodeOutput:
-        settings = training.TrainSettings(steps=steps, rank=rank, lr=learning_rate, seed=seed, resolution=resolution,
-                                          gradient_checkpointing=gradient_checkpointing, preview_every=preview_every,
-                                          force_retrain=force_retrain)
+        config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed)
+        settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
+                                          preview_every=preview_every, force_retrain=force_retrain)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
         training.send_text(interop.run_summary(result, prior), _node_id(cls))  # stays on the node
         return io.NodeOutput(result, training.loss_plot(result.losses), interop.lora_model(result),

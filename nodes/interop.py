@@ -40,7 +40,8 @@ def run_summary(trained: TrainedLoRA, prior) -> str:
     """What the node shows when the run is over: loss, steps and the prior used."""
     losses = trained.losses
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps" if losses else "no loss record"
-    return f"done: {loss}; {describe_prior(prior)}"
+    where = " (from the cache)" if getattr(trained, "from_cache", False) else ""
+    return f"done{where}: {loss}; {describe_prior(prior)}"
 
 
 def modelspec(title: str, resolution: str | int | None = None, now: datetime.datetime | None = None) -> dict[str, str]:
@@ -49,7 +50,7 @@ def modelspec(title: str, resolution: str | int | None = None, now: datetime.dat
     out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "flux-1-dev/lora",
            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
            "modelspec.title": title, "modelspec.date": now.date().isoformat()}
-    if resolution:
+    if resolution and str(resolution) != "0":
         side = str(resolution)
         out["modelspec.resolution"] = side if "x" in side else f"{side}x{side}"
     return out

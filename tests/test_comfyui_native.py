@@ -259,8 +259,8 @@ def test_insightface_folder_follows_extra_model_paths(env, tmp_path):
     folders = pack("nodes.folders")
     env.folder_paths.folder_names_and_paths.pop("insightface", None)
     try:
-        assert folders.insightface_folder() == os.path.join(env.folder_paths.models_dir, "insightface")
+        assert folders.insightface_root() == os.path.join(env.folder_paths.models_dir, "insightface")
         env.folder_paths.add_model_folder_path("insightface", str(tmp_path / "faces"))  # what extra_model_paths.yaml does
-        assert folders.insightface_folder() == str(tmp_path / "faces")
+        assert folders.insightface_root() == str(tmp_path / "faces")
     finally:
         env.folder_paths.folder_names_and_paths.pop("insightface", None)

@@ -223,7 +223,7 @@ def test_loss_falls_when_overfitting_one_image(host, prior, cond):
     latents = _latents(1)
     adapters = build_adapters(host.dims, prior, rank=2, seed=0)
     before = _fixed_eval_loss(host, adapters, latents, cond)
-    personalize(host, adapters, latents, cond, Stage2Config(steps=80, lr=1e-2, r2=2, seed=0))
+    personalize(host, adapters, latents, cond, Stage2Config(steps=80, lr=1e-2, rank=2, seed=0))
     after = _fixed_eval_loss(host, adapters, latents, cond)
     assert after < 0.9 * before, (before, after)
 
@@ -304,7 +304,7 @@ def test_prior_roundtrip_tensors_and_metadata(prior, tmp_path):
     loaded = load_prior(path)
     assert loaded.r1 == 8 and loaded.preset == "attn_mlp" and loaded.domain == "female"
     assert loaded.training == {"steps": 10, "identities": 3}
-    assert list(loaded.downs) == list(prior.downs) or set(loaded.downs) == set(prior.downs)
+    assert list(loaded.downs) == list(prior.downs)  # same layers, in model order
     assert all(torch.equal(loaded.downs[k], prior.downs[k]) for k in prior.downs)
     assert loaded.sha256 == prior.sha256
 

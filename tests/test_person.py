@@ -91,3 +91,17 @@ def test_bad_arguments():
         person_crops([Image.new("RGB", (64, 64))], detector="yunet", others="hide")
     with pytest.raises(ValueError, match="no face found"):
         person_crops([Image.new("RGB", (256, 256), (128, 128, 128))], detector="yunet")
+
+
+def test_cut_again_at_another_resolution_keeps_other_faces_hidden(group):
+    from metalora_core.train.recipe import FaceCrops
+
+    drop, _ = _crops(group, "drop")
+    again = drop.at_resolution(96)
+    assert len(again.crops) == len(drop.crops) and again.crops[0].size != drop.crops[0].size
+    assert [c.box for c in again.crops] == [c.box for c in drop.crops]  # the same crops, the dropped ones still out
+    blur, _ = _crops(group, "blur")
+    hidden = blur.at_resolution(96)
+    plain = FaceCrops.at_resolution(blur, 96)  # the base class cuts again without hiding anyone
+    assert [c.box for c in hidden.crops] == [c.box for c in plain.crops]
+    assert sum(a.image.tobytes() != b.image.tobytes() for a, b in zip(hidden.crops, plain.crops)) >= 7

@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photo", help="photo of one person ('make demo' fetches a public-domain one)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
@@ -27,16 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
     p.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     p.add_argument("--state", help="also save the three-layer adapter state here (for 'metalora export')")
-    p.add_argument("--caption", default="a photo of a woman", help="training caption (the class noun, no trigger word)")
+    p.add_argument("--caption", default=None,
+                   help="training caption, e.g. 'a photo of a woman' (default: 'a photo of a <class noun>')")
+    p.add_argument("--class-noun", default=None,
+                   help="what the subject is (woman, man, person, ...); the caption becomes 'a photo of a <noun>'")
     p.add_argument("--steps", type=int, default=375)
     p.add_argument("--rank", type=int, default=1, help="r2 (Meta-LoRA) or r (plain LoRA)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="attn_mlp", help="target layers for a plain LoRA (attn, attn_mlp, all)")
+    p.add_argument("--preset", default=None,
+                   help="target layers for a plain LoRA: attn, attn_mlp or all (default all, as ai-toolkit trains)")
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,16 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _demo(args: argparse.Namespace) -> str:
     from .demo import run_demo
 
-    report = run_demo(args.out, steps=args.steps, seed=args.seed)
+    report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
              f"detector {report['detector']})"]
@@ -93,40 +92,45 @@ def _inspect(args: argparse.Namespace) -> dict:
     return info
 
 
-def _dtype(name: str):
-    import torch
+def training_caption(caption: str | None, class_noun: str | None) -> str:
+    """The Stage-2 caption: ``caption`` as given, else "a photo of a <class_noun>".
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    The paper states no caption; the subject's class comes from the user, never a default.
+
+    Raises:
+        ValueError: neither is given (or both are blank).
+    """
+    if caption and caption.strip():
+        return caption.strip()
+    if class_noun and class_noun.strip():
+        from ..train.recipe import class_caption
+
+        return class_caption(class_noun.strip())
+    raise ValueError("personalize needs the subject's class: pass --class-noun woman|man|person|... (caption "
+                     "'a photo of a <noun>') or --caption 'a photo of a ...'")
 
 
 def _personalize(args: argparse.Namespace) -> str:
     import torch
-    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from ..hosts.diffusers_flux import personalize_pipeline
-    from ..formats.lora import save_adapter_state, save_lora
     from ..faces import AugmentConfig, load_image
-    from ..formats.files import sha256_file
+    from ..formats.lora import save_adapter_state, save_lora
     from ..formats.prior import load_prior
-    from ..train.recipe import face_crops
+    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt, load_flux_pipeline
+    from ..train.recipe import face_crops, run_stage2
+    from ..lora.layers import DEFAULT_PRESET
     from ..train.stage2 import Stage2Config
 
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
-                                "pass the folder that holds model_index.json")
-    dtype = _dtype(args.dtype)
-    kw = {}
-    if args.transformer:
-        kw["transformer"] = FluxTransformer2DModel.from_single_file(
-            args.transformer, config=str(model), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(args.device)
+    caption = training_caption(args.caption, args.class_noun)
+    pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
-    area = args.resolution * args.resolution
-    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed,
-                      grid=not args.no_augment)
-    config = Stage2Config(steps=args.steps, lr=args.lr, r2=args.rank, seed=args.seed)
+    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=args.resolution ** 2),
+                      seed=args.seed, grid=not args.no_augment)
+    config = Stage2Config(steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
+                          preset=args.preset or DEFAULT_PRESET)
+    host = DiffusersFluxHost.from_pipeline(pipe, gradient_checkpointing=args.gradient_checkpointing)
+    cond = encode_prompt(pipe, caption, guidance=args.guidance)
     every = max(1, args.steps // 20)
 
     def progress(step: int, loss: float) -> None:
@@ -134,24 +138,26 @@ def _personalize(args: argparse.Namespace) -> str:
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
     with torch.random.fork_rng(devices=[]):
-        result = personalize_pipeline(pipe, prior, made.images, caption=args.caption, config=config,
-                                      preset=args.preset, guidance=args.guidance,
-                                      gradient_checkpointing=args.gradient_checkpointing, callback=progress,
-                                      prior_source=str(args.prior))
-    detector, adapters = made.detector, result.adapters
-    meta = dict(steps=str(args.steps), caption=args.caption, seed=str(args.seed), detector=detector,
-                prior_sha256=prior.sha256 if prior else "",
-                image_sha256=",".join(sha256_file(p) for p in args.image))
-    out = save_lora(result.adapters, args.out, **meta)
+        run = run_stage2(host, made, cond, prior, config, progress, caption=caption,
+                         prior_source=str(args.prior))
+    meta = run.metadata()
+    out = save_lora(run.adapters, args.out, **meta)
     if args.state:
-        save_adapter_state(result.adapters, args.state, **meta)
-    return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f})"
+        save_adapter_state(run.adapters, args.state, **meta)
+    adapters = run.adapters
+    return (f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, "
+            f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f})")
 
 
 def _export(args: argparse.Namespace) -> str:
     from ..formats.lora import load_adapter_state, save_lora
+    from ..hosts.diffusers_flux import DTYPES
+    from ..train.recipe import Provenance
 
     adapters, meta = load_adapter_state(args.state)
-    extra = {k: v for k, v in meta.items() if k in ("steps", "caption", "seed", "prior_sha256", "image_sha256")}
-    out = save_lora(adapters, args.out, dtype=_dtype(args.dtype), **extra)
+    try:
+        provenance = Provenance.from_metadata(meta)
+    except ValueError as e:
+        raise ValueError(f"{args.state}: {e}; make the state again with 'metalora personalize --state'") from e
+    out = save_lora(adapters, args.out, dtype=DTYPES[args.dtype], **provenance.to_metadata())
     return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank})"

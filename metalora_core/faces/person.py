@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .augment import AugmentConfig, Crop, make_crops, whole_photo_crop
 from .detect import Face, get_detector
 from .image import contact_sheet, load_image
+from ..train.recipe import FaceCrops
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,24 @@ class PersonReport:
         return "\n".join(self.lines())
 
 
+@dataclass
+class PersonCrops(FaceCrops):
+    """``FaceCrops`` that remember the other people's faces, so a crop cut again keeps them hidden."""
+
+    others: str = "keep"
+    other_boxes: list = field(default_factory=list)  # per source photo: the other faces' boxes (source px)
+
+    def at_resolution(self, side: int) -> "PersonCrops":
+        if side * side == self.augment.bucket_area:
+            return self
+        config = replace(self.augment, bucket_area=side * side)
+        crops, _ = _cut(self.sources, self.faces, self.other_boxes, config, self.seed, self.grid, self.others)
+        log.info("crops cut again at %dx%d area, other faces %s as before", side, side, self.others)
+        return PersonCrops(crops=crops, faces=self.faces, detector=self.detector, sources=self.sources,
+                           augment=config, seed=self.seed, grid=self.grid, others=self.others,
+                           other_boxes=self.other_boxes)
+
+
 def box_in_crop(crop: Crop, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
     """A source-pixel box in the crop's output pixels (resize, then the flip), not clipped."""
     x0, y0, x1, y1 = crop.box
@@ -108,20 +127,45 @@ def blur_faces(crop: Crop, boxes: list[tuple[float, float, float, float]]) -> Cr
     return replace(crop, image=img)
 
 
+def _cut(sources: list, faces: list, other_boxes: list, config: AugmentConfig, seed: int, grid: bool,
+         others: str) -> tuple[list[Crop], list[tuple[int, int, int]]]:
+    """The crops of every photo with other faces blurred or dropped; per photo (made, blurred, dropped).
+
+    Which crops show another face depends only on the crop boxes (not on the bucket size), so cutting
+    again at another resolution blurs and drops the same crops.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    crops: list[Crop] = []
+    counts = []
+    for im, face, rest in zip(sources, faces, other_boxes):
+        made = make_crops(im, face, config, gen) if grid else [whole_photo_crop(im, face, config.bucket_area, config.multiple)]
+        blurred = dropped = 0
+        for c in made:
+            near = [b for b in rest if _inside_share(c, b) >= _OVERLAP]
+            if not near or others == "keep":
+                crops.append(c)
+            elif others == "drop":
+                dropped += 1
+            else:
+                crops.append(blur_faces(c, near))
+                blurred += 1
+        counts.append((len(made), blurred, dropped))
+    return crops, counts
+
+
 def person_crops(images: list[Any], *, detector: str = "auto", face_index: int = 0, others: str = "blur",
                  augment: AugmentConfig | None = None, seed: int = 0, insightface_root: str | None = None,
                  grid: bool = True, min_face: int = MIN_FACE):
     """Crops of one person from one or more photos (any sizes), with a :class:`PersonReport`.
 
     Returns:
-        (``train.recipe.FaceCrops``, ``PersonReport``).
+        (:class:`PersonCrops`, a ``train.recipe.FaceCrops`` that cuts again at another resolution
+        with the same faces blurred or dropped; ``PersonReport``).
 
     Raises:
         ValueError: no photo, unknown ``others``, no face in a photo, ``face_index`` out of range, or
             every crop dropped.
     """
-    from ..train.recipe import FaceCrops
-
     if not images:
         raise ValueError("no photo given; pass one photo of the person (or a few)")
     if others not in OTHER_FACES:
@@ -130,10 +174,8 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
         raise ValueError(f"face_index must be >= 0 (0 = the largest face), got {face_index}")
     det = get_detector(detector, insightface_root=insightface_root)
     config = augment or AugmentConfig()
-    gen = torch.Generator().manual_seed(seed)
     report = PersonReport(detector=det.name, others=others)
-    crops: list[Crop] = []
-    faces: list[Face] = []
+    sources, faces, other_boxes = [], [], []
     for i, im in enumerate(images):
         im = load_image(im)
         found = det.detect(im)  # largest first
@@ -145,7 +187,6 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
             raise ValueError(f"{where}: face_index {face_index} but only {len(found)} face(s) found; "
                              f"use 0..{len(found) - 1} (0 = the largest)")
         face = found[face_index]
-        rest = [f.box for j, f in enumerate(found) if j != face_index]
         pr = PhotoReport(size=im.size, faces=len(found), used=face_index,
                          face_size=(round(face.width), round(face.height)))
         if min(face.width, face.height) < min_face:
@@ -154,25 +195,21 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
                                "use a closer or larger photo")
         if len(found) > 1 and face_index == 0:
             pr.warnings.append(f"{len(found)} faces found; using the largest (set face_index to pick another)")
-        made = make_crops(im, face, config, gen) if grid else [whole_photo_crop(im, face, config.bucket_area, config.multiple)]
-        for c in made:
-            near = [b for b in rest if _inside_share(c, b) >= _OVERLAP]
-            if not near or others == "keep":
-                crops.append(c)
-            elif others == "drop":
-                pr.dropped += 1
-            else:
-                crops.append(blur_faces(c, near))
-                pr.blurred += 1
-        pr.crops = len(made) - pr.dropped
+        sources.append(im)
         faces.append(face)
+        other_boxes.append([f.box for j, f in enumerate(found) if j != face_index])
         report.photos.append(pr)
+    crops, counts = _cut(sources, faces, other_boxes, config, seed, grid, others)
+    for pr, (made, blurred, dropped) in zip(report.photos, counts):
+        pr.crops, pr.blurred, pr.dropped = made - dropped, blurred, dropped
     if not crops:
         raise ValueError("every crop shows another face and other_faces is 'drop'; use 'blur', or photos "
                          "of the person alone")
     for line in report.lines():
         log.info("%s", line)
-    return FaceCrops(crops=crops, faces=faces, detector=det.name), report
+    result = PersonCrops(crops=crops, faces=faces, detector=det.name, sources=sources, augment=config, seed=seed,
+                         grid=grid, others=others, other_boxes=other_boxes)
+    return result, report
 
 
 def labelled_preview(crops: list[Crop], report: PersonReport, columns: int = 5) -> Image.Image:
