@@ -141,9 +141,8 @@ class MetaLoRATrain(io.ComfyNode):
         settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                                           preview_every=preview_every, force_retrain=force_retrain)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
-        training.send_text(interop.run_summary(result, prior), _node_id(cls))  # stays on the node
-        return io.NodeOutput(result, training.loss_plot(result.losses), interop.lora_model(result),
-                             interop.loss_map(result.losses))
+        curve = interop.labelled(training.loss_plot(result.losses), interop.run_summary(result, prior))
+        return io.NodeOutput(result, curve, interop.lora_model(result), interop.loss_map(result.losses))
 
 
 class MetaLoRAApply(io.ComfyNode):
@@ -187,8 +186,7 @@ class MetaLoRASave(io.ComfyNode):
     @classmethod
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
         path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
-                             **meta_lora.metadata,
-                             **interop.modelspec(filename_prefix, meta_lora.metadata.get("resolution")))
+                             **meta_lora.metadata, **{"modelspec.title": filename_prefix})
         training.refresh_lora_list()
         name = training.relative_lora_name(path)
         return io.NodeOutput(name, ui={"text": [name]})

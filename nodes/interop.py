@@ -7,8 +7,6 @@ Save writes). ``LOSS_MAP`` is ``{"loss": [float per step]}``, as ``LossGraphNode
 """
 from __future__ import annotations
 
-import datetime
-
 import torch
 
 from ..metalora_core.formats.lora import lora_state_dict
@@ -44,13 +42,25 @@ def run_summary(trained: TrainedLoRA, prior) -> str:
     return f"done{where}: {loss}; {describe_prior(prior)}"
 
 
-def modelspec(title: str, resolution: str | int | None = None, now: datetime.datetime | None = None) -> dict[str, str]:
-    """``modelspec.*`` metadata (the keys LoRA managers read) for a saved FLUX.1-dev LoRA."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "flux-1-dev/lora",
-           "modelspec.implementation": "https://github.com/black-forest-labs/flux",
-           "modelspec.title": title, "modelspec.date": now.date().isoformat()}
-    if resolution and str(resolution) != "0":
-        side = str(resolution)
-        out["modelspec.resolution"] = side if "x" in side else f"{side}x{side}"
-    return out
+def labelled(image: torch.Tensor, text: str) -> torch.Tensor:
+    """A ComfyUI IMAGE (1, H, W, 3) with ``text`` written in a band above it (wrapped to the width)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    pil = Image.fromarray((image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    font = ImageFont.load_default()
+    per_line = max(20, pil.width // 6)
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > per_line and line:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    out = Image.new("RGB", (pil.width, pil.height + 8 + 14 * len(lines)), (255, 255, 255))
+    out.paste(pil, (0, out.height - pil.height))
+    d = ImageDraw.Draw(out)
+    for k, ln in enumerate(lines):
+        d.text((6, 4 + 14 * k), ln, fill=(20, 20, 20), font=font)
+    return torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0)[None]

@@ -152,6 +152,8 @@ def test_download_node_fetches_a_prior_that_trains(env, monkeypatch, tmp_path):
     texts = [d["text"] for e, d, _ in result["messages"] if e == "progress_text" and d["node_id"] == "20"]
     assert any(repo.commits["main"][:12] in t and "r1 4" in t for t in texts), texts
     assert len(step_texts(result, "7")) == 2
+    line = pack("nodes.interop").describe_prior(pack("metalora_core.formats.prior").load_prior(placed))
+    assert "authors/meta-lora/priors/face.safetensors" in line and repo.commits["main"][:12] in line  # loss_curve label
     saved = pathlib.Path(env.folder_paths.get_folder_paths("loras")[0]) / "native"
     from safetensors import safe_open
 

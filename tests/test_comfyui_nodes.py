@@ -166,7 +166,6 @@ def test_chain_reuse_and_restart(env, executor, capsys):
     assert "metalora/obama_00001.safetensors" in env.folder_paths.get_filename_list("loras")
     steps = [t for t in texts(first, "7") if t.startswith("step ")]
     assert [t.split()[1] for t in steps] == ["1/3", "2/3", "3/3"] and "loss" in steps[0]
-    assert texts(first, "7")[-1].startswith("done: loss") and "no prior" in texts(first, "7")[-1]
     assert any(e == "preview_image" for e, _, _ in first["messages"])
     # only the sampling prompt changes: ComfyUI's output cache must not run the train node again
     second = run_prompt(graph(env, prompt="a man in a forest"), executor=executor)
