@@ -364,14 +364,18 @@ def test_drawing_helpers(photo) -> None:
     assert sheet.size[0] == 64 * min(5, len(crops)) and sheet.size[1] == math.ceil(len(crops) / 5) * (64 + 16)
 
 
-def test_resize_to_bucket_keeps_the_photo_ratio(photo) -> None:
-    from metalora_core.faces import resize_to_bucket
+def test_resize_to_bucket_snaps_to_the_closest_paper_ratio(photo) -> None:
+    from metalora_core.faces import fit_to_ratio, resize_to_bucket
 
-    image = photo("obama2")  # 626 x 1200
+    image = photo("obama2")  # 626 x 1200 (0.52): closest of the paper's ratios is 9:16
     out = resize_to_bucket(image, 512 * 512)
+    assert out.size == bucket_size((9, 16), 512 * 512, 16)  # the crop grid's bucket: they batch together
     assert out.size[0] % 16 == 0 and out.size[1] % 16 == 0
     assert abs(out.size[0] * out.size[1] / (512 * 512) - 1) < 0.1
-    assert abs(out.size[0] / out.size[1] - 626 / 1200) < 0.03
+    ratio, box = fit_to_ratio(image.size)
+    assert ratio == (9, 16) and box == (0, 43, 626, 1156)  # the centred 9:16 box, full width
+    reference = image.resize(out.size, Image.Resampling.LANCZOS, box=box)
+    assert np.array_equal(np.asarray(out), np.asarray(reference))
 
 
 def test_whole_photo_crop_maps_the_face_box(detector, photo) -> None:
@@ -381,6 +385,7 @@ def test_whole_photo_crop_maps_the_face_box(detector, photo) -> None:
     face = select_face(image, detector)
     crop = whole_photo_crop(image, face, 256 * 256)
     assert crop.size == crop.image.size and not crop.flipped and crop.scale == 0.0
+    assert crop.ratio == (9, 16) and crop.size == bucket_size((9, 16), 256 * 256, 16)  # resize_to_bucket's rule
     # the detector finds the same face in the resized photo, where the mapped box says it is
     again = select_face(crop.image, detector)
     assert iou(again.box, crop.face_box) > 0.8

@@ -28,12 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
     p.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     p.add_argument("--state", help="also save the three-layer adapter state here (for 'metalora export')")
-    p.add_argument("--caption", default="a photo of a woman", help="training caption (the class noun, no trigger word)")
+    p.add_argument("--caption", default=None,
+                   help="training caption, e.g. 'a photo of a woman' (default: 'a photo of a <class noun>')")
+    p.add_argument("--class-noun", default=None,
+                   help="what the subject is (woman, man, person, ...); the caption becomes 'a photo of a <noun>'")
     p.add_argument("--steps", type=int, default=375)
     p.add_argument("--rank", type=int, default=1, help="r2 (Meta-LoRA) or r (plain LoRA)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="attn_mlp", help="target layers for a plain LoRA (attn, attn_mlp, all)")
+    p.add_argument("--preset", default=None,
+                   help="target layers for a plain LoRA: attn, attn_mlp or all (default all, as ai-toolkit trains)")
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
@@ -88,6 +92,24 @@ def _inspect(args: argparse.Namespace) -> dict:
     return info
 
 
+def training_caption(caption: str | None, class_noun: str | None) -> str:
+    """The Stage-2 caption: ``caption`` as given, else "a photo of a <class_noun>".
+
+    The paper states no caption; the subject's class comes from the user, never a default.
+
+    Raises:
+        ValueError: neither is given (or both are blank).
+    """
+    if caption and caption.strip():
+        return caption.strip()
+    if class_noun and class_noun.strip():
+        from ..train.recipe import class_caption
+
+        return class_caption(class_noun.strip())
+    raise ValueError("personalize needs the subject's class: pass --class-noun woman|man|person|... (caption "
+                     "'a photo of a <noun>') or --caption 'a photo of a ...'")
+
+
 def _dtype(name: str):
     import torch
 
@@ -103,6 +125,7 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..faces import AugmentConfig, load_image
     from ..formats.files import sha256_file
     from ..formats.prior import load_prior
+    from ..lora.layers import DEFAULT_PRESET
     from ..train.recipe import face_crops
     from ..train.stage2 import Stage2Config
 
@@ -110,6 +133,7 @@ def _personalize(args: argparse.Namespace) -> str:
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
                                 "pass the folder that holds model_index.json")
+    caption = training_caption(args.caption, args.class_noun)
     dtype = _dtype(args.dtype)
     kw = {}
     if args.transformer:
@@ -130,12 +154,12 @@ def _personalize(args: argparse.Namespace) -> str:
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
     with torch.random.fork_rng(devices=[]):
-        result = personalize_pipeline(pipe, prior, made.images, caption=args.caption, config=config,
-                                      preset=args.preset, guidance=args.guidance,
+        result = personalize_pipeline(pipe, prior, made.images, caption=caption, config=config,
+                                      preset=args.preset or DEFAULT_PRESET, guidance=args.guidance,
                                       gradient_checkpointing=args.gradient_checkpointing, callback=progress,
                                       prior_source=str(args.prior))
     detector, adapters = made.detector, result.adapters
-    meta = dict(steps=str(args.steps), caption=args.caption, seed=str(args.seed), detector=detector,
+    meta = dict(steps=str(args.steps), caption=caption, seed=str(args.seed), detector=detector,
                 prior_sha256=prior.sha256 if prior else "",
                 image_sha256=",".join(sha256_file(p) for p in args.image))
     out = save_lora(result.adapters, args.out, **meta)

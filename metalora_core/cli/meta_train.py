@@ -31,18 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption", help="class caption for photos without a .txt (default: 'a photo of a <domain>')")
     p.add_argument("--r1", type=int, help="Meta-Down rank (default 16; --tiny 8)")
     p.add_argument("--r2", type=int, default=1, help="Mid rank during meta-training (default 1)")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="target layers (default attn_mlp)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="target layers (default all: every Linear of the transformer blocks, as ai-toolkit trains)")
     p.add_argument("--steps", type=int, help="q_total (default 50000; --tiny 600)")
     p.add_argument("--bucket-steps", type=int, help="q_bucket (default 2500; --tiny 100)")
     p.add_argument("--warmup-steps", type=int, help="q_warm-up (default 1000; --tiny 40)")
-    p.add_argument("--identities-per-bucket", type=int, help="N (default auto: each example used ~10x per bucket)")
+    p.add_argument("--identities-per-bucket", type=int,
+                   help="N (default auto: each photo of a bucket is used ~10x per bucket visit, paper Sec. 3)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; --tiny 100)")
     p.add_argument("--resolution", type=int, help="training images have about resolution^2 pixels (default 512)")
-    p.add_argument("--no-augment", action="store_true", help="one centre crop per photo instead of the face grid")
+    p.add_argument("--crop-grid", action="store_true",
+                   help="train on Stage-2's crop grid around each photo's face instead of the photo itself")
+    p.add_argument("--no-augment", action="store_true",
+                   help="each photo once as it is, centre-cropped to the closest aspect bucket (the default)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip per step")
     p.add_argument("--detector", default="auto", help="face detector backend (default auto)")
     p.add_argument("--cache", help="latent cache folder (default <out>/latent_cache)")
     p.add_argument("--device", default=None, help="training device (default cuda if available, else cpu)")
@@ -143,8 +149,10 @@ def run_meta_train(args: argparse.Namespace) -> str:
 
     resolution = _pick(args.resolution, tiny, "resolution", 512)
     caption = args.caption or class_caption(args.domain)
-    dcfg = DatasetConfig(augment=not args.no_augment, bucket_area=resolution * resolution, detector=args.detector,
-                         seed=args.seed, class_caption=caption)
+    if args.crop_grid and args.no_augment:
+        raise ValueError("--crop-grid and --no-augment contradict each other; pass one (default: --no-augment)")
+    dcfg = DatasetConfig(augment=args.crop_grid, bucket_area=resolution * resolution, detector=args.detector,
+                         seed=args.seed, class_caption=caption, flip=not args.no_flip)
     config = MetaTrainConfig(
         steps=_pick(args.steps, tiny, "steps", 50_000),
         bucket_steps=_pick(args.bucket_steps, tiny, "bucket_steps", 2_500),
@@ -193,6 +201,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
         "first_loss": result.losses[0],
         "last_loss_mean50": sum(tail) / len(tail),
         "buckets": [[result.identities[i] for i in b] for b in result.buckets],
+        "plan": result.plan.to_dict() if result.plan else None,
         "bank_mib": round(result.bank_bytes / 2**20, 3),
         "config": config.to_dict(),
         "data": data.summary,
@@ -202,6 +211,9 @@ def run_meta_train(args: argparse.Namespace) -> str:
         "tiny": tiny,
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+    plan = result.plan
     return (f"meta-train finished: {result.steps} steps in {summary['total_seconds']} s, loss "
             f"{summary['first_loss']:.4f} -> {summary['last_loss_mean50']:.4f} (mean of last {len(tail)})\n"
+            f"  trained  {plan.identities_visited} of {plan.identities} identities ({plan.buckets} buckets of "
+            f"<= {plan.identities_per_bucket})\n"
             f"  prior    {prior_path}\n  plot     {out / 'loss.png'}\n  summary  {out / 'summary.json'}")

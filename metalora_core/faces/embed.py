@@ -191,5 +191,13 @@ def get_embedder(
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two embeddings."""
-    return float(np.dot(_l2(a), _l2(b)))
+    """Cosine similarity of two vectors, computed in float64 (embedders should L2-normalise, but
+    a user-supplied one may not)."""
+    a64 = np.asarray(a, dtype=np.float64).reshape(-1)
+    b64 = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a64.shape != b64.shape:
+        raise ValueError(f"embedding sizes differ: {a64.shape[0]} vs {b64.shape[0]}; use one embedder for all images")
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0.0 or nb == 0.0:
+        raise ValueError("an embedding is all zeros; the embedder failed on this face")
+    return float(a64 @ b64 / (na * nb))
