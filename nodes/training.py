@@ -23,7 +23,7 @@ from ..metalora_core.formats.files import sha256_tensors
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.lora.layers import DEFAULT_PRESET
 from ..metalora_core.draw.charts import line_plot
-from ..metalora_core.formats.prior import Prior
+from ..metalora_core.formats.prior import Prior, validate_prior
 from ..metalora_core.train.recipe import FaceCrops, build_adapters
 from ..metalora_core.faces import resize_to_bucket
 from ..metalora_core.formats.store import content_key, image_digest, load_cached_adapters, store_cached_adapters
@@ -175,6 +175,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     images = [resize_to_bucket(im, settings.resolution ** 2) for im in crops.images]
     cond = ComfyFluxCond.from_conditioning(positive, settings.guidance)
     host = ComfyFluxHost(model, guidance=settings.guidance, gradient_checkpointing=settings.gradient_checkpointing)
+    if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
+        validate_prior(prior, host.dims)
     preset = prior.preset if prior is not None and prior.preset else settings.preset
     parts = {
         "v": 1, "images": image_digest(images), "prior": prior.sha256 if prior is not None else None,

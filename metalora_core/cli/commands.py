@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -14,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --out")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
@@ -40,12 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --state if they exist")
     p.set_defaults(func=_personalize)
 
     p = sub.add_parser("export", help="merge a saved adapter state (Up*Mid*Down) into a standard LoRA")
     p.add_argument("state", help="adapter state written by 'metalora personalize --state'")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
 
@@ -56,8 +58,10 @@ def _has_cuda() -> bool:
 
 
 def _demo(args: argparse.Namespace) -> str:
+    from .checks import check_demo
     from .demo import run_demo
 
+    check_demo(args)
     report = run_demo(args.out, steps=args.steps, seed=args.seed)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
@@ -68,29 +72,9 @@ def _demo(args: argparse.Namespace) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> dict:
-    from ..formats.files import read_safetensors
+    from ..formats.describe import describe_file
 
-    tensors, meta = read_safetensors(args.file)
-    info: dict = {"file": args.file, "metadata": meta, "tensors": len(tensors)}
-    if meta.get("format") == "metalora.prior":
-        info["kind"] = "prior"
-        info["layers"] = sum(k.endswith(".meta_down") for k in tensors)
-    elif any(k.endswith(".lora_A.weight") for k in tensors) or any(k.endswith(".lora_down.weight") for k in tensors):
-        info["kind"] = "lora"
-        info["layers"] = sum(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in tensors)
-        ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))})
-        info["ranks"] = ranks
-    elif meta.get("format") == "metalora.adapters":
-        info["kind"] = "adapter-state"
-        info["layers"] = sum(k.endswith(".up") for k in tensors)
-    else:
-        info["kind"] = "unknown"
-    if "training" in meta:
-        try:
-            info["metadata"]["training"] = json.loads(meta["training"])
-        except json.JSONDecodeError:
-            pass
-    return info
+    return describe_file(args.file)
 
 
 def _dtype(name: str):
@@ -110,7 +94,10 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..formats.prior import load_prior
     from ..train.recipe import face_crops
     from ..train.stage2 import Stage2Config
+    from .checks import check_personalize
+    from .progress import StepLog
 
+    check_personalize(args)  # inputs and outputs, before loading FLUX or training
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
@@ -127,11 +114,7 @@ def _personalize(args: argparse.Namespace) -> str:
     made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed,
                       grid=not args.no_augment)
     config = Stage2Config(steps=args.steps, lr=args.lr, r2=args.rank, seed=args.seed)
-    every = max(1, args.steps // 20)
-
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0 or step == args.steps:
-            log.info("step %d/%d loss %.4f", step, args.steps, loss)
+    progress = StepLog(args.steps, log)
 
     with torch.random.fork_rng(devices=[]):
         result = personalize_pipeline(pipe, prior, made.images, caption=args.caption, config=config,
@@ -150,7 +133,9 @@ def _personalize(args: argparse.Namespace) -> str:
 
 def _export(args: argparse.Namespace) -> str:
     from ..formats.lora import load_adapter_state, save_lora
+    from .checks import check_export
 
+    check_export(args)
     adapters, meta = load_adapter_state(args.state)
     extra = {k: v for k, v in meta.items() if k in ("steps", "caption", "seed", "prior_sha256", "image_sha256")}
     out = save_lora(adapters, args.out, dtype=_dtype(args.dtype), **extra)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ class DiffusersFluxHost:
 
     def __init__(self, transformer: torch.nn.Module, *, guidance: float = 1.0, gradient_checkpointing: bool = False):
         self.transformer = transformer
+        if not math.isfinite(float(guidance)):
+            raise ValueError(f"guidance {guidance} is not a finite number; pass a number such as 1.0")
         self.guidance = float(guidance)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
