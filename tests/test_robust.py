@@ -73,14 +73,16 @@ def no_temp_files(folder: Path) -> bool:
 
 
 @pytest.mark.parametrize("case", ["under_file", "directory", "long_name"])
-def test_bad_out_fails_at_once_before_training(flux, tmp_path, capsys, case):
+def test_bad_out_fails_at_once_before_training(flux, tmp_path, capsys, caplog, case):
     blocker = tmp_path / "plain_file"
     blocker.write_text("x")
     out = {"under_file": blocker / "lora.safetensors", "directory": tmp_path,
            "long_name": tmp_path / ("n" * 300 + ".safetensors")}[case]
     t0 = time.perf_counter()
-    assert main(personalize_args(flux, out)) == 2
+    with caplog.at_level(logging.INFO):
+        assert main(personalize_args(flux, out, steps="2")) == 2
     elapsed = time.perf_counter() - t0
+    assert "step 1/2" not in caplog.text, "it trained before checking --out"
     line = one_error_line(capsys.readouterr().err, "metalora personalize: error: --out")
     assert {"under_file": "is a file, not a folder", "directory": "is a folder; give a file name",
             "long_name": "choose a shorter name"}[case] in line
@@ -509,3 +511,43 @@ def test_one_content_hash_everywhere(flux, tmp_path):
     # metadata is part of the identity: the same tensors under another domain label differ
     made.domain = "other"
     assert made.sha256 != prior.sha256
+
+
+def test_sigterm_under_the_cli_handler_is_one_line_exit_143(tmp_path, capsys):
+    import argparse
+
+    from metalora_core.formats.files import atomic_target
+
+    target = tmp_path / "out.safetensors"
+
+    def writes_then_gets_sigterm(args):
+        with atomic_target(target) as tmp:
+            tmp.write_bytes(b"\0" * (1 << 20))
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this process
+            time.sleep(5)
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command(argparse.Namespace(command="meta-train", func=writes_then_gets_sigterm)) == (143, None)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("metalora meta-train: terminated (SIGTERM)") and "\n" not in err and "--resume" in err
+    assert not target.exists() and no_temp_files(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler restores the previous SIGTERM action"
+
+
+@pytest.mark.parametrize("command", ["meta-train", "crops", "demo", "eval"])
+def test_folder_outputs_refuse_a_file_and_earlier_results(tmp_path, capsys, command):
+    plain = tmp_path / "a_file"
+    plain.write_text("x")
+    base = {"meta-train": ["meta-train", "--tiny"], "crops": ["crops", str(sample_photo("obama"))],
+            "demo": ["demo"],
+            "eval": ["eval", "--identities", str(tmp_path), "--prompts", "unsplash", "--generated", str(tmp_path)]}
+    assert main([*base[command], "--out", str(plain)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {plain} is a file, not a folder")
+    used = tmp_path / "used"
+    used.mkdir()
+    earlier = {"meta-train": "prior.safetensors", "crops": "crops.json", "demo": "report.json",
+               "eval": "summary.json"}[command]
+    (used / earlier).write_text("earlier result")
+    assert main([*base[command], "--out", str(used)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {used} already holds", earlier, "--overwrite")
+    assert (used / earlier).read_text() == "earlier result"

@@ -235,3 +235,17 @@ def check_demo(args: argparse.Namespace) -> None:
                               "replace them, or choose another folder")
     for name in DEMO_OUTPUTS:
         remove_stale_temps(out / name)
+
+
+EVAL_OUTPUTS = ("scores.csv", "summary.json", "scatter.png")
+
+
+def check_eval(args: argparse.Namespace) -> None:
+    check_device(getattr(args, "device", None))
+    out = check_output_folder(args.out)
+    used = used_by(out, EVAL_OUTPUTS)
+    if used and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"--out {out} already holds eval results ({', '.join(used)}); pass --overwrite to "
+                              "replace them, or choose another folder")
+    for name in EVAL_OUTPUTS:
+        remove_stale_temps(out / name)

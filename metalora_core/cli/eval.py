@@ -163,6 +163,9 @@ def run_eval(args: argparse.Namespace) -> str:
     from ..formats.files import atomic_save_png, atomic_write_bytes
     from ..data.prompts import expand_prompt, is_template, load_prompts
 
+    from .checks import check_eval
+
+    check_eval(args)  # --out usable, earlier scores not replaced without --overwrite, --device usable
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     identities = read_identities(args.identities)
@@ -365,6 +368,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="generated images without a face: left out of the mean (exclude) or scored 0 (zero); always reported")
     p.add_argument("--device", default="cpu", help="torch device for CLIP (cpu, cuda)")
     p.add_argument("--batch-size", type=int, default=16, help="CLIP-T images per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace scores of an earlier eval in --out")
     p.set_defaults(func=run_eval)
     return p
 
