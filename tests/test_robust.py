@@ -32,7 +32,6 @@ from metalora_core.lora.layers import FluxDims
 from metalora_core.samples import sample_photo
 
 REPO = Path(__file__).resolve().parents[1]
-HUGE_STEPS = "1000000"  # a run that started training would never finish inside the test
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def flux(tmp_path_factory):
     return model, prior, dims
 
 
-def personalize_args(flux, out, *extra: str, steps: str = HUGE_STEPS) -> list[str]:
+def personalize_args(flux, out, *extra: str, steps: str = "2") -> list[str]:
     model, prior, _ = flux
     return ["personalize", "--model", str(model), "--prior", str(prior), "--image", str(sample_photo("obama")),
             "--out", str(out), "--steps", steps, "--resolution", "64", "--dtype", "float32", "--device", "cpu",
@@ -551,3 +550,25 @@ def test_folder_outputs_refuse_a_file_and_earlier_results(tmp_path, capsys, comm
     assert main([*base[command], "--out", str(used)]) == 2
     one_error_line(capsys.readouterr().err, f"--out {used} already holds", earlier, "--overwrite")
     assert (used / earlier).read_text() == "earlier result"
+
+
+def test_export_refuses_existing_out_and_its_own_state(tmp_path, capsys):
+    state = tmp_path / "state.safetensors"
+    state.write_bytes(b"state")
+    existing = tmp_path / "lora.safetensors"
+    existing.write_bytes(b"keep")
+    assert main(["export", str(state), "--out", str(existing)]) == 2
+    one_error_line(capsys.readouterr().err, "already exists; pass --overwrite")
+    assert main(["export", str(state), "--out", str(state), "--overwrite"]) == 2
+    one_error_line(capsys.readouterr().err, "is also the state input")
+    assert existing.read_bytes() == b"keep" and state.read_bytes() == b"state"
+
+
+def test_library_host_blames_nonfinite_guidance(flux):
+    from diffusers import FluxTransformer2DModel
+
+    from metalora_core.hosts.diffusers_flux import DiffusersFluxHost
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(flux[0]), subfolder="transformer")
+    with pytest.raises(ValueError, match="guidance nan is not a finite number"):
+        DiffusersFluxHost(transformer, guidance=float("nan"))
