@@ -135,7 +135,6 @@ def run_meta_train(args: argparse.Namespace) -> str:
     from ..draw.charts import line_plot
     from ..formats.prior import save_prior
     from ..train.recipe import class_caption
-
     from .checks import check_meta_train
 
     check_meta_train(args)  # --out usable and not silently a previous run's; before any work
