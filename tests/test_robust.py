@@ -171,7 +171,7 @@ def test_crops_into_a_used_folder_refuses_or_clears_only_its_own(tmp_path, capsy
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["crops", photo, "--out", str(out), "--detector", "yunet", "--seed", "1"]) == 2
     one_error_line(capsys.readouterr().err, f"--out {out} already holds the outputs of an earlier crops run",
-                   f"{len(first['crops'])} crop PNGs", "--overwrite")
+                   f"{len(first['crops'])} crop PNG(s)", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     stray = out / "crop_98_1x1_s9.png"  # a crop of an earlier run under another grid
     stray.write_bytes(next(iter(before.values())))

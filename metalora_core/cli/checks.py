@@ -217,7 +217,7 @@ def check_crops(args: argparse.Namespace) -> list[str]:
     before = previous_crops(out)
     if before and not getattr(args, "overwrite", False):
         n = sum(name.startswith("crop_") for name in before)
-        raise FileExistsError(f"--out {out} already holds the outputs of an earlier crops run ({n} crop PNGs, "
+        raise FileExistsError(f"--out {out} already holds the outputs of an earlier crops run ({n} crop PNG(s), "
                               f"{', '.join(n for n in before if not n.startswith('crop_'))}); pass --overwrite to "
                               "replace them (only those files are touched), or choose an empty folder")
     return before

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_save_safetensors, content_sha256, file_content_sha256, read_safetensors
+from .files import atomic_save_safetensors, content_sha256, read_safetensors
 from ..lora.layers import PRESETS, FluxDims, resolve_targets
 
 PRIOR_FORMAT = "metalora.prior"
@@ -109,14 +109,14 @@ def load_prior(path: str | os.PathLike) -> Prior:
         FileNotFoundError: no file.
         ValueError: corrupt file, unknown format version, mixed ranks, no usable keys.
     """
-    prior = _load_prior(path)
+    tensors, meta = read_safetensors(path)
+    prior = _prior_from(tensors, meta, path)
     prior.path = os.fspath(path)
-    prior.file_sha256 = file_content_sha256(path)
+    prior.file_sha256 = content_sha256(tensors, meta)
     return prior
 
 
-def _load_prior(path: str | os.PathLike) -> Prior:
-    tensors, meta = read_safetensors(path)
+def _prior_from(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: str | os.PathLike) -> Prior:
     if meta.get("format") == PRIOR_FORMAT:
         version = _meta_int(meta, "format_version", path, "0")
         if version > PRIOR_VERSION:
