@@ -51,7 +51,7 @@ def personalize_args(flux, out, *extra: str, steps: str = "2") -> list[str]:
     model, prior, _ = flux
     return ["personalize", "--model", str(model), "--prior", str(prior), "--image", str(sample_photo("obama")),
             "--out", str(out), "--steps", steps, "--resolution", "64", "--dtype", "float32", "--device", "cpu",
-            *extra]
+            "--class-noun", "man", *extra]
 
 
 def one_error_line(err: str, *needles: str) -> str:

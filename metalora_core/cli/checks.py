@@ -144,9 +144,11 @@ def check_personalize(args: argparse.Namespace) -> None:
     """Everything ``personalize`` can check before it loads the model and trains."""
     from ..faces import load_image
     from ..formats.prior import load_prior, validate_prior
-    from ..lora.layers import FluxDims, resolve_targets
+    from ..lora.layers import DEFAULT_PRESET, FluxDims, resolve_targets
+    from .commands import training_caption
 
     check_device(args.device)
+    training_caption(args.caption, args.class_noun)  # the subject's class is required
     check_finite("--guidance", args.guidance)
     check_finite("--lr", args.lr, positive=True)
     for flag in ("steps", "rank", "resolution"):
@@ -166,7 +168,7 @@ def check_personalize(args: argparse.Namespace) -> None:
                              f"{prior.r1} or less")
         r1 = prior.r1
     else:
-        shapes, r1 = resolve_targets(args.preset, dims), None
+        shapes, r1 = resolve_targets(args.preset or DEFAULT_PRESET, dims), None
     inputs = {"--prior": args.prior, "--image": args.image, "--transformer": args.transformer}
     overwrite = bool(getattr(args, "overwrite", False))
     check_output_file(args.out, overwrite=overwrite, inputs=inputs, expected_bytes=lora_file_bytes(shapes, args.rank))

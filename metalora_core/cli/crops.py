@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..faces.detect import DETECTOR_NAMES
+from ..faces.names import DETECTOR_NAMES
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> str:
     from ..faces.run import run_crops
     from ..formats.outputs import remove_stale_crops
     from .checks import check_crops
@@ -26,14 +26,13 @@ def _run(args: argparse.Namespace) -> int:
     if gone:
         logging.getLogger(__name__).info("removed %d crop file(s) of the earlier run that this run did not "
                                          "write again: %s", len(gone), ", ".join(gone))
-    print(result["out_dir"])  # the command's output: where the crops are
-    return 0
+    return str(result["out_dir"])  # the command's output (printed by the CLI): where the crops are
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``crops IMAGE --out DIR [--detector NAME] [--seed N]`` to a CLI's subparsers.
 
-    The parser's ``func`` default is a callable ``(args) -> exit code``.
+    The parser's ``func`` default is a callable ``(args) -> output folder`` (the CLI prints it).
     """
     p = subparsers.add_parser(
         "crops",
