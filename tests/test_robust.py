@@ -29,7 +29,7 @@ from metalora_core.formats.outputs import check_output_file
 from metalora_core.formats.prior import PRIOR_FORMAT, load_prior, make_prior, save_prior
 from metalora_core.hosts.tiny import build_tiny_flux_pipeline
 from metalora_core.lora.layers import FluxDims
-from metalora_core.samples import sample_photo
+from sample_photos import sample_photo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -356,9 +356,12 @@ def test_resume_removes_a_killed_runs_temp_file(tmp_path, capsys):
 
 
 def test_ctrl_c_in_meta_train_is_one_line_exit_130_nothing_half_written(tmp_path):
-    out = tmp_path / "run"
+    from sample_photos import identity_folders
+
+    out, data = tmp_path / "run", identity_folders(tmp_path / "identities")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "metalora_core", "meta-train", "--tiny", "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "metalora_core", "meta-train", "--tiny", "--data", str(data),
+                             "--out", str(out),
                              "--steps", "100000", "--bucket-steps", "50", "--warmup-steps", "2",
                              "--checkpoint-every", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
