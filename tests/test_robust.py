@@ -424,8 +424,9 @@ def test_integer_and_nonfinite_priors_are_refused(flux, tmp_path, capsys):
     bad = {k: v.clone() for k, v in tensors.items()}
     bad[first][0, 0] = float("nan")
     save_file(bad, str(nan), metadata=meta)
-    with pytest.raises(ValueError, match=rf"{nan}: tensor '{first}' holds NaN or inf"):
-        load_prior(nan)
+    args[args.index("--prior") + 1] = str(nan)
+    assert main(args) == 2  # refused before training, naming the file and the layer
+    one_error_line(capsys.readouterr().err, f"--prior {nan}: layer '{first[:-len('.meta_down')]}' holds NaN or inf")
     lora_int = tmp_path / "lora_int.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 3, dtype=torch.int32)},
               str(lora_int))

@@ -148,7 +148,6 @@ def check_personalize(args: argparse.Namespace) -> None:
     from .commands import training_caption
 
     check_device(args.device)
-    training_caption(args.caption, args.class_noun)  # the subject's class is required
     check_finite("--guidance", args.guidance)
     check_finite("--lr", args.lr, positive=True)
     for flag in ("steps", "rank", "resolution"):
@@ -157,6 +156,7 @@ def check_personalize(args: argparse.Namespace) -> None:
     if args.transformer:
         check_transformer_file(args.transformer)
     dims = FluxDims.from_diffusers_config(config)
+    training_caption(args.caption, args.class_noun)  # the subject's class is required
     for p in args.image:
         load_image(p)  # missing or unreadable photo: a clear error now, not after loading FLUX
     if args.prior:
