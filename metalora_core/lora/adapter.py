@@ -85,11 +85,6 @@ class LoRAAdapter(nn.Module):
         flat = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(base.dtype).T)
         return flat.view(base.shape)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The (out, in) weight this adapter adds to its base Linear."""
-        a, b = self.lora_factors()
-        return b @ a
-
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
@@ -181,18 +176,6 @@ class AdapterSet(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def identity_parameters(self) -> list[nn.Parameter]:
-        """Mid and Up of every layer (the identity-specific part, paper Sec. 3)."""
-        out: list[nn.Parameter] = []
-        for _, a in self.items():
-            if a.mid is not None:
-                out.append(a.mid)
-            out.append(a.up)
-        return out
-
-    def down_parameters(self) -> list[nn.Parameter]:
-        return [a.down for _, a in self.items()]
 
 
 class AttachHandle:
