@@ -431,6 +431,6 @@ def test_train_validates_the_prior_before_encoding_and_names_the_file(env, loade
                                                      generator=torch.Generator().manual_seed(0)),
                                 tmp_path / "wide_prior.safetensors")
     prior = prior_mod.load_prior(path)
-    settings = training.TrainSettings(steps=2, resolution=64, preview_every=0, force_retrain=True)
+    settings = training.TrainSettings(stage2_config(steps=2), resolution=64, preview_every=0, force_retrain=True)
     with torch.inference_mode(), pytest.raises(ValueError, match=rf"prior {path}: layer .*another model width"):
         training.train_meta_lora(model, None, prior, crops, cond, settings)
