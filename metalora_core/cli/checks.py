@@ -152,11 +152,12 @@ def check_personalize(args: argparse.Namespace) -> None:
     check_finite("--lr", args.lr, positive=True)
     for flag in ("steps", "rank", "resolution"):
         check_positive_int(f"--{flag}", getattr(args, flag))
+    if (Path(args.model) / "model_index.json").is_file():
+        training_caption(args.caption, args.class_noun)  # the subject's class is required
     config = check_model_folder(args.model, transformer=args.transformer)
     if args.transformer:
         check_transformer_file(args.transformer)
     dims = FluxDims.from_diffusers_config(config)
-    training_caption(args.caption, args.class_noun)  # the subject's class is required
     for p in args.image:
         load_image(p)  # missing or unreadable photo: a clear error now, not after loading FLUX
     if args.prior:
