@@ -418,3 +418,19 @@ def _loss64(host, ad) -> float:
             return float(((pred.double() - (noise - x0).double()) ** 2).mean())
     finally:
         handle.remove()
+
+
+def test_train_validates_the_prior_before_encoding_and_names_the_file(env, loaded, tmp_path):
+    """A prior made for another FLUX width fails before any crop is VAE-encoded (vae=None here:
+    any encode would be an AttributeError), and the error names the prior file."""
+    model, _, crops, cond = loaded
+    training, prior_mod = pack("nodes.training"), pack("metalora_core.formats.prior")
+    layers = pack("metalora_core.lora.layers")
+    wide = layers.FluxDims(hidden=128, mlp_hidden=512, num_double=2, num_single=2)
+    path = prior_mod.save_prior(prior_mod.make_prior(wide, r1=4, preset="attn",
+                                                     generator=torch.Generator().manual_seed(0)),
+                                tmp_path / "wide_prior.safetensors")
+    prior = prior_mod.load_prior(path)
+    settings = training.TrainSettings(stage2_config(steps=2), resolution=64, preview_every=0, force_retrain=True)
+    with torch.inference_mode(), pytest.raises(ValueError, match=rf"prior {path}: layer .*another model width"):
+        training.train_meta_lora(model, None, prior, crops, cond, settings)
