@@ -21,7 +21,7 @@ import folder_paths
 
 from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.formats.lora import lora_state_dict
-from ..metalora_core.formats.prior import Prior
+from ..metalora_core.formats.prior import Prior, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.flow import add_noise
@@ -137,6 +137,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
                   f"(Face Augment made them at {crops.resolution})", node_id)
     host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=settings.gradient_checkpointing)
+    if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
+        validate_prior(prior, host.dims)
     plan = plan_stage2(host, used, ComfyFluxCond.from_conditioning(positive), prior, settings.config)
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
