@@ -29,7 +29,7 @@ from torch import nn
 import comfy.model_management
 import comfy.utils
 
-from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter
+from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter, add_low_rank, down_project
 from ..metalora_core.lora.layers import FluxDims
 
 log = logging.getLogger(__name__)
@@ -124,24 +124,64 @@ class _Blocks:
         self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
+        self._step_factors: dict[tuple, tuple] = {}
+        self._frozen_downs: dict[str, tuple] = {}
+
+    def new_step(self, dtype: torch.dtype) -> None:
+        """Builds the fused factors of every adapted module for one forward (and its backward).
+
+        Built here, before the blocks run, so none of it happens inside a checkpointed block.
+        """
+        self._step_factors.clear()
+        for name, slots in self.slots.items():
+            self._factors(name, slots, self.dm.get_submodule(name).out_features, dtype)
+
+    def _fused_down(self, name: str, slots: list[_Slot]) -> torch.Tensor:
+        """The Down matrices of one fused module stacked (R1, in); built once while they stay frozen."""
+        downs = [s.adapter.down for s in slots]
+        if any(d.requires_grad for d in downs):  # plain LoRA: Down trains, so it is rebuilt every step
+            return downs[0] if len(downs) == 1 else torch.cat(downs)
+        key = tuple((id(d), d._version, d.device, d.dtype) for d in downs)
+        hit = self._frozen_downs.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, downs[0] if len(downs) == 1 else torch.cat(downs))
+            self._frozen_downs[name] = hit
+        return hit[1]
+
+    def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype):
+        """(Down (R1, in), Mid (R2, R1) or None, B (out, R2) in ``dtype``) of one fused module.
+
+        All adapters of a fused module (ComfyUI fuses q/k/v into ``qkv`` and q/k/v/mlp into
+        ``linear1``) as one three-factor LoRA: Downs stacked, Mids block-diagonal, each B padded to
+        its own row slice (padding the small B matrices, not the (tokens, out) activations). Built
+        once per step (``new_step``) and reused by every call in it, checkpoint recompute included.
+        """
+        key = (name, dtype, torch.is_grad_enabled())
+        hit = self._step_factors.get(key)
+        if hit is not None:
+            return hit
+        down = self._fused_down(name, slots)
+        mids = [s.adapter.mid for s in slots]
+        mid = None if mids[0] is None else (mids[0] if len(mids) == 1 else torch.block_diag(*mids))
+        b_parts = []
+        for s in slots:
+            b = s.adapter.up_factor()  # (size, r)
+            b_parts.append(b if s.size == out_features else F.pad(b, (0, 0, s.start, out_features - s.start - s.size)))
+        b = (b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)).to(dtype)
+        self._step_factors[key] = hit = (down, mid, b)
+        return hit
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = module(x)  # (..., out): base output, never modified
         slots = self.slots.get(name) if self.adapters_on else None
         if not slots:
             return y
-        # All adapters of one fused module as one LoRA: A stacked (R, in), B (out, R) with each
-        # adapter's rows at its slice. Padding the small B matrices (not the (tokens, out)
-        # activations) keeps it to one low-rank pass, the add fused into the matmul.
-        a_parts, b_parts = [], []
-        for s in slots:
-            a, b = s.adapter.lora_factors()  # (r, in), (size, r)
-            a_parts.append(a)
-            b_parts.append(F.pad(b, (0, 0, s.start, y.shape[-1] - s.start - s.size)))  # (out, r)
-        a, b = torch.cat(a_parts), torch.cat(b_parts, dim=1)
-        h = F.linear(x.to(a.dtype), a).to(y.dtype)  # (..., R)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(y.dtype).T)
-        return out.view(y.shape)
+        down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype)
+        h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
+        if mid is not None:
+            h = F.linear(h, mid)  # (..., R2)
+        return add_low_rank(y, h, b)
 
     def _seq(self, name: str, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(seq, nn.Sequential):
@@ -342,6 +382,8 @@ class ComfyFluxHost:
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: ComfyFluxCond) -> torch.Tensor:
         """Flow velocity ``noise - x0`` for (B, C, h, w) model-space latents and (B,) sigmas."""
         patcher = self.patcher if self.patcher is not None else self.source
+        if self._blocks is not None:
+            self._blocks.new_step(self.dtype)  # the adapters may have changed since the last forward
         base = patcher.model
         dev, dt = self.device, self.dtype
         b = x_t.shape[0]
