@@ -53,13 +53,35 @@ class DiffusersFluxHost:
         transformer: a ``FluxTransformer2DModel`` (frozen here).
         guidance: the distilled-guidance input used while training (ai-toolkit trains at 1.0).
         gradient_checkpointing: recompute block activations in backward to save memory.
+        checkpoint_every: with checkpointing on, recompute only every k-th block (counting
+            double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
+        compile_blocks: ``torch.compile`` each transformer block while training (off by default).
     """
 
-    def __init__(self, transformer: torch.nn.Module, *, guidance: float = 1.0, gradient_checkpointing: bool = False):
+    def __init__(self, transformer: torch.nn.Module, *, guidance: float = 1.0, gradient_checkpointing: bool = False,
+                 checkpoint_every: int = 1, compile_blocks: bool = False):
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
         self.transformer = transformer
         self.guidance = float(guidance)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.checkpoint_every = int(checkpoint_every)
+        self.compile_blocks = bool(compile_blocks)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def _checkpoint_func(self):
+        """diffusers' checkpoint hook, recomputing only the blocks ``checkpoint_every`` selects."""
+        chosen = {id(b) for i, b in enumerate(self._blocks()) if i % self.checkpoint_every == 0}
+
+        def run(block, *args):
+            if id(block) in chosen:
+                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+            return block(*args)
+
+        return run
 
     @property
     def device(self) -> torch.device:
@@ -78,10 +100,17 @@ class DiffusersFluxHost:
         flags = [p.requires_grad for p in self.transformer.parameters()]
         self.transformer.requires_grad_(False)
         if self.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            self.transformer.enable_gradient_checkpointing(
+                None if self.checkpoint_every == 1 else self._checkpoint_func())
+        if self.compile_blocks:
+            for b in self._blocks():
+                b.compile()
         try:
             yield
         finally:
+            if self.compile_blocks:
+                for b in self._blocks():
+                    b._compiled_call_impl = None  # back to the eager forward
             if self.gradient_checkpointing:
                 self.transformer.disable_gradient_checkpointing()
             for p, f in zip(self.transformer.parameters(), flags):
