@@ -30,6 +30,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter, add_low_rank, down_project
+from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,10 @@ def map_adapters(model_patcher: Any, adapters: AdapterSet) -> dict[str, list[_Sl
 class _Blocks:
     """Out-of-place FLUX block forwards with bypass adapters (the ``patches_replace`` targets)."""
 
-    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool):
+    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool,
+                 checkpoint_every: int = 1):
         self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
+        self.checkpoint_every = int(checkpoint_every)
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
         self._step_factors: dict[tuple, tuple] = {}
@@ -172,8 +175,20 @@ class _Blocks:
         self._step_factors[key] = hit = (down, mid, b)
         return hit
 
+    @staticmethod
+    def _base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The frozen Linear. Plain float8 weights are cast inside an autograd Function that keeps
+        the float8 weight for backward (ComfyUI's cast would keep a bf16 copy of every weight)."""
+        w = getattr(module, "weight", None)
+        if (torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter and w.dtype in FP8_DTYPES
+                and w.device == x.device and getattr(module, "comfy_cast_weights", False)
+                and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)
+                and getattr(module, "scale_weight", None) is None and getattr(module, "scale_input", None) is None):
+            return stored_linear(x, w, module.bias)
+        return module(x)
+
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = module(x)  # (..., out): base output, never modified
+        y = self._base(module, x)  # (..., out): base output, never modified
         slots = self.slots.get(name) if self.adapters_on else None
         if not slots:
             return y
@@ -242,8 +257,9 @@ class _Blocks:
         out = self._linear(f"{p}.linear2", b.linear2, torch.cat((attn, b.mlp_act(mlp)), 2))
         return x + gate * out
 
-    def _run(self, fn, *args):
-        if self.checkpoint and torch.is_grad_enabled():
+    def _run(self, index: int, fn, *args):
+        """Runs block ``index`` (double blocks first, then single), checkpointed every k-th block."""
+        if self.checkpoint and torch.is_grad_enabled() and index % self.checkpoint_every == 0:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -279,7 +295,7 @@ class _Blocks:
         def patch(args: dict, extra: dict) -> dict:
             if "double" not in self.checked:
                 self.check_against_comfy("double", i, args, extra["original_block"])
-            img, txt = self._run(lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
+            img, txt = self._run(i, lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
                                  args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": img, "txt": txt}
         return patch
@@ -288,7 +304,7 @@ class _Blocks:
         def patch(args: dict, extra: dict) -> dict:
             if "single" not in self.checked:
                 self.check_against_comfy("single", i, args, extra["original_block"])
-            x = self._run(lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
+            x = self._run(len(self.dm.double_blocks) + i, lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
                           args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": x}
         return patch
@@ -333,9 +349,15 @@ class ComfyFluxHost:
         guidance: FLUX's distilled-guidance input while training (1.0, as ai-toolkit trains).
         gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint,
             non-reentrant) to save activation memory.
+        checkpoint_every: with checkpointing on, recompute only every k-th block (double blocks
+            then single blocks, counted from 0); 1 checkpoints all of them.
     """
 
-    def __init__(self, model: Any, *, guidance: float = 1.0, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, model: Any, *, guidance: float = 1.0, gradient_checkpointing: bool = False,
+                 checkpoint_every: int = 1) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
+        self.checkpoint_every = int(checkpoint_every)
         self.source = model
         self.dims = flux_dims(model)
         self.guidance = float(guidance)
@@ -347,6 +369,17 @@ class ComfyFluxHost:
     def device(self) -> torch.device:
         return self.source.load_device
 
+    def _on_device(self, cond: ComfyFluxCond, dev, dt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning on the device, copied once per caption (not once per step)."""
+        src = (cond.context, cond.y)
+        key = (tuple(id(t) for t in src), tuple(-1 if t is None else t._version for t in src), dev, dt)
+        memo = getattr(self, "_cond_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[2]
+        out = (cond.context.to(dev, dt), None if cond.y is None else cond.y.to(dev, dt))
+        self._cond_memo = (key, src, out)
+        return out
+
     @property
     def dtype(self) -> torch.dtype:
         return self.source.model.get_dtype_inference()
@@ -356,7 +389,7 @@ class ComfyFluxHost:
         slots = map_adapters(self.source, adapters)
         dm = self.source.model.diffusion_model
         clone = self.source.clone()
-        blocks = _Blocks(dm, slots, self.gradient_checkpointing)
+        blocks = _Blocks(dm, slots, self.gradient_checkpointing, self.checkpoint_every)
         for i in range(len(dm.double_blocks)):
             clone.set_model_patch_replace(blocks.double_patch(i), "dit", "double_block", i)
         for i in range(len(dm.single_blocks)):
@@ -389,9 +422,10 @@ class ComfyFluxHost:
         b = x_t.shape[0]
         t = base.model_sampling.timestep(sigma.to(dev)).float()  # FLUX: t = sigma
         kwargs = {"guidance": torch.full((b,), cond.guidance, device=dev, dtype=dt)}
-        if cond.y is not None:
-            kwargs["y"] = cond.y.to(dev, dt).expand(b, -1)
+        context, y = self._on_device(cond, dev, dt)
+        if y is not None:
+            kwargs["y"] = y.expand(b, -1)
         topts = dict(patcher.model_options.get("transformer_options", {}))
-        out = base.diffusion_model(x_t.to(dev, dt), t, context=cond.context.to(dev, dt).expand(b, -1, -1),
+        out = base.diffusion_model(x_t.to(dev, dt), t, context=context.expand(b, -1, -1),
                                    transformer_options=topts, **kwargs)
         return out  # CONST sampling: denoised = x_t - sigma * out, so out is the velocity

@@ -68,6 +68,24 @@ class DiffusersFluxHost:
         self.checkpoint_every = int(checkpoint_every)
         self.compile_blocks = bool(compile_blocks)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
+        self._cond_memo: tuple | None = None  # the conditioning on the device: no copy per step
+        self._ids_memo: dict[tuple, torch.Tensor] = {}
+
+    def _on_device(self, cond: FluxTextCond, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+        src = (cond.pooled, cond.prompt_embeds, cond.text_ids)
+        key = (tuple(id(t) for t in src), tuple(t._version for t in src), dev, dt)
+        memo = self._cond_memo
+        if memo is not None and memo[0] == key:
+            return memo[2]
+        tensors = tuple(t.to(dev, dt) for t in src)
+        self._cond_memo = (key, src, tensors)  # src held: the ids stay theirs while memoised
+        return tensors
+
+    def _image_ids(self, h: int, w: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
+        key = (h, w, dev, dt)
+        if key not in self._ids_memo:
+            self._ids_memo[key] = image_ids(h, w, dev, dt)
+        return self._ids_memo[key]
 
     def _blocks(self) -> list[torch.nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
@@ -132,14 +150,15 @@ class DiffusersFluxHost:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
+        pooled, embeds, text_ids = self._on_device(cond, dev, dt)
         out = self.transformer(
             hidden_states=pack_latents(x_t).to(dev, dt),
             timestep=sigma.to(dev, dt),
             guidance=guidance,
-            pooled_projections=cond.pooled.to(dev, dt).expand(b, -1),
-            encoder_hidden_states=cond.prompt_embeds.to(dev, dt).expand(b, -1, -1),
-            txt_ids=cond.text_ids.to(dev, dt),
-            img_ids=image_ids(h, w, dev, dt),
+            pooled_projections=pooled.expand(b, -1),
+            encoder_hidden_states=embeds.expand(b, -1, -1),
+            txt_ids=text_ids,
+            img_ids=self._image_ids(h, w, dev, dt),
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
