@@ -125,6 +125,7 @@ class _Blocks:
                  checkpoint_every: int = 1):
         self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
         self.checkpoint_every = int(checkpoint_every)
+        self.fp8_recast = True  # False: ComfyUI's own cast (keeps a compute-dtype copy of each weight)
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
         self._step_factors: dict[tuple, tuple] = {}
@@ -175,12 +176,11 @@ class _Blocks:
         self._step_factors[key] = hit = (down, mid, b)
         return hit
 
-    @staticmethod
-    def _base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The frozen Linear. Plain float8 weights are cast inside an autograd Function that keeps
         the float8 weight for backward (ComfyUI's cast would keep a bf16 copy of every weight)."""
         w = getattr(module, "weight", None)
-        if (torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter and w.dtype in FP8_DTYPES
+        if (self.fp8_recast and torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter and w.dtype in FP8_DTYPES
                 and w.device == x.device and getattr(module, "comfy_cast_weights", False)
                 and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)
                 and getattr(module, "scale_weight", None) is None and getattr(module, "scale_input", None) is None):

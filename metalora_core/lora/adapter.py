@@ -272,6 +272,8 @@ class SharedCast:
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x
+        if torch.compiler.is_compiling():  # a compiled graph shares the cast itself; no Python state
+            return x.to(dtype)
         out = self._out
         if (out is not None and self._src is x and self._version == x._version and out.dtype == dtype
                 and (out.grad_fn is not None) == (torch.is_grad_enabled() and x.requires_grad)):
