@@ -393,18 +393,22 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n = args.warmup + args.repeats
-    if mode == "bare":
+    times: list[float] = []
+    if n == 0:  # --repeats 0 --warmup 0: memory and kernels only (a CPU at full width)
+        pass
+    elif mode == "bare":
         times = time_bare(host, latents, cond, device, n)
     else:
         times = time_trainer(host, adapters, latents, cond, device, n)
-    med = statistics.median(times[args.warmup:] or times)
+    med = statistics.median(times[args.warmup:] or times) if times else None
     out = {"image_tokens": img_tokens, "text_tokens": args.text_tokens, "blocks": n_blocks,
            "checkpointed_blocks": checkpointed(n_blocks, ck), "repeats": len(times[args.warmup:] or times),
-           "s_per_step": round(med, 5), "projected_375_s": round(375 * med, 1),
+           "s_per_step": None if med is None else round(med, 5),
+           "projected_375_s": None if med is None else round(375 * med, 1),
            "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
            "saved_bytes": saved, "saved_gib": round(saved / GIB, 4), "kernels": kernels,
-           "tflop": _sig(flops["tflop"]), "tflops": _sig(flops["tflop"] / med),
-           "utilisation": _sig(flops["tflop"] / med / peak) if peak else None}
+           "tflop": _sig(flops["tflop"]), "tflops": None if med is None else _sig(flops["tflop"] / med),
+           "utilisation": _sig(flops["tflop"] / med / peak) if peak and med else None}
     if adapters is not None:
         out["adapted_layers"] = len(adapters.names)
     return out

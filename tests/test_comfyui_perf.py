@@ -112,3 +112,20 @@ def test_fp8_weights_stay_fp8_through_backward(models):
     assert saved < 0.8 * ref_saved, (saved, ref_saved)  # no compute-dtype copy of the weights kept
     _, fp32_saved, _ = _step(models["fp32"])
     assert saved <= 1.01 * fp32_saved, (saved, fp32_saved)
+
+
+def test_memory_choice_plans_checkpointing(env):
+    plan = pack("nodes.training").checkpoint_plan
+    flux = dict(blocks=57, tokens=1536, hidden=3072, element_size=2)
+    gib = 1024**3
+    assert plan("fast", False, **flux, free_bytes=1 * gib) == 0
+    assert plan("low", False, **flux, free_bytes=200 * gib) == 1
+    assert plan("fast", True, **flux, free_bytes=200 * gib) == 1  # the old switch still means every block
+    assert plan("auto", False, **flux, free_bytes=None) == 0  # CPU: nothing to plan for
+    assert plan("auto", False, **flux, free_bytes=40 * gib) == 0  # ~7.5 GiB of activations fit
+    k = plan("auto", False, **flux, free_bytes=6 * gib)
+    assert 1 < k < 57  # some blocks recomputed, not all
+    assert plan("auto", False, **flux, free_bytes=6 * gib // 2) < k  # less room: denser
+    assert plan("auto", False, **flux, free_bytes=1) == 1
+    with pytest.raises(ValueError, match="memory must be one of .*got 'medium'"):
+        plan("medium", False, **flux, free_bytes=None)

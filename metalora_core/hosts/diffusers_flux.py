@@ -238,4 +238,28 @@ def personalize_pipeline(
     cond = encode_prompt(pipe, caption, max_sequence_length=max_sequence_length)
     adapters = build_adapters(host.dims, prior, rank=config.r2, preset=preset or DEFAULT_PRESET, seed=config.seed,
                               source=prior_source)
-    return personalize(host, adapters, latents, cond, config, callback)
+    with encoders_off_device(pipe, host.device):
+        return personalize(host, adapters, latents, cond, config, callback)
+
+
+@contextlib.contextmanager
+def encoders_off_device(pipe, device: torch.device) -> Iterator[None]:
+    """Moves the VAE and text encoders that sit on ``device`` to the CPU while training.
+
+    Their outputs are cached before training starts; on an accelerator they would only hold
+    memory the training step can use. They go back to ``device`` afterwards. Modules already
+    elsewhere (CPU offload hooks) are left alone.
+    """
+    moved = []
+    if torch.device(device).type != "cpu":
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            p = next(m.parameters(), None) if m is not None else None
+            if p is not None and p.device == torch.device(device):
+                m.to("cpu")
+                moved.append(m)
+    try:
+        yield
+    finally:
+        for m in moved:
+            m.to(device)
