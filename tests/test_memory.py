@@ -127,3 +127,22 @@ def test_down_project_gradients_match_autograd():
     assert gx.dtype == torch.bfloat16
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gd, rd)
+
+
+def test_shared_cast_is_not_reused_for_another_input():
+    """bf16 chain l2(l1(x)): each adapter sees its own Linear's input, cast from that input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).to(torch.bfloat16).requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    ads = AdapterSet({n: LoRAAdapter(16, 16, rank=1, r1=4, generator=g) for n in ("0", "1")}, mode="meta", preset=None)
+    ads.freeze_down(True)
+    with torch.no_grad():
+        for _, a in ads.items():
+            a.up.normal_(generator=g)
+    x = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        with attach_adapters(model, ads):
+            got = model(x)
+        h = ads["0"].add_to(model[0](x), x)
+        expect = ads["1"].add_to(model[1](h), h)
+    assert torch.equal(got, expect)
