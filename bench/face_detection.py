@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from metalora_core.faces import AugmentConfig, get_detector, load_image, make_crops
-from metalora_core.samples import sample_photo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sample_photos import sample_photo  # noqa: E402  (the tests' photo fetcher, not installed)
 
 PHOTOS = ("obama", "obama2", "obama3", "biden", "astronaut", "t1", "coffee")
 

@@ -1,9 +1,10 @@
 """Helpers for the ComfyUI-tier tests: a real ComfyUI checkout, run in-process.
 
 ComfyUI is not on the package registries; tests find a git checkout through the environment
-variable ``COMFYUI_PATH`` (the folder holding ComfyUI's ``main.py``) and skip when it is unset.
+variable ``COMFYUI_PATH`` (the folder holding ComfyUI's ``main.py``) and skip when it is unset,
+except in CI and under ``make test-comfyui``, where a missing checkout is an error.
 
-* :func:`comfyui_path` - the checkout, or ``None``.
+* :func:`comfyui_path` - the checkout, or ``None`` (an error where :func:`comfyui_required`).
 * :func:`write_tiny_flux_models` - small random-weight model files in ComfyUI's key layout
   (FLUX diffusion model, FLUX-layout VAE, CLIP-L text encoder). Pure torch + safetensors,
   deterministic for a given seed; does not need ComfyUI.
@@ -43,15 +44,29 @@ TINY_CLIP_FILE = "tiny_clip_l.safetensors"
 # Locating ComfyUI
 # --------------------------------------------------------------------------------------------
 
+def comfyui_required() -> bool:
+    """True in CI (``CI=true``) and under ``make test-comfyui``: a missing ComfyUI is an error there."""
+    flags = (os.environ.get("CI", ""), os.environ.get("METALORA_REQUIRE_COMFYUI", ""))
+    return any(f.strip().lower() in ("1", "true", "yes") for f in flags)
+
+
 def comfyui_path() -> pathlib.Path | None:
-    """The ComfyUI checkout named by ``$COMFYUI_PATH``, or None if unset / not a checkout."""
+    """The ComfyUI checkout named by ``$COMFYUI_PATH``, or None if unset / not a checkout.
+
+    Raises:
+        RuntimeError: no checkout while :func:`comfyui_required` (the tier must run, not skip).
+    """
     value = os.environ.get(COMFYUI_ENV, "").strip()
-    if not value:
-        return None
-    path = pathlib.Path(value).expanduser().resolve()
-    if not (path / "comfy").is_dir():
-        return None
-    return path
+    path = pathlib.Path(value).expanduser().resolve() if value else None
+    if path is not None and (path / "comfy").is_dir():
+        return path
+    if comfyui_required():
+        raise RuntimeError(
+            f"the ComfyUI tier must run here (CI or METALORA_REQUIRE_COMFYUI) but {COMFYUI_ENV}="
+            f"{value!r} is not a ComfyUI checkout (no comfy/ folder); set it, e.g. with "
+            '\'eval "$(../shared/comfyui/setup.sh)"\''
+        )
+    return None
 
 
 SKIP_REASON = (

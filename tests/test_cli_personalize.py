@@ -1,13 +1,14 @@
 """`metalora personalize` and `metalora export` on a local diffusers FLUX folder (the tiny one, saved)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from metalora_core.cli import main
 from metalora_core.formats.lora import load_lora
 from metalora_core.lora.layers import FluxDims
 from metalora_core.formats.prior import make_prior, save_prior
-from metalora_core.samples import sample_photo
+from sample_photos import sample_photo
 from metalora_core.hosts.tiny import build_tiny_flux_pipeline
 
 
@@ -35,9 +36,10 @@ def test_personalize_then_export_from_state(tmp_path):
     plain = tmp_path / "out" / "plain.safetensors"
     assert main(["personalize", "--model", str(model_dir), "--image", str(sample_photo("obama")), "--out", str(plain),
                  "--steps", "2", "--resolution", "128", "--dtype", "float32", "--device", "cpu",
-                 "--no-augment", "--preset", "attn"]) == 0
+                 "--no-augment", "--preset", "attn", "--class-noun", "man"]) == 0
     t3, m3 = load_lora(plain)
     assert m3["mode"] == "lora" and m3["detector"] == "yunet" and len(t3) == 2 * 22
+    assert m3["caption"] == "a photo of a man"  # from --class-noun
     # a single-file transformer overrides the folder's (its config still comes from the folder)
     from safetensors.torch import save_file
 
@@ -57,3 +59,20 @@ def test_personalize_reports_missing_model_folder(tmp_path, capsys):
     assert main(["personalize", "--model", str(tmp_path), "--image", "x.jpg", "--out", str(tmp_path / "l.safetensors"),
                  "--device", "cpu"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_personalize_requires_the_class_noun_or_a_caption(tmp_path, capsys):
+    """No caption is assumed for the subject (the paper states none): the command says what to pass."""
+    from metalora_core.cli.commands import training_caption
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model_index.json").write_text("{}", encoding="utf-8")
+    assert main(["personalize", "--model", str(model_dir), "--image", "x.jpg", "--out", str(tmp_path / "l.safetensors"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--class-noun" in err and "--caption" in err
+    assert training_caption(None, "woman") == "a photo of a woman"
+    assert training_caption("a photo of a dog", "woman") == "a photo of a dog"  # --caption wins
+    with pytest.raises(ValueError, match="--class-noun"):
+        training_caption("  ", None)

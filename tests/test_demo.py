@@ -10,13 +10,13 @@ from metalora_core.formats.lora import load_lora
 from metalora_core.formats.prior import load_prior
 
 
-def test_demo_writes_all_outputs(tmp_path, capsys):
+def test_demo_writes_all_outputs(tmp_path, capsys, sample):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "6"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--steps", "6", "--photo", str(sample("astronaut"))]) == 0
+    printed = capsys.readouterr().out.splitlines()
     for name in ("prior.safetensors", "crops.png", "lora.safetensors", "samples.png", "loss.png", "report.json"):
         assert (out / name).is_file(), name
-        assert str(out / name) in printed or name == "report.json" or name in printed
+        assert any(line.split()[-1:] == [str(out / name)] for line in printed), (name, printed)
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 6 and report["detector"] == "yunet" and report["crops"] >= 5
     assert report["seconds_per_step"] > 0 and report["peak_memory_mb"] > 0
@@ -28,3 +28,9 @@ def test_demo_writes_all_outputs(tmp_path, capsys):
     assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_B.weight"))
     assert not any(torch.isnan(t).any() for t in tensors.values())
     assert not list(out.glob(".*.tmp")), "no temp files left behind"
+
+
+def test_demo_without_a_photo_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"]) == 2
+    assert "pass --photo PATH" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from metalora_core.cli.eval import read_identities, register
+from metalora_core.cli.eval import register
+from metalora_core.data.identities import read_identity_folders
 from metalora_core.draw.eval_figures import ScatterPoint, draw_scatter, draw_score_grid
 from metalora_core.eval.metrics import clip_t, face_sim, load_clip, r_face_sim, split_reference
 from metalora_core.faces import get_detector, get_embedder, load_image
 from metalora_core.data.prompts import PROMPT_TABLES, expand_prompt, is_template, load_prompts
-from metalora_core.samples import sample_photo
+from sample_photos import sample_photo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +296,9 @@ def test_cli_eval_writes_scores_summary_and_scatter(tmp_path, photos, tiny_clip_
     _save(ImageOps.mirror(photos["biden"]), ids / "biden" / "b_biden_mirrored.png")
     (ids / "biden" / "gender.txt").write_text("man\n")
     _save(photos["obama"], ids / "solo" / "only.jpg")  # one photo: CLIP-T and FaceSim only
-    assert read_identities(ids)["obama"]["reference"].name == "b_obama2.jpg"
+    read = read_identity_folders(ids)
+    assert read["obama"].reference.name == "b_obama2.jpg"
+    assert [p.name for p in read["obama"].test] == ["a_obama.jpg", "c_obama3.jpg"] and read["biden"].gender == "man"
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\nA [man/woman] in a park, looking at the camera.\nA portrait of a [man/woman].\n")

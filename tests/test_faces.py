@@ -1,11 +1,10 @@
 """Faces on real photos: detection, the paper's crop grid, identity embeddings, input hygiene.
 
-Photos come from registry packages (see metalora_core.samples); no detector is mocked.
+Photos come from registry packages (see tests/sample_photos.py); no detector is mocked.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -30,7 +29,6 @@ from metalora_core.faces import (
     run_crops,
     select_face,
 )
-from metalora_core.cli.crops import register
 from metalora_core.faces.embed import align_face
 
 # Face boxes (x0, y0, x1, y1) read off the photos by eye after drawing the detector's boxes.
@@ -342,13 +340,12 @@ def test_run_crops_writes_pngs_sheet_and_json(sample, tmp_path: Path) -> None:
 
 
 def test_crops_subcommand(sample, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metalora")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet", "--seed", "1"]
-    )
-    assert args.func(args) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "c")
+    """`metalora crops` through the real entry point prints the output folder and nothing else."""
+    from metalora_core.cli import main
+
+    assert main(["crops", str(sample("obama")), "--out", str(tmp_path / "c"), "--detector", "yunet",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'c'}\n"
     assert (tmp_path / "c" / "crops.json").is_file()
 
 
@@ -367,14 +364,18 @@ def test_drawing_helpers(photo) -> None:
     assert sheet.size[0] == 64 * min(5, len(crops)) and sheet.size[1] == math.ceil(len(crops) / 5) * (64 + 16)
 
 
-def test_resize_to_bucket_keeps_the_photo_ratio(photo) -> None:
-    from metalora_core.faces import resize_to_bucket
+def test_resize_to_bucket_snaps_to_the_closest_paper_ratio(photo) -> None:
+    from metalora_core.faces import fit_to_ratio, resize_to_bucket
 
-    image = photo("obama2")  # 626 x 1200
+    image = photo("obama2")  # 626 x 1200 (0.52): closest of the paper's ratios is 9:16
     out = resize_to_bucket(image, 512 * 512)
+    assert out.size == bucket_size((9, 16), 512 * 512, 16)  # the crop grid's bucket: they batch together
     assert out.size[0] % 16 == 0 and out.size[1] % 16 == 0
     assert abs(out.size[0] * out.size[1] / (512 * 512) - 1) < 0.1
-    assert abs(out.size[0] / out.size[1] - 626 / 1200) < 0.03
+    ratio, box = fit_to_ratio(image.size)
+    assert ratio == (9, 16) and box == (0, 43, 626, 1156)  # the centred 9:16 box, full width
+    reference = image.resize(out.size, Image.Resampling.LANCZOS, box=box)
+    assert np.array_equal(np.asarray(out), np.asarray(reference))
 
 
 def test_whole_photo_crop_maps_the_face_box(detector, photo) -> None:
@@ -384,6 +385,7 @@ def test_whole_photo_crop_maps_the_face_box(detector, photo) -> None:
     face = select_face(image, detector)
     crop = whole_photo_crop(image, face, 256 * 256)
     assert crop.size == crop.image.size and not crop.flipped and crop.scale == 0.0
+    assert crop.ratio == (9, 16) and crop.size == bucket_size((9, 16), 256 * 256, 16)  # resize_to_bucket's rule
     # the detector finds the same face in the resized photo, where the mapped box says it is
     again = select_face(crop.image, detector)
     assert iou(again.box, crop.face_box) > 0.8

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -48,3 +50,21 @@ def test_pyproject_and_requirements_agree():
     reqs = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower()
             for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert reqs == deps - {"torch"}, "requirements.txt (for ComfyUI-Manager) lists the runtime deps except torch"
+
+
+def test_cli_help_imports_no_torch():
+    """`metalora --help` builds every subcommand's parser without importing torch, OpenCV or numpy."""
+    code = ("import sys\nfrom metalora_core.cli import build_parser\nbuild_parser().format_help()\n"
+            "heavy = sorted(m for m in ('torch', 'cv2', 'numpy', 'diffusers') if m in sys.modules)\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "", f"--help imported {out.stdout.strip()}"
+
+
+def test_faces_lazy_exports_all_resolve():
+    import metalora_core.faces as faces
+
+    assert sorted(faces.__all__) == sorted(faces._EXPORTS)
+    for name in faces.__all__:
+        assert getattr(faces, name) is getattr(importlib.import_module(faces._EXPORTS[name], faces.__name__), name)

@@ -1,13 +1,16 @@
-"""Sample photos come from registry archives, hash-checked and cached atomically."""
+"""The tests' sample photos (tests/sample_photos.py) come from registry archives, hash-checked and cached."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from metalora_core import samples
+import sample_photos as samples
 
 
 def test_every_sample_has_a_licence_note() -> None:
@@ -58,4 +61,16 @@ def test_offline_pip_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, t
     )
     with pytest.raises(RuntimeError, match="pip could not download face-recognition-does-not-exist"):
         samples.sample_photo("obama")
-    assert not list((tmp_path / "samples").glob("*")) if (tmp_path / "samples").exists() else True
+    assert not (tmp_path / "samples").exists()  # nothing cached, not even an empty folder
+
+
+def test_script_prints_paths_and_lays_out_identities(sample, tmp_path: Path) -> None:
+    """`python tests/sample_photos.py` is what `make demo` and `make meta-train-tiny` call."""
+    script = Path(samples.__file__)
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    out = subprocess.run([sys.executable, str(script), "astronaut", "--identities", str(tmp_path / "ids")],
+                         capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.splitlines() == [str(sample("astronaut")), str(tmp_path / "ids")]
+    laid = sorted(str(p.relative_to(tmp_path / "ids")) for p in (tmp_path / "ids").rglob("*.*"))
+    assert laid == ["astronaut/astronaut.png", "biden/biden.jpg", "obama/obama.jpg", "obama/obama2.jpg",
+                    "obama/obama3.jpg"]

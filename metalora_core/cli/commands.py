@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photo", help="photo of one person ('make demo' fetches a public-domain one)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
@@ -27,16 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
     p.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     p.add_argument("--state", help="also save the three-layer adapter state here (for 'metalora export')")
-    p.add_argument("--caption", default="a photo of a woman", help="training caption (the class noun, no trigger word)")
+    p.add_argument("--caption", default=None,
+                   help="training caption, e.g. 'a photo of a woman' (default: 'a photo of a <class noun>')")
+    p.add_argument("--class-noun", default=None,
+                   help="what the subject is (woman, man, person, ...); the caption becomes 'a photo of a <noun>'")
     p.add_argument("--steps", type=int, default=375)
     p.add_argument("--rank", type=int, default=1, help="r2 (Meta-LoRA) or r (plain LoRA)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="attn_mlp", help="target layers for a plain LoRA (attn, attn_mlp, all)")
+    p.add_argument("--preset", default=None,
+                   help="target layers for a plain LoRA: attn, attn_mlp or all (default all, as ai-toolkit trains)")
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -49,16 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _demo(args: argparse.Namespace) -> str:
     from .demo import run_demo
 
-    report = run_demo(args.out, steps=args.steps, seed=args.seed)
+    report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
              f"detector {report['detector']})"]
@@ -93,6 +92,24 @@ def _inspect(args: argparse.Namespace) -> dict:
     return info
 
 
+def training_caption(caption: str | None, class_noun: str | None) -> str:
+    """The Stage-2 caption: ``caption`` as given, else "a photo of a <class_noun>".
+
+    The paper states no caption; the subject's class comes from the user, never a default.
+
+    Raises:
+        ValueError: neither is given (or both are blank).
+    """
+    if caption and caption.strip():
+        return caption.strip()
+    if class_noun and class_noun.strip():
+        from ..train.recipe import class_caption
+
+        return class_caption(class_noun.strip())
+    raise ValueError("personalize needs the subject's class: pass --class-noun woman|man|person|... (caption "
+                     "'a photo of a <noun>') or --caption 'a photo of a ...'")
+
+
 def _dtype(name: str):
     import torch
 
@@ -108,6 +125,7 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..faces import AugmentConfig, load_image
     from ..formats.files import sha256_file
     from ..formats.prior import load_prior
+    from ..lora.layers import DEFAULT_PRESET
     from ..train.recipe import face_crops
     from ..train.stage2 import Stage2Config
 
@@ -115,12 +133,14 @@ def _personalize(args: argparse.Namespace) -> str:
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
                                 "pass the folder that holds model_index.json")
+    caption = training_caption(args.caption, args.class_noun)
     dtype = _dtype(args.dtype)
     kw = {}
     if args.transformer:
         kw["transformer"] = FluxTransformer2DModel.from_single_file(
             args.transformer, config=str(model), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(device)
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
     area = args.resolution * args.resolution
@@ -134,12 +154,12 @@ def _personalize(args: argparse.Namespace) -> str:
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
     with torch.random.fork_rng(devices=[]):
-        result = personalize_pipeline(pipe, prior, made.images, caption=args.caption, config=config,
-                                      preset=args.preset, guidance=args.guidance,
+        result = personalize_pipeline(pipe, prior, made.images, caption=caption, config=config,
+                                      preset=args.preset or DEFAULT_PRESET, guidance=args.guidance,
                                       gradient_checkpointing=args.gradient_checkpointing, callback=progress,
                                       prior_source=str(args.prior))
     detector, adapters = made.detector, result.adapters
-    meta = dict(steps=str(args.steps), caption=args.caption, seed=str(args.seed), detector=detector,
+    meta = dict(steps=str(args.steps), caption=caption, seed=str(args.seed), detector=detector,
                 prior_sha256=prior.sha256 if prior else "",
                 image_sha256=",".join(sha256_file(p) for p in args.image))
     out = save_lora(result.adapters, args.out, **meta)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..faces.detect import DETECTOR_NAMES
+from ..faces.names import DETECTOR_NAMES
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> str:
     from ..faces.run import run_crops
 
     result = run_crops(
@@ -18,14 +18,13 @@ def _run(args: argparse.Namespace) -> int:
         face_index=args.face,
         insightface_root=args.insightface_root,
     )
-    print(result["out_dir"])  # the command's output: where the crops are
-    return 0
+    return str(result["out_dir"])  # the command's output (printed by the CLI): where the crops are
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``crops IMAGE --out DIR [--detector NAME] [--seed N]`` to a CLI's subparsers.
 
-    The parser's ``func`` default is a callable ``(args) -> exit code``.
+    The parser's ``func`` default is a callable ``(args) -> output folder`` (the CLI prints it).
     """
     p = subparsers.add_parser(
         "crops",

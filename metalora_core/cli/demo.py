@@ -34,12 +34,18 @@ DEMO_PROMPTS = (
 
 
 def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r2: int = 1,
-             photo: str = "astronaut", bucket_area: int = 256 * 256, sample_size: int = 128,
+             photo: str | Path | None = None, bucket_area: int = 256 * 256, sample_size: int = 128,
              sample_steps: int = 4) -> dict:
-    """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``."""
-    from ..faces import AugmentConfig, contact_sheet, labelled_sheet
-    from ..samples import sample_photo
+    """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``.
 
+    ``photo``: a photo of one person (``make demo`` fetches a public-domain one first).
+    """
+    from ..faces import AugmentConfig, contact_sheet, labelled_sheet
+
+    if photo is None or not Path(photo).is_file():
+        raise FileNotFoundError(
+            f"the demo needs a photo of one person: pass --photo PATH (got {photo}); 'make demo' fetches "
+            "a public-domain one with 'python tests/sample_photos.py astronaut'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -51,7 +57,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
                    generator=torch.Generator().manual_seed(seed), domain="demo"), out / "prior.safetensors")
     prior = load_prior(prior_path)
 
-    photo_path = sample_photo(photo)
+    photo_path = Path(photo)
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
     atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     caption = class_caption("woman")

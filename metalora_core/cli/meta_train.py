@@ -1,14 +1,13 @@
 """``metalora meta-train``: Stage-1 on a folder of identities -> a Meta-Down prior file.
 
-``--tiny`` runs the whole thing on CPU in about a minute: the demo's tiny FLUX and a small
-multi-identity dataset made of real sample photos (obama x3, biden, astronaut).
+``--tiny`` runs the whole thing on CPU in about a minute on the demo's tiny FLUX; ``make meta-train-tiny``
+gives it a small multi-identity folder of real sample photos (obama x3, biden, astronaut).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 # --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
 TINY = {"steps": 600, "bucket_steps": 100, "warmup_steps": 40, "identities_per_bucket": 2, "r1": 8,
         "resolution": 64, "checkpoint_every": 100}
-TINY_IDENTITIES = {"obama": ("obama", "obama2", "obama3"), "biden": ("biden",), "astronaut": ("astronaut",)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,23 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
     p.add_argument("--out", required=True, help="output folder: prior.safetensors, loss.png, summary.json, checkpoint")
     p.add_argument("--model", help="local diffusers FLUX folder (holds model_index.json)")
-    p.add_argument("--tiny", action="store_true", help="tiny FLUX + sample photos on CPU (about a minute)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny FLUX on CPU with --data (about a minute; make meta-train-tiny fetches sample photos)")
     p.add_argument("--domain", default="person", help="domain label of the prior, e.g. woman, man (default person)")
     p.add_argument("--caption", help="class caption for photos without a .txt (default: 'a photo of a <domain>')")
     p.add_argument("--r1", type=int, help="Meta-Down rank (default 16; --tiny 8)")
     p.add_argument("--r2", type=int, default=1, help="Mid rank during meta-training (default 1)")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="target layers (default attn_mlp)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="target layers (default all: every Linear of the transformer blocks, as ai-toolkit trains)")
     p.add_argument("--steps", type=int, help="q_total (default 50000; --tiny 600)")
     p.add_argument("--bucket-steps", type=int, help="q_bucket (default 2500; --tiny 100)")
     p.add_argument("--warmup-steps", type=int, help="q_warm-up (default 1000; --tiny 40)")
-    p.add_argument("--identities-per-bucket", type=int, help="N (default auto: each example used ~10x per bucket)")
+    p.add_argument("--identities-per-bucket", type=int,
+                   help="N (default auto: each photo of a bucket is used ~10x per bucket visit, paper Sec. 3)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; --tiny 100)")
     p.add_argument("--resolution", type=int, help="training images have about resolution^2 pixels (default 512)")
-    p.add_argument("--no-augment", action="store_true", help="one centre crop per photo instead of the face grid")
+    p.add_argument("--crop-grid", action="store_true",
+                   help="train on Stage-2's crop grid around each photo's face instead of the photo itself")
+    p.add_argument("--no-augment", action="store_true",
+                   help="each photo once as it is, centre-cropped to the closest aspect bucket (the default)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip per step")
     p.add_argument("--detector", default="auto", help="face detector backend (default auto)")
     p.add_argument("--cache", help="latent cache folder (default <out>/latent_cache)")
     p.add_argument("--device", default=None, help="training device (default cuda if available, else cpu)")
@@ -86,21 +91,6 @@ class Progress:
             print("\r" + line, end=end, file=self.stream, flush=True)
         else:
             print(line, file=self.stream, flush=True)
-
-
-def make_tiny_dataset(folder: Path) -> Path:
-    """Copies the sample photos into <folder>/<identity>/ (3 identities, 5 real photos)."""
-    from ..samples import sample_photo
-
-    for ident, names in TINY_IDENTITIES.items():
-        d = folder / ident
-        d.mkdir(parents=True, exist_ok=True)
-        for n in names:
-            src = sample_photo(n)
-            dst = d / src.name
-            if not dst.is_file():
-                shutil.copyfile(src, dst)
-    return folder
 
 
 def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
@@ -146,7 +136,10 @@ def run_meta_train(args: argparse.Namespace) -> str:
         # 2 threads ~40x slower than 1 (measured: 1.85 s vs 0.05 s per step under load).
         torch.set_num_threads(1)
         pipe = build_tiny_flux_pipeline(args.seed)
-        data_dir = Path(args.data) if args.data else make_tiny_dataset(out / "tiny_data")
+        if not args.data:
+            raise ValueError("meta-train --tiny needs --data DIR (one subfolder of photos per identity); "
+                             "'make meta-train-tiny' lays out one from sample photos and runs this")
+        data_dir = Path(args.data)
         max_len, base_model = TINY_T5_LEN, "tiny-flux (random weights, demo only)"
     else:
         if not args.data or not args.model:
@@ -156,8 +149,10 @@ def run_meta_train(args: argparse.Namespace) -> str:
 
     resolution = _pick(args.resolution, tiny, "resolution", 512)
     caption = args.caption or class_caption(args.domain)
-    dcfg = DatasetConfig(augment=not args.no_augment, bucket_area=resolution * resolution, detector=args.detector,
-                         seed=args.seed, class_caption=caption)
+    if args.crop_grid and args.no_augment:
+        raise ValueError("--crop-grid and --no-augment contradict each other; pass one (default: --no-augment)")
+    dcfg = DatasetConfig(augment=args.crop_grid, bucket_area=resolution * resolution, detector=args.detector,
+                         seed=args.seed, class_caption=caption, flip=not args.no_flip)
     config = MetaTrainConfig(
         steps=_pick(args.steps, tiny, "steps", 50_000),
         bucket_steps=_pick(args.bucket_steps, tiny, "bucket_steps", 2_500),
@@ -206,6 +201,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
         "first_loss": result.losses[0],
         "last_loss_mean50": sum(tail) / len(tail),
         "buckets": [[result.identities[i] for i in b] for b in result.buckets],
+        "plan": result.plan.to_dict() if result.plan else None,
         "bank_mib": round(result.bank_bytes / 2**20, 3),
         "config": config.to_dict(),
         "data": data.summary,
@@ -215,6 +211,9 @@ def run_meta_train(args: argparse.Namespace) -> str:
         "tiny": tiny,
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+    plan = result.plan
     return (f"meta-train finished: {result.steps} steps in {summary['total_seconds']} s, loss "
             f"{summary['first_loss']:.4f} -> {summary['last_loss_mean50']:.4f} (mean of last {len(tail)})\n"
+            f"  trained  {plan.identities_visited} of {plan.identities} identities ({plan.buckets} buckets of "
+            f"<= {plan.identities_per_bucket})\n"
             f"  prior    {prior_path}\n  plot     {out / 'loss.png'}\n  summary  {out / 'summary.json'}")

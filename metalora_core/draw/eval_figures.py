@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..faces.image import labelled_sheet
+from .sheets import labelled_sheet
 
 Box = tuple[float, float, float, float]
 
@@ -26,7 +26,7 @@ def draw_score_grid(
     """The annotated IMAGE of an evaluation: each image with its face box and score label.
 
     Pair it with a result's ``labels()`` and ``boxes`` (``FaceSimResult``, ``ClipTResult``,
-    ``RFaceSimResult.pairs``); see ``faces.image.labelled_sheet`` for the arguments.
+    ``RFaceSimResult.pairs``); see ``sheets.labelled_sheet`` for the arguments.
     """
     return labelled_sheet(images, labels, boxes, tile, columns)
 

@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..faces.embed import cosine
+from .names import MISSING_FACE_POLICIES
+
 logger = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
-MISSING_FACE_POLICIES: tuple[str, ...] = ("exclude", "zero")
 CLIP_T_MODEL_HINT = "openai/clip-vit-base-patch32"  # the paper's CLIP ViT-B/32 on the Hugging Face Hub
 
 
@@ -52,19 +54,6 @@ class _Embedder(Protocol):
 # Small helpers
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two vectors, computed in float64 (embedders should L2-normalise, but
-    a user-supplied one may not)."""
-    a64 = np.asarray(a, dtype=np.float64).reshape(-1)
-    b64 = np.asarray(b, dtype=np.float64).reshape(-1)
-    if a64.shape != b64.shape:
-        raise ValueError(f"embedding sizes differ: {a64.shape[0]} vs {b64.shape[0]}; use one embedder for all images")
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    if na == 0.0 or nb == 0.0:
-        raise ValueError("an embedding is all zeros; the embedder failed on this face")
-    return float(a64 @ b64 / (na * nb))
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(np.asarray(values, dtype=np.float64))) if values else None
 
@@ -80,6 +69,24 @@ def _round(v: float | None) -> float | None:
 def _check_policy(missing_face: str) -> None:
     if missing_face not in MISSING_FACE_POLICIES:
         raise ValueError(f"missing_face must be one of {MISSING_FACE_POLICIES}, got {missing_face!r}")
+
+
+def counted(score: float | None, no_face: bool, missing_face: str) -> float | None:
+    """The missing-face rule, written once: what one image adds to a mean.
+
+    A scored image adds its score. An image in which no face was found adds 0 under
+    ``missing_face="zero"`` and nothing under "exclude". Anything else without a score (a missing
+    generation, no usable held-out face) adds nothing.
+    """
+    if score is not None:
+        return score
+    return 0.0 if no_face and missing_face == "zero" else None
+
+
+def _counted_mean(items: Sequence[tuple[float | None, bool]], missing_face: str) -> tuple[float | None, int]:
+    """(mean, count) of ``counted`` over (score, no_face) items."""
+    values = [v for s, nf in items if (v := counted(s, nf, missing_face)) is not None]
+    return _mean(values), len(values)
 
 
 def _check_image(img: Any, what: str) -> Image.Image:
@@ -128,7 +135,7 @@ class FaceSimResult:
     @property
     def n_scored(self) -> int:
         """Images that entered the mean."""
-        return len(self.scores) - (len(self.no_face) if self.missing_face == "exclude" else 0)
+        return _counted_mean([(s, s is None) for s in self.scores], self.missing_face)[1]
 
     def labels(self) -> list[str]:
         """One short label per generated image, for ``eval_plots.draw_score_grid``."""
@@ -205,9 +212,8 @@ def face_sim(
     if no_face:
         logger.warning("FaceSim: no face in %d of %d generated image(s): %s (%s)",
                        len(no_face), len(images), list(no_face), missing_face)
-    counted = [s if s is not None else 0.0 for s in scores if s is not None or missing_face == "zero"]
     return FaceSimResult(
-        mean=_mean(counted),
+        mean=_counted_mean([(s, s is None) for s in scores], missing_face)[0],
         scores=tuple(scores),
         no_face=no_face,
         faces_found=tuple(o.faces_found for o in obs_all),
@@ -274,7 +280,7 @@ class RFaceSimResult:
     @property
     def n_scored(self) -> int:
         """S(i, p) values that entered the mean."""
-        return sum(p.status == "ok" or (p.status == "no_face" and self.missing_face == "zero") for p in self.pairs)
+        return _counted_mean([(p.score, p.status == "no_face") for p in self.pairs], self.missing_face)[1]
 
     @property
     def no_face_generated(self) -> tuple[tuple[str, int], ...]:
@@ -288,14 +294,10 @@ class RFaceSimResult:
 
     def identity_scores(self) -> dict[str, float | None]:
         """Mean of the counted S(i, p) per identity (None when none counted)."""
-        out: dict[str, list[float]] = {}
+        out: dict[str, list[tuple[float | None, bool]]] = {}
         for p in self.pairs:
-            vals = out.setdefault(p.identity, [])
-            if p.status == "ok":
-                vals.append(p.score)  # type: ignore[arg-type]
-            elif p.status == "no_face" and self.missing_face == "zero":
-                vals.append(0.0)
-        return {k: _mean(v) for k, v in out.items()}
+            out.setdefault(p.identity, []).append((p.score, p.status == "no_face"))
+        return {k: _counted_mean(v, self.missing_face)[0] for k, v in out.items()}
 
     def labels(self) -> list[str]:
         """One short label per pair, for ``eval_plots.draw_score_grid``."""
@@ -394,7 +396,7 @@ def r_face_sim(
 
     pairs: list[PairScore] = []
     tests_out: list[HeldOutPhoto] = []
-    face_sims: list[float] = []
+    face_sims: list[tuple[float | None, bool]] = []  # (FaceSim vs the reference, no face) per generated image
     for ident, gens in generated.items():
         # Algorithm 3 re-embeds every t inside the prompt loop; the embeddings do not depend on
         # p, so they are computed once per identity.
@@ -421,10 +423,7 @@ def r_face_sim(
                 continue
             obs = _observe(_check_image(g, f"generated image {p} of {ident!r}"), detector, embedder)
             fs = None if obs.embedding is None or ref_emb is None else cosine(obs.embedding, ref_emb)
-            if fs is not None:
-                face_sims.append(fs)
-            elif ref_emb is not None and missing_face == "zero":
-                face_sims.append(0.0)
+            face_sims.append((fs, obs.embedding is None))
             if obs.embedding is None:
                 logger.warning("R-FaceSim: no face in generated image %d of %r (%s)", p, ident, missing_face)
                 pairs.append(PairScore(ident, p, None, "no_face", 0, None, 0, None))
@@ -435,19 +434,14 @@ def r_face_sim(
             sims = [cosine(obs.embedding, e_t) for e_t in test_emb]  # Algorithm 3: sumsim / count
             pairs.append(PairScore(ident, p, sum(sims) / len(sims), "ok", obs.faces_found, obs.box, len(sims), fs))
 
-    counted = [
-        p.score if p.status == "ok" else 0.0
-        for p in pairs
-        if p.status == "ok" or (p.status == "no_face" and missing_face == "zero")
-    ]
     result = RFaceSimResult(
-        score=_mean(counted),  # type: ignore[arg-type]
+        score=_counted_mean([(p.score, p.status == "no_face") for p in pairs], missing_face)[0],
         pairs=tuple(pairs),
         test_photos=tuple(tests_out),
         embedder=embedder.name,
         detector=detector.name,
         missing_face=missing_face,
-        face_sim=_mean(face_sims) if references is not None else None,
+        face_sim=_counted_mean(face_sims, missing_face)[0] if references is not None else None,
     )
     unscored = sorted({p.identity for p in pairs if p.status == "no_test_face"})
     if unscored:

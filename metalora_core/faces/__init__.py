@@ -8,13 +8,48 @@ ever downloaded.
 
 from __future__ import annotations
 
-from .augment import AugmentConfig, Crop, bucket_size, grid_boxes, make_crops, resize_to_bucket, whole_photo_crop
-from .detect import DETECTOR_NAMES, Face, FaceDetector, get_detector, select_face
-from .embed import EMBEDDER_NAMES, FaceEmbedder, align_face, cosine, get_embedder
-from .image import contact_sheet, draw_faces, labelled_sheet, load_image
-from .run import run_crops
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are resolved on first use (PEP 562), so reading a constant such as DETECTOR_NAMES, as
+# ``metalora --help`` does, does not import torch, OpenCV or numpy.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("PAPER_RATIOS", "AugmentConfig", "Crop", "bucket_size", "fit_to_ratio", "grid_boxes",
+                     "make_crops", "resize_to_bucket", "whole_photo_crop"), ".augment"),
+    **dict.fromkeys(("Face", "FaceDetector", "get_detector", "select_face"), ".detect"),
+    **dict.fromkeys(("FaceEmbedder", "align_face", "cosine", "get_embedder"), ".embed"),
+    **dict.fromkeys(("DETECTOR_NAMES", "EMBEDDER_NAMES"), ".names"),
+    **dict.fromkeys(("contact_sheet", "draw_faces", "load_image"), ".image"),
+    "labelled_sheet": "..draw.sheets",
+    "run_crops": ".run",
+}
+
+if TYPE_CHECKING:
+    from ..draw.sheets import labelled_sheet
+    from .augment import (PAPER_RATIOS, AugmentConfig, Crop, bucket_size, fit_to_ratio, grid_boxes, make_crops,
+                          resize_to_bucket, whole_photo_crop)
+    from .detect import Face, FaceDetector, get_detector, select_face
+    from .embed import FaceEmbedder, align_face, cosine, get_embedder
+    from .image import contact_sheet, draw_faces, load_image
+    from .names import DETECTOR_NAMES, EMBEDDER_NAMES
+    from .run import run_crops
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
+    "PAPER_RATIOS",
     "AugmentConfig",
     "Crop",
     "DETECTOR_NAMES",
@@ -27,6 +62,7 @@ __all__ = [
     "contact_sheet",
     "cosine",
     "draw_faces",
+    "fit_to_ratio",
     "get_detector",
     "get_embedder",
     "grid_boxes",

@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .detect import Face
 from .image import load_image
 
 logger = logging.getLogger(__name__)
 
+PAPER_RATIOS: tuple[tuple[int, int], ...] = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16))  # width:height (Sec. 3)
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Crop grid and bucket settings (defaults: the paper's table, 512x512-area buckets)."""
 
-    ratios: tuple[tuple[int, int], ...] = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16))  # width:height
+    ratios: tuple[tuple[int, int], ...] = PAPER_RATIOS  # width:height
     scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.5, 4.5)  # shorter crop side / f_long
     flip_prob: float = 0.5  # probability of a horizontal flip per crop
     bucket_area: int = 512 * 512  # output pixels per crop (1024*1024 for full-size FLUX training)
@@ -203,39 +206,50 @@ def make_crops(
     return crops
 
 
-def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 16) -> Image.Image:
-    """Resizes a whole photo (no face grid) to a bucket of its own aspect ratio.
+def fit_to_ratio(size: tuple[int, int], ratios: Sequence[tuple[int, int]] = PAPER_RATIOS
+                 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The ratio closest to a photo's (in log space) and the centred box of that ratio inside it.
 
-    The output has about ``area`` pixels and sides that are multiples of ``multiple``; the few
-    pixels that rounding leaves over are cropped evenly from both edges.
+    Returns:
+        (ratio (width, height), box (x0, y0, x1, y1) in source pixels).
+    """
+    w, h = size
+    ratio = min(ratios, key=lambda r: abs(math.log((r[0] / r[1]) / (w / h))))
+    a, b = ratio
+    cw, ch = (w, round(w * b / a)) if w / h < a / b else (round(h * a / b), h)
+    cw, ch = min(cw, w), min(ch, h)
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return ratio, (x0, y0, x0 + cw, y0 + ch)
+
+
+def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 16,
+                     ratios: Sequence[tuple[int, int]] = PAPER_RATIOS) -> Image.Image:
+    """A whole photo (no face grid, no flip) as one training image: the one "no augmentation" rule.
+
+    The photo is centre-cropped to the closest of ``ratios`` (``fit_to_ratio``) and resized to that
+    ratio's bucket (``bucket_size``), so un-augmented photos share the crop grid's bucket sizes and
+    batch together.
     """
     if area < 4 * multiple**2 or multiple < 1:
         raise ValueError(f"area must be >= 4 * multiple^2 and multiple >= 1, got area={area}, multiple={multiple}")
     image = load_image(image)
-    w, h = image.size
-    out_w = max(multiple, round(math.sqrt(area * w / h) / multiple) * multiple)
-    out_h = max(multiple, round(math.sqrt(area * h / w) / multiple) * multiple)
-    return ImageOps.fit(image, (out_w, out_h), Image.Resampling.LANCZOS)
+    ratio, box = fit_to_ratio(image.size, ratios)
+    return image.resize(bucket_size(ratio, area, multiple), Image.Resampling.LANCZOS, box=box)
 
 
 def whole_photo_crop(image: Image.Image, face: Face, area: int = 512 * 512, multiple: int = 16) -> Crop:
     """The photo itself as one training image (no grid, no flip): the paper's plain-LoRA input.
 
-    The photo is resized to a bucket of its own aspect ratio (``resize_to_bucket``); the face box
-    is carried into the output's pixel coordinates.
+    The photo becomes ``resize_to_bucket``'s image; the face box is carried into its pixels.
     """
     image = load_image(image)
     out = resize_to_bucket(image, area, multiple)
-    w, h = image.size
+    ratio, (x0, y0, x1, y1) = fit_to_ratio(image.size)
     ow, oh = out.size
-    # ImageOps.fit: a centred crop of the source to the output's aspect ratio, then a resize
-    cw, ch = (h * ow / oh, float(h)) if w / h > ow / oh else (float(w), w * oh / ow)
-    x0, y0, s = (w - cw) / 2, (h - ch) / 2, ow / cw
+    sx, sy = ow / (x1 - x0), oh / (y1 - y0)
     fx0, fy0, fx1, fy1 = face.box
-    g = math.gcd(ow, oh)
     return Crop(
-        image=out, ratio=(ow // g, oh // g), scale=0.0,
-        box=(round(x0), round(y0), round(x0 + cw), round(y0 + ch)),
-        face_box=((fx0 - x0) * s, (fy0 - y0) * s, (fx1 - x0) * s, (fy1 - y0) * s),
+        image=out, ratio=ratio, scale=0.0, box=(x0, y0, x1, y1),
+        face_box=((fx0 - x0) * sx, (fy0 - y0) * sy, (fx1 - x0) * sx, (fy1 - y0) * sy),
         flipped=False, size=(ow, oh),
     )

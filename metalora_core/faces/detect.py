@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .names import DETECTOR_NAMES
 from .image import load_image
 from .models import (
     YUNET_FILE,
@@ -33,8 +34,6 @@ from .models import (
 )
 
 logger = logging.getLogger(__name__)
-
-DETECTOR_NAMES: tuple[str, ...] = ("auto", "yunet", "insightface", "antelopev2", "buffalo_l")
 
 
 @dataclass(frozen=True)

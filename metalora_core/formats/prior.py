@@ -82,7 +82,8 @@ def load_prior(path: str | os.PathLike) -> Prior:
             raise ValueError(
                 f"{path}: prior format version {version} is newer than this pack reads ({PRIOR_VERSION}); update the pack"
             )
-        downs = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
+        found = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
+        downs = dict(sorted(found.items(), key=lambda kv: _order(kv[0])))  # model order, as saved
         if not downs:
             raise ValueError(f"{path}: prior file holds no '*{_SUFFIX}' tensors")
         r1 = int(meta["r1"])
@@ -109,6 +110,9 @@ def load_prior(path: str | os.PathLike) -> Prior:
 
 
 # BFL / ComfyUI module names -> canonical names (a fused layer shares one Down).
+# diffusers' FluxPipeline.lora_state_dict is not used here: it folds kohya's alpha/rank into Down,
+# chunks Down of a block-sparse fused Up, hard-codes FLUX.1 widths (3072) for kohya files and leaves
+# BFL-named peft keys unconverted; tests/test_prior_formats.py pins where it agrees with these tables.
 _BFL_DOUBLE = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "img_attn.proj": ("attn.to_out.0",),
@@ -182,9 +186,18 @@ def downs_from_lora(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     return dict(sorted(out.items(), key=lambda kv: _order(kv[0]))), flavour
 
 
-def _order(name: str) -> tuple[int, int, str]:
-    kind, idx, rest = name.split(".", 2)
-    return (0 if kind == "transformer_blocks" else 1, int(idx), rest)
+# Position of each layer inside its block, as resolve_targets lists them (presets share one order).
+_POSITION = {**{("transformer_blocks", s): i for i, (s, _, _) in enumerate(PRESETS["all"][0])},
+             **{("single_transformer_blocks", s): i for i, (s, _, _) in enumerate(PRESETS["all"][1])}}
+
+
+def _order(name: str) -> tuple[int, int, int, str]:
+    """Model order: double blocks, then single blocks, each layer where resolve_targets puts it."""
+    parts = name.split(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit():  # not a layer name: last (validate_prior names it)
+        return (2, 0, 0, name)
+    kind, idx, rest = parts
+    return (0 if kind == "transformer_blocks" else 1, int(idx), _POSITION.get((kind, rest), len(_POSITION)), rest)
 
 
 def validate_prior(prior: Prior, dims: FluxDims, *, source: str = "prior") -> dict[str, tuple[int, int]]:

@@ -134,6 +134,16 @@ class DiffusersFluxHost:
             for p, f in zip(self.transformer.parameters(), flags):
                 p.requires_grad_(f)
 
+    def collate_conds(self, conds: Sequence[FluxTextCond]) -> FluxTextCond:
+        """One conditioning for a batch whose items have different captions (rows stacked)."""
+        if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
+            raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
+        return FluxTextCond(
+            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
+            pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
+            text_ids=conds[0].text_ids,
+        )
+
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxTextCond) -> torch.Tensor:
         """Flow velocity for noisy latents.
 
@@ -223,7 +233,7 @@ def personalize_pipeline(
         pipe: the pipeline (its VAE encodes the crops, its text encoders the caption).
         prior: a ``Prior`` (Meta-LoRA) or None (plain LoRA on ``preset`` layers).
         images: the training crops (sizes may differ).
-        caption: the class caption (the paper: "a photo of a woman"/"man", no trigger word).
+        caption: the training caption, e.g. "a photo of a woman" (the paper states none).
         config: ``train.Stage2Config``; its ``r2`` is the rank, its ``seed`` seeds everything.
 
     Returns:
@@ -233,8 +243,11 @@ def personalize_pipeline(
     from ..train.recipe import build_adapters
     from ..train.stage2 import personalize
 
+    from ..data.latents import encode_flip_pairs
+
     host = DiffusersFluxHost(pipe.transformer, guidance=guidance, gradient_checkpointing=gradient_checkpointing)
-    latents = encode_images(pipe.vae, images)
+    # both orientations of every crop: Stage-2 draws a random horizontal flip per step (paper Sec. 3)
+    latents = encode_flip_pairs(lambda ims: encode_images(pipe.vae, ims), images)
     cond = encode_prompt(pipe, caption, max_sequence_length=max_sequence_length)
     adapters = build_adapters(host.dims, prior, rank=config.r2, preset=preset or DEFAULT_PRESET, seed=config.seed,
                               source=prior_source)

@@ -46,12 +46,13 @@ _SINGLE_MOD = (("norm.linear", "h", "3h"),)
 PRESETS: dict[str, tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, str], ...]]] = {
     # attention projections only
     "attn": (_DOUBLE_ATTN, _SINGLE_ATTN),
-    # attention + feed-forward (the paper's default target set in this pack)
+    # attention + feed-forward
     "attn_mlp": (_DOUBLE_ATTN + _DOUBLE_MLP, _SINGLE_ATTN + _SINGLE_MLP),
-    # every Linear of the transformer blocks, modulation included (ai-toolkit's default)
+    # every Linear of the transformer blocks, modulation included: what ai-toolkit trains on FLUX
+    # by default (the paper names no target set; it says it was implemented with ai-toolkit)
     "all": (_DOUBLE_ATTN + _DOUBLE_MLP + _DOUBLE_MOD, _SINGLE_ATTN + _SINGLE_MLP + _SINGLE_MOD),
 }
-DEFAULT_PRESET = "attn_mlp"
+DEFAULT_PRESET = "all"  # FLUX.1-dev: 494 layers (attn_mlp: 418)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ _INIT_SALT = 0x5EED  # keeps the adapter-init stream apart from the training str
 
 
 def class_caption(noun: str) -> str:
-    """The paper's training caption: the class noun, no trigger word."""
+    """A training caption made of the class noun alone, no trigger word (the paper states no caption)."""
     return CLASS_CAPTIONS.get(noun, f"a photo of a {noun}")
 
 

@@ -5,7 +5,10 @@ Identities are grouped into buckets. Each bucket gets ``q_bucket`` consecutive s
 ``q_warmup`` of them only the bucket's identity-specific Mid/Up layers are updated ("warm-up"),
 afterwards Down is updated too ("joint"). Buckets are visited in a fixed order, pass after pass,
 until ``q_total`` steps are done (the paper's loop may overshoot ``q_total`` by finishing a pass;
-here the last bucket visit is cut at exactly ``q_total``).
+here the last bucket visit is cut at exactly ``q_total``). The paper sizes a bucket "such that
+each example in a bucket is utilized for 10 iterations"; an example is a photo (crops of one photo
+count once), so its setting (20 photos per identity, batch 4, q_bucket 2,500) gives 50 identities
+per bucket (``plan_buckets``).
 
 Batches and identities: a batch is drawn from the whole active bucket, so one batch can hold
 several identities. Every adapter layer keeps one Mid/Up pair per bucket identity and applies to
@@ -19,41 +22,44 @@ The bank: Mid/Up of every identity seen so far, plus their AdamW moments, live o
 state stay on the device for the whole run. At the end the identity layers are discarded and only
 Down is kept (``to_prior``).
 
-Checkpoints (``save_checkpoint``) hold Down, its optimizer state, the bank (with the live bucket
-synced into it), both RNG states, the data queue and the schedule position; resuming from one
-reproduces an uninterrupted run bit for bit on the CPU.
+``MetaTrainer`` owns all of it (Down and its optimizer, the bank, the generator, the losses, the
+schedule position). ``state_dict()`` / ``load_state_dict()`` are what checkpoints hold
+(``save_checkpoint`` / ``load_checkpoint``); resuming from one reproduces an uninterrupted run bit
+for bit on the CPU. Every random draw comes from the trainer's own generators; the process's
+global RNG is never read or set.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.adapter import AdapterSet
+from ..data.latents import MetaTrainData, latent_shape, pick_orientation
 from ..formats.files import atomic_save_safetensors, read_safetensors
+from ..formats.prior import Prior
+from ..lora.adapter import AdapterSet
 from ..lora.flow import SIGMA_MODES
 from ..lora.layers import DEFAULT_PRESET, PRESETS, resolve_targets
-from ..formats.prior import Prior
-from .stage2 import FlowHost, check_latents, flow_step_loss
+from .stage2 import FlowHost, flow_step_loss
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "metalora.metatrain-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: no global torch RNG state (version 1 files still load)
 _INIT_SALT = 0x4D455441  # keeps the init streams apart from the training stream of the same seed
 _BUCKET_SALT = 0x42554B54
+SMALL_VISIT_FRACTION = 0.5  # warn when q_total trains fewer than this share of the identities
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class MetaTrainConfig:
     steps: int = 50_000  # q_total: total iterations
     bucket_steps: int = 2_500  # q_bucket: consecutive iterations on one bucket
     warmup_steps: int = 1_000  # q_warm-up: first iterations of a bucket that update only Mid/Up (0.4 q_bucket)
-    identities_per_bucket: int = 0  # N; 0 = auto: each bucket example is used ~uses_per_example times
+    identities_per_bucket: int = 0  # N; 0 = auto: each photo of a bucket is used ~uses_per_example times
     uses_per_example: int = 10  # the paper sizes buckets so each example is used 10 times (Sec. 3)
     batch_size: int = 4  # Stage-1 batch (appendix A); a batch mixes the bucket's identities
     lr: float = 4e-4  # AdamW learning rate (Down and Mid/Up)
@@ -71,7 +77,7 @@ class MetaTrainConfig:
     r1: int = 16  # LoMD output rank (rows of each Down); the paper does not state its value
     r2: int = 1  # LoM output rank during meta-training (the paper's rank-1)
     preset: str = DEFAULT_PRESET  # which canonical layers get adapters
-    seed: int = 0  # drives Down/Mid init, bucket assignment, data order, noise and sigmas
+    seed: int = 0  # drives Down/Mid init, bucket assignment, data order, flips, noise and sigmas
     sigma_mode: str = "logit_normal"  # training sigma density: "logit_normal" or "uniform"
     resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
     max_grad_norm: float = 1.0  # global gradient clipping over the updated parameters; 0 disables it
@@ -103,69 +109,86 @@ class MetaTrainConfig:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
+class MetaHost(FlowHost, Protocol):
+    """A ``FlowHost`` that can also join the conditionings of a batch whose items have different
+    captions (the diffusers host stacks them row-wise). Hosts without ``collate_conds`` train
+    batches of one caption only."""
+
+    def collate_conds(self, conds: Sequence[Any]) -> Any: ...
 
 
-@dataclass
-class MetaTrainData:
-    """Cached training items of many identities (see ``identities.prepare_dataset``).
+def collate_for(host: FlowHost) -> Callable[[Sequence[Any]], Any]:
+    """The conditioning joiner of a host: the shared one when all items share it, else the host's."""
 
-    ``latents[i]`` (C, h, w) belongs to identity ``item_identity[i]`` (an index into
-    ``identities``) and is trained with the conditioning ``conds[item_caption[i]]``.
-    """
-
-    identities: list[str]  # identity names (folder names)
-    latents: list[torch.Tensor]  # (C, h, w) each; sizes may differ (aspect buckets)
-    item_identity: list[int]  # per item: index into identities
-    item_caption: list[str]  # per item: key into conds
-    conds: dict[str, Any]  # caption -> the host's cached conditioning
-    summary: dict[str, Any] = field(default_factory=dict)  # what the data is (for the prior's metadata)
-
-    def validate(self) -> None:
-        check_latents(self.latents)
-        n = len(self.latents)
-        if len(self.item_identity) != n or len(self.item_caption) != n:
+    def collate(conds: Sequence[Any]) -> Any:
+        first = conds[0]
+        if all(c is first for c in conds):
+            return first
+        stack = getattr(host, "collate_conds", None)
+        if stack is None:
             raise ValueError(
-                f"MetaTrainData has {n} latents but {len(self.item_identity)} identity labels and "
-                f"{len(self.item_caption)} captions; they must match one to one"
+                f"a batch mixes captions but {type(host).__name__} cannot join their conditioning; pass "
+                "collate= to meta_train, use one class caption, or batch_size=1"
             )
-        if len(self.identities) < 1:
-            raise ValueError("MetaTrainData has no identities; give a folder with one subfolder per person")
-        for i, k in enumerate(self.item_identity):
-            if not 0 <= k < len(self.identities):
-                raise ValueError(f"item {i} has identity index {k}, outside 0..{len(self.identities) - 1}")
-        missing = sorted(set(self.item_caption) - set(self.conds))
-        if missing:
-            raise ValueError(f"caption {missing[0]!r} has no encoded conditioning in MetaTrainData.conds")
-        empty = [self.identities[k] for k in range(len(self.identities)) if k not in set(self.item_identity)]
-        if empty:
-            raise ValueError(f"identity {empty[0]!r} has no training items; remove it or add images")
+        return stack(conds)
 
-    def fingerprint(self) -> str:
-        """Content hash of identities, captions and latents (a resume must see the same data)."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.identities).encode())
-        for z, k, c in zip(self.latents, self.item_identity, self.item_caption):
-            t = z.detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{k}|{c}|{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+    return collate
 
 
 # ---------------------------------------------------------------------------------------------
 # Schedule (pure functions of the config; Algorithm 1's loop counters)
 
 
-def resolve_identities_per_bucket(config: MetaTrainConfig, items_per_identity: Sequence[int]) -> int:
-    """N of Algorithm 1: the config's value, or (auto) so that each example of a bucket is used
-    about ``uses_per_example`` times in ``q_bucket`` steps of ``batch_size`` (paper Sec. 3)."""
-    n_ids = len(items_per_identity)
+def resolve_identities_per_bucket(config: MetaTrainConfig, photos_per_identity: Sequence[int]) -> int:
+    """N of Algorithm 1: the config's value, or (auto) so that each photo of a bucket is used
+    about ``uses_per_example`` times in ``q_bucket`` steps of ``batch_size`` (paper Sec. 3).
+
+    Args:
+        config: q_bucket, batch size, uses per example, an explicit N.
+        photos_per_identity: distinct source photos per identity (crops of one photo count once).
+    """
+    n_ids = len(photos_per_identity)
     if config.identities_per_bucket:
         return min(config.identities_per_bucket, n_ids)
-    mean_items = sum(items_per_identity) / max(1, n_ids)
-    n = round(config.bucket_steps * config.batch_size / (config.uses_per_example * max(mean_items, 1e-9)))
+    mean_photos = sum(photos_per_identity) / max(1, n_ids)
+    n = round(config.bucket_steps * config.batch_size / (config.uses_per_example * max(mean_photos, 1e-9)))
     return max(1, min(n_ids, n))
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """How many identities a run's schedule trains."""
+
+    identities: int  # all identities of the data
+    identities_per_bucket: int  # N
+    buckets: int  # ceil(identities / N)
+    visits: int  # bucket visits in q_total steps (the last one may be cut short)
+    identities_visited: int  # identities whose bucket is visited at least once
+    steps_to_visit_all: int  # q_total that visits every bucket once (buckets x q_bucket)
+
+    @property
+    def fraction_visited(self) -> float:
+        return self.identities_visited / max(1, self.identities)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fraction_visited": round(self.fraction_visited, 4)}
+
+
+def plan_buckets(config: MetaTrainConfig, photos_per_identity: Sequence[int]) -> BucketPlan:
+    """N, the bucket count and how many identities ``q_total`` steps visit (pure arithmetic).
+
+    The paper's setting, 1,050 identities x 20 photos, batch 4, q_bucket 2,500, q_total 50,000:
+    N = 50, 21 buckets, 20 visits, 1,000 identities trained.
+    """
+    n_ids = len(photos_per_identity)
+    if n_ids < 1:
+        raise ValueError("no identities to plan buckets for; give a folder with one subfolder per person")
+    per = resolve_identities_per_bucket(config, photos_per_identity)
+    sizes = [min(per, n_ids - i) for i in range(0, n_ids, per)]  # make_buckets' sizes, in order
+    visits = math.ceil(config.steps / config.bucket_steps)
+    return BucketPlan(identities=n_ids, identities_per_bucket=per, buckets=len(sizes), visits=visits,
+                      identities_visited=sum(sizes[: min(visits, len(sizes))]),
+                      steps_to_visit_all=len(sizes) * config.bucket_steps)
 
 
 def initial_downs(config: MetaTrainConfig, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -263,6 +286,15 @@ class BucketAdapter(nn.Module):
 
 
 _ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+BankKey = tuple[int, str, str]  # (identity, layer, "mid" | "up")
+
+
+def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def _to_device(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.clone() if k == "step" else v.to(device).clone() for k, v in state.items()}
 
 
 class IdentityBank:
@@ -275,8 +307,8 @@ class IdentityBank:
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], *, r1: int, r2: int, seed: int) -> None:
         self.shapes, self.r1, self.r2, self.seed = dict(shapes), r1, r2, seed
-        self.params: dict[tuple[int, str, str], torch.Tensor] = {}
-        self.adam: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+        self.params: dict[BankKey, torch.Tensor] = {}
+        self.adam: dict[BankKey, dict[str, torch.Tensor]] = {}
 
     def ensure(self, identity: int) -> None:
         if (identity, next(iter(self.shapes)), "mid") in self.params:
@@ -294,6 +326,14 @@ class IdentityBank:
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.params.values())
         return n + sum(t.numel() * t.element_size() for s in self.adam.values() for t in s.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": {k: v.clone() for k, v in self.params.items()},
+                "adam": {k: _cpu(v) for k, v in self.adam.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.params = {tuple(k): v.clone() for k, v in state["params"].items()}  # type: ignore[misc]
+        self.adam = {tuple(k): _cpu(v) for k, v in state["adam"].items()}  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +353,7 @@ class StepInfo:
     step_in_bucket: int  # 1-based position inside the bucket visit
     identities: tuple[int, ...]  # identity index of each sample in the batch
     seconds: float  # wall time of this run so far (excludes time before a resume)
+    mirrored: tuple[bool, ...] = ()  # per sample: the mirrored latent of a (plain, mirrored) item was used
 
 
 MetaStepCallback = Callable[[StepInfo], None]
@@ -328,6 +369,7 @@ class MetaTrainResult:
     seconds: float = 0.0  # this run's wall time
     resumed_from: int = 0  # step the run resumed at (0: fresh)
     bank_bytes: int = 0  # CPU bytes of the identity bank at the end
+    plan: BucketPlan | None = None  # N, buckets and identities visited
 
     @property
     def steps(self) -> int:
@@ -335,146 +377,7 @@ class MetaTrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _adam_tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.adam.{k}": state[k].detach().to("cpu").clone() for k in _ADAM_KEYS if k in state}
-
-
-def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
-    return state.detach().to("cpu").clone()
-
-
-@dataclass
-class _RunState:
-    """Everything a checkpoint holds besides the live modules."""
-
-    step: int
-    downs: dict[str, torch.Tensor]
-    down_adam: dict[str, dict[str, torch.Tensor]]
-    bank: IdentityBank
-    gen_state: torch.Tensor
-    torch_state: torch.Tensor
-    queue: list[int]
-    queue_visit: int
-    losses: list[float]
-
-
-def _config_for_compare(config: MetaTrainConfig) -> dict[str, Any]:
-    d = config.to_dict()
-    d.pop("steps")  # a resume may extend q_total; everything else must match
-    return d
-
-
-def save_checkpoint(path: str | os.PathLike, state: _RunState, config: MetaTrainConfig, data_fp: str,
-                    buckets: list[list[int]]) -> Path:
-    """Writes a Stage-1 checkpoint atomically (safetensors tensors + JSON metadata)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in state.downs.items():
-        tensors[f"down.{name}"] = t.detach().to("cpu").clone()
-        if name in state.down_adam:
-            tensors.update(_adam_tensors(f"down.{name}", state.down_adam[name]))
-    for (ident, name, part), t in state.bank.params.items():
-        key = f"bank.{ident}.{name}.{part}"
-        tensors[key] = t.detach().to("cpu").clone()
-        if (ident, name, part) in state.bank.adam:
-            tensors.update(_adam_tensors(key, state.bank.adam[(ident, name, part)]))
-    tensors["rng.generator"] = _rng_tensor(state.gen_state)
-    tensors["rng.torch"] = _rng_tensor(state.torch_state)
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": str(CHECKPOINT_VERSION),
-        "state": json.dumps({
-            "step": state.step,
-            "config": config.to_dict(),
-            "data_fingerprint": data_fp,
-            "buckets": buckets,
-            "queue": state.queue,
-            "queue_visit": state.queue_visit,
-            "losses": state.losses,
-            "bank_identities": state.bank.identities,
-        }),
-    }
-    return atomic_save_safetensors(tensors, path, meta)
-
-
-def _split_adam(tensors: Mapping[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    return {k: tensors[f"{key}.adam.{k}"] for k in _ADAM_KEYS if f"{key}.adam.{k}" in tensors}
-
-
-def load_checkpoint(path: str | os.PathLike, config: MetaTrainConfig, data_fp: str,
-                    shapes: Mapping[str, tuple[int, int]]) -> tuple[_RunState, list[list[int]]]:
-    """Reads a checkpoint and checks that it belongs to this config and data.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``path``.
-        ValueError: not a checkpoint, or made with another config or other data (names the field).
-    """
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a meta-train checkpoint (format={meta.get('format')!r})")
-    if int(meta.get("format_version", "0")) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta['format_version']} is newer than this pack reads")
-    info = json.loads(meta["state"])
-    saved = _config_for_compare(MetaTrainConfig(**info["config"]))
-    now = _config_for_compare(config)
-    for k in now:
-        if saved.get(k) != now[k]:
-            raise ValueError(
-                f"{path} was made with {k}={saved.get(k)!r} but this run has {k}={now[k]!r}; resume with the "
-                "same settings (only --steps may change) or start a new run in another folder"
-            )
-    if info["data_fingerprint"] != data_fp:
-        raise ValueError(
-            f"{path} was made from other training data (fingerprint {info['data_fingerprint'][:12]} vs "
-            f"{data_fp[:12]}); resume with the same data folder and augmentation, or start a new run"
-        )
-    if info["step"] > config.steps:
-        raise ValueError(f"{path} is at step {info['step']}, beyond steps={config.steps}; raise --steps to resume")
-    downs = {n: tensors[f"down.{n}"] for n in shapes}
-    down_adam = {n: s for n in shapes if (s := _split_adam(tensors, f"down.{n}"))}
-    bank = IdentityBank(shapes, r1=config.r1, r2=config.r2, seed=config.seed)
-    for ident in info["bank_identities"]:
-        for n in shapes:
-            for part in ("mid", "up"):
-                key = f"bank.{ident}.{n}.{part}"
-                bank.params[(ident, n, part)] = tensors[key]
-                if s := _split_adam(tensors, key):
-                    bank.adam[(ident, n, part)] = s
-    state = _RunState(step=info["step"], downs=downs, down_adam=down_adam, bank=bank,
-                      gen_state=tensors["rng.generator"], torch_state=tensors["rng.torch"],
-                      queue=list(info["queue"]), queue_visit=int(info["queue_visit"]), losses=list(info["losses"]))
-    return state, [list(b) for b in info["buckets"]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditioning of a mixed batch
-
-
-def collate_conds(conds: Sequence[Any]) -> Any:
-    """One conditioning for a batch: the shared one, or (diffusers host) a row-stacked one."""
-    first = conds[0]
-    if all(c is first for c in conds):
-        return first
-    from ..hosts.diffusers_flux import FluxTextCond
-
-    if all(isinstance(c, FluxTextCond) for c in conds):
-        if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
-            raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
-        return FluxTextCond(
-            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
-            pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
-            text_ids=first.text_ids,
-        )
-    raise ValueError(
-        f"a batch mixes captions but their conditioning ({type(first).__name__}) cannot be stacked; pass "
-        "collate= to meta_train, use one class caption, or batch_size=1"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+# The trainer
 
 
 class _Queue:
@@ -506,6 +409,352 @@ class _Queue:
         return batch
 
 
+@dataclass
+class _LiveBucket:
+    """The bucket whose identity layers are on the device (one bucket visit)."""
+
+    visit: int
+    identities: list[int]
+    adapters: dict[str, BucketAdapter]
+    opt: torch.optim.Optimizer  # AdamW over the bucket's Mid/Up
+    params: list[nn.Parameter]
+    slot: dict[int, int]  # identity -> its Mid/Up index in every BucketAdapter
+    queue: _Queue
+    handle: Any  # the host's attach handle (.remove())
+
+    def pairs(self):
+        """(identity, layer, part, parameter) of every live Mid/Up."""
+        for slot, ident in enumerate(self.identities):
+            for n, a in self.adapters.items():
+                yield ident, n, "mid", a.mids[slot]
+                yield ident, n, "up", a.ups[slot]
+
+
+class MetaTrainer:
+    """Stage-1 (Algorithm 1) with all of its state: Down and its AdamW, the identity bank, the
+    generator, the losses and the schedule position.
+
+    Args:
+        host: the frozen model; a ``MetaHost`` when batches mix captions.
+        data: cached latents of all identities with their captions' conditioning.
+        config: schedule, ranks, optimizer settings, seed.
+        collate: joins the conditioning of a batch whose items have different captions
+            (default: the host's ``collate_conds``).
+    """
+
+    def __init__(self, host: FlowHost, data: MetaTrainData, config: MetaTrainConfig = MetaTrainConfig(), *,
+                 collate: Callable[[Sequence[Any]], Any] | None = None) -> None:
+        data.validate()
+        self.host, self.data, self.config = host, data, config
+        self.collate = collate or collate_for(host)
+        self.shapes = resolve_targets(config.preset, host.dims)
+        self.data_fingerprint = data.fingerprint()
+        self.plan = plan_buckets(config, data.photos_per_identity())
+        self.buckets = make_buckets(len(data.identities), self.plan.identities_per_bucket, config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # data order, flips, noise, sigmas
+        dev = host.device
+        self.downs = {n: nn.Parameter(t.to(dev, torch.float32)) for n, t in initial_downs(config, self.shapes).items()}
+        self.down_opt = torch.optim.AdamW(list(self.downs.values()), lr=config.lr, weight_decay=config.weight_decay)
+        self.bank = IdentityBank(self.shapes, r1=config.r1, r2=config.r2, seed=config.seed)
+        self.losses: list[float] = []
+        self.step = 0  # i_curr: steps done
+        self.resumed_from = 0
+        self._router = IdentityRouter()
+        self._live: _LiveBucket | None = None
+        self._resume_queue: tuple[int, list[int]] = (-1, [])  # (visit, queue) from a checkpoint
+        self._items_of = {k: [i for i, j in enumerate(data.item_identity) if j == k] for k in range(len(data.identities))}
+        self._shapes_of = [latent_shape(z) for z in data.latents]
+        self._log_plan()
+
+    def _log_plan(self) -> None:
+        p, c = self.plan, self.config
+        log.info("meta-train: %d identities, %d items, %d buckets of <= %d identities, %d steps (bucket %d, "
+                 "warm-up %d): %d of %d identities trained", p.identities, len(self.data.latents), p.buckets,
+                 p.identities_per_bucket, c.steps, c.bucket_steps, c.warmup_steps, p.identities_visited, p.identities)
+        if p.fraction_visited < SMALL_VISIT_FRACTION:
+            log.warning(
+                "meta-train: q_total=%d steps visit only %d of %d identities (%.0f%%); raise --steps to %d to "
+                "visit every bucket once, or set --identities-per-bucket", c.steps, p.identities_visited,
+                p.identities, 100 * p.fraction_visited, p.steps_to_visit_all)
+
+    # -- the loop (Algorithm 1) ---------------------------------------------------------------
+
+    def run(self, *, callback: MetaStepCallback | None = None, checkpoint_path: str | os.PathLike | None = None,
+            checkpoint_every: int = 0) -> MetaTrainResult:
+        """Trains from the current step to ``config.steps``.
+
+        Args:
+            callback: called after every step with a ``StepInfo``; raising from it stops the run
+                (the last checkpoint stays valid; the host is cleaned up).
+            checkpoint_path: where checkpoints go (a safetensors file, written atomically).
+            checkpoint_every: write a checkpoint every this many steps (0: only at the end).
+
+        Raises:
+            RuntimeError: the loss or the gradients became NaN/inf.
+        """
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        c, start, t0 = self.config, self.step, time.perf_counter()
+        try:
+            with self.host.training(), torch.enable_grad():
+                while self.step < c.steps:  # i_curr < q_total
+                    pt = schedule_at(self.step, c, len(self.buckets))  # bucket b, i_cb
+                    if self._live is None or self._live.visit != pt.visit:
+                        self._enter_bucket(pt)  # this bucket's Mid/Up (and moments) from the bank
+                    loss, idents, mirrored = self._train_step(pt, update_down=not pt.warmup)
+                    self.step += 1
+                    if checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0 and self.step < c.steps:
+                        save_checkpoint(checkpoint_path, self)
+                    if callback is not None:
+                        callback(StepInfo(step=self.step, total=c.steps, loss=loss, bucket=pt.bucket,
+                                          n_buckets=len(self.buckets), phase=pt.phase,
+                                          step_in_bucket=pt.step_in_bucket + 1, identities=idents,
+                                          seconds=time.perf_counter() - t0, mirrored=mirrored))
+                if checkpoint_path is not None and (self.step > start or start == 0):
+                    save_checkpoint(checkpoint_path, self)
+        finally:
+            self._leave_bucket()
+            for p in self.downs.values():
+                p.requires_grad_(False)
+        seconds = time.perf_counter() - t0
+        log.info("Stage-1: steps %d..%d in %.1fs, loss %.4f -> %.4f", start, len(self.losses), seconds,
+                 self.losses[0] if self.losses else float("nan"), self.losses[-1] if self.losses else float("nan"))
+        return MetaTrainResult(downs={n: p.detach().to("cpu", torch.float32).clone() for n, p in self.downs.items()},
+                               losses=list(self.losses), buckets=[list(b) for b in self.buckets],
+                               identities=list(self.data.identities), config=c, seconds=seconds,
+                               resumed_from=self.resumed_from, bank_bytes=self.bank.nbytes(), plan=self.plan)
+
+    def _train_step(self, pt: SchedulePoint, *, update_down: bool) -> tuple[float, tuple[int, ...], tuple[bool, ...]]:
+        """One iteration on the live bucket: Mid/Up always, Down only when ``update_down``."""
+        live, data, c, gen = self._live, self.data, self.config, self.generator
+        assert live is not None
+        for p in self.downs.values():
+            p.requires_grad_(update_down)  # warm-up: Down gets no gradient and no update
+        batch = live.queue.take(c.batch_size, gen)
+        idents = tuple(data.item_identity[i] for i in batch)
+        picked = [pick_orientation(data.latents[i], gen) for i in batch]  # the per-step random flip
+        self._router.slots = [live.slot[k] for k in idents]
+        cond = self.collate([data.conds[data.item_caption[i]] for i in batch])
+        loss = flow_step_loss(self.host, [z for z, _ in picked], cond, gen, sigma_mode=c.sigma_mode,
+                              use_shift=c.resolution_shift)
+        value = float(loss.detach())  # a device sync point, needed for the guard
+        where = f"step {pt.step + 1} (bucket {pt.bucket}, {pt.phase})"
+        if not math.isfinite(value):
+            raise RuntimeError(
+                f"Stage-1 loss became {value} at {where}; lower the learning rate (now {c.lr}), check the "
+                "latents, or use bf16/fp32 instead of fp16; resume from the last checkpoint after fixing it"
+            )
+        live.opt.zero_grad(set_to_none=True)
+        self.down_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        updated = [p for p in live.params if p.grad is not None] + (list(self.downs.values()) if update_down else [])
+        norm = torch.nn.utils.clip_grad_norm_(updated, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            raise RuntimeError(f"Stage-1 gradients became {float(norm)} at {where}; lower the learning rate "
+                               f"(now {c.lr}) or use bf16/fp32 instead of fp16")
+        live.opt.step()
+        if update_down:
+            self.down_opt.step()
+        self.losses.append(value)
+        return value, idents, tuple(m for _, m in picked)
+
+    # -- moving identity layers between the bank and the device -------------------------------
+
+    def _enter_bucket(self, pt: SchedulePoint) -> None:
+        self._leave_bucket()
+        dev, c = self.host.device, self.config
+        idents = self.buckets[pt.bucket]
+        for ident in idents:
+            self.bank.ensure(ident)
+        adapters = {
+            n: BucketAdapter(self.downs[n], [self.bank.params[(i, n, "mid")].to(dev).clone() for i in idents],
+                             [self.bank.params[(i, n, "up")].to(dev).clone() for i in idents], self._router)
+            for n in self.shapes
+        }
+        params = [p for a in adapters.values() for p in (*a.mids, *a.ups)]
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        visit, saved = self._resume_queue
+        queue = _Queue([i for ident in idents for i in self._items_of[ident]], self._shapes_of,
+                       saved if visit == pt.visit else [])  # resumed inside this visit: keep its data order
+        live = _LiveBucket(visit=pt.visit, identities=idents, adapters=adapters, opt=opt, params=params,
+                           slot={ident: s for s, ident in enumerate(idents)}, queue=queue,
+                           handle=self.host.attach(AdapterSet(adapters, mode="meta", preset=c.preset)))
+        for ident, n, part, p in live.pairs():
+            if (ident, n, part) in self.bank.adam:
+                opt.state[p] = _to_device(self.bank.adam[(ident, n, part)], dev)
+        self._live = live
+        log.debug("bucket %d (visit %d): identities %s", pt.bucket, pt.visit, [self.data.identities[i] for i in idents])
+
+    def _sync_bank(self) -> None:
+        """Copies the live bucket's Mid/Up and AdamW moments back into the bank."""
+        if self._live is None:
+            return
+        opt = self._live.opt
+        for ident, n, part, p in self._live.pairs():
+            self.bank.params[(ident, n, part)] = p.detach().to("cpu").clone()
+            if opt.state.get(p):
+                self.bank.adam[(ident, n, part)] = _cpu(opt.state[p])
+
+    def _leave_bucket(self) -> None:
+        if self._live is None:
+            return
+        self._sync_bank()
+        self._live.handle.remove()
+        self._resume_queue = (self._live.visit, list(self._live.queue.queue))  # a later state_dict keeps it
+        self._live = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, on the CPU (the live bucket is synced into the bank first)."""
+        self._sync_bank()
+        live = self._live
+        queue_visit, queue = (live.visit, list(live.queue.queue)) if live is not None else self._resume_queue
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+            "buckets": [list(b) for b in self.buckets],
+            "downs": {n: p.detach().to("cpu").clone() for n, p in self.downs.items()},
+            "down_adam": {n: _cpu(self.down_opt.state[p]) for n, p in self.downs.items() if self.down_opt.state.get(p)},
+            "bank": self.bank.state_dict(),
+            "generator": self.generator.get_state(),
+            "queue": list(queue),
+            "queue_visit": queue_visit,
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+        """Restores a ``state_dict`` made with the same config (``steps`` may grow) and data.
+
+        Raises:
+            ValueError: another config or other data (names the field), or a step beyond ``steps``.
+        """
+        saved = _config_for_compare(MetaTrainConfig(**state["config"]))
+        now = _config_for_compare(self.config)
+        for k in now:
+            if saved.get(k) != now[k]:
+                raise ValueError(
+                    f"{source} was made with {k}={saved.get(k)!r} but this run has {k}={now[k]!r}; resume with the "
+                    "same settings (only --steps may change) or start a new run in another folder"
+                )
+        if state["data_fingerprint"] != self.data_fingerprint:
+            raise ValueError(
+                f"{source} was made from other training data (fingerprint {state['data_fingerprint'][:12]} vs "
+                f"{self.data_fingerprint[:12]}); resume with the same data folder and augmentation, or start a new run"
+            )
+        if state["step"] > self.config.steps:
+            raise ValueError(f"{source} is at step {state['step']}, beyond steps={self.config.steps}; raise --steps to resume")
+        if set(state["downs"]) != set(self.downs):
+            extra = sorted(set(state["downs"]) ^ set(self.downs))[:3]
+            raise ValueError(f"{source} holds other adapter layers than this model's (e.g. {extra}); resume on the "
+                             "model the run started with")
+        self._leave_bucket()
+        dev = self.host.device
+        with torch.no_grad():
+            for n, p in self.downs.items():
+                p.copy_(state["downs"][n].to(dev, torch.float32))
+        self.down_opt.state.clear()
+        for n, s in state["down_adam"].items():
+            self.down_opt.state[self.downs[n]] = _to_device(s, dev)
+        self.bank.load_state_dict(state["bank"])
+        self.generator.set_state(state["generator"].clone())
+        self.buckets = [list(b) for b in state["buckets"]]
+        self.losses = list(state["losses"])
+        self.step = self.resumed_from = int(state["step"])
+        self._resume_queue = (int(state["queue_visit"]), list(state["queue"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def _config_for_compare(config: MetaTrainConfig) -> dict[str, Any]:
+    d = config.to_dict()
+    d.pop("steps")  # a resume may extend q_total; everything else must match
+    return d
+
+
+def _adam_tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.adam.{k}": state[k].detach().to("cpu").clone() for k in _ADAM_KEYS if k in state}
+
+
+def _split_adam(tensors: Mapping[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    return {k: tensors[f"{key}.adam.{k}"] for k in _ADAM_KEYS if f"{key}.adam.{k}" in tensors}
+
+
+def save_checkpoint(path: str | os.PathLike, trainer: MetaTrainer | Mapping[str, Any]) -> Path:
+    """Writes a trainer's ``state_dict`` atomically as a safetensors file (tensors + JSON metadata)."""
+    state = trainer.state_dict() if isinstance(trainer, MetaTrainer) else trainer
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state["downs"].items():
+        tensors[f"down.{name}"] = t
+        if name in state["down_adam"]:
+            tensors.update(_adam_tensors(f"down.{name}", state["down_adam"][name]))
+    bank = state["bank"]
+    for (ident, name, part), t in bank["params"].items():
+        key = f"bank.{ident}.{name}.{part}"
+        tensors[key] = t
+        if (ident, name, part) in bank["adam"]:
+            tensors.update(_adam_tensors(key, bank["adam"][(ident, name, part)]))
+    tensors["rng.generator"] = state["generator"]
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "state": json.dumps({
+            "step": state["step"],
+            "config": state["config"],
+            "data_fingerprint": state["data_fingerprint"],
+            "buckets": state["buckets"],
+            "queue": state["queue"],
+            "queue_visit": state["queue_visit"],
+            "losses": state["losses"],
+            "bank_identities": sorted({k[0] for k in bank["params"]}),
+        }),
+    }
+    return atomic_save_safetensors(tensors, path, meta)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a checkpoint file back into a ``MetaTrainer.state_dict``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: not a meta-train checkpoint, or one newer than this pack reads.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} to resume from; run without resume first")
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a meta-train checkpoint (format={meta.get('format')!r})")
+    if int(meta.get("format_version", "0")) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta['format_version']} is newer than this pack reads")
+    info = json.loads(meta["state"])
+    layers = [k[len("down."):] for k in tensors if k.startswith("down.") and ".adam." not in k]
+    params: dict[BankKey, torch.Tensor] = {}
+    adam: dict[BankKey, dict[str, torch.Tensor]] = {}
+    for ident in info["bank_identities"]:
+        for n in layers:
+            for part in ("mid", "up"):
+                key = f"bank.{ident}.{n}.{part}"
+                params[(ident, n, part)] = tensors[key]
+                if s := _split_adam(tensors, key):
+                    adam[(ident, n, part)] = s
+    return {
+        "step": info["step"], "config": info["config"], "data_fingerprint": info["data_fingerprint"],
+        "buckets": info["buckets"], "queue": info["queue"], "queue_visit": info["queue_visit"],
+        "losses": info["losses"],
+        "downs": {n: tensors[f"down.{n}"] for n in layers},
+        "down_adam": {n: s for n in layers if (s := _split_adam(tensors, f"down.{n}"))},
+        "bank": {"params": params, "adam": adam},
+        "generator": tensors["rng.generator"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One call
+
+
 def meta_train(
     host: FlowHost,
     data: MetaTrainData,
@@ -515,16 +764,17 @@ def meta_train(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
-    collate: Callable[[Sequence[Any]], Any] = collate_conds,
+    collate: Callable[[Sequence[Any]], Any] | None = None,
 ) -> MetaTrainResult:
     """Runs Stage-1 meta-training (Algorithm 1) and returns the learned Down matrices.
 
+    A thin wrapper over ``MetaTrainer``: build it, load the checkpoint when resuming, run.
+
     Args:
-        host: the frozen model (diffusers FLUX host, ComfyUI host, ...).
+        host: the frozen model (diffusers FLUX host, ...).
         data: cached latents of all identities with their captions' conditioning.
         config: schedule, ranks, optimizer settings, seed.
-        callback: called after every step with a ``StepInfo``; raising from it stops the run
-            (the last checkpoint stays valid; the host is cleaned up).
+        callback: called after every step with a ``StepInfo`` (see ``MetaTrainer.run``).
         checkpoint_path: where checkpoints go (a safetensors file, written atomically).
         checkpoint_every: write a checkpoint every this many steps (0: only at the end).
         resume: continue from ``checkpoint_path``; the result equals an uninterrupted run.
@@ -538,166 +788,15 @@ def meta_train(
         FileNotFoundError: ``resume`` without a checkpoint file.
         RuntimeError: the loss or the gradients became NaN/inf.
     """
-    data.validate()
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_path")
-    shapes = resolve_targets(config.preset, host.dims)
-    n_ids = len(data.identities)
-    per_id = [data.item_identity.count(k) for k in range(n_ids)]
-    data_fp = data.fingerprint()
-    dev = host.device
-    latent_shapes = [tuple(z.shape) for z in data.latents]
-    items_of = {k: [i for i, j in enumerate(data.item_identity) if j == k] for k in range(n_ids)}
-
+    trainer = MetaTrainer(host, data, config, collate=collate)
     if resume:
-        if not Path(checkpoint_path).is_file():  # type: ignore[arg-type]
-            raise FileNotFoundError(f"no checkpoint at {checkpoint_path} to resume from; run without resume first")
-        state, buckets = load_checkpoint(checkpoint_path, config, data_fp, shapes)  # type: ignore[arg-type]
-        log.info("meta-train: resuming at step %d of %d from %s", state.step, config.steps, checkpoint_path)
-    else:
-        per_bucket = resolve_identities_per_bucket(config, per_id)
-        buckets = make_buckets(n_ids, per_bucket, config.seed)
-        gen = torch.Generator().manual_seed(config.seed)
-        state = _RunState(step=0, downs=initial_downs(config, shapes), down_adam={},
-                          bank=IdentityBank(shapes, r1=config.r1, r2=config.r2, seed=config.seed),
-                          gen_state=gen.get_state(), torch_state=torch.get_rng_state(), queue=[], queue_visit=-1,
-                          losses=[])
-    log.info("meta-train: %d identities, %d items, %d buckets of <= %d identities, %d steps (bucket %d, warm-up %d)",
-             n_ids, len(data.latents), len(buckets), max(len(b) for b in buckets), config.steps,
-             config.bucket_steps, config.warmup_steps)
-
-    gen = torch.Generator()
-    gen.set_state(state.gen_state)
-    torch.set_rng_state(state.torch_state)
-    downs = {n: nn.Parameter(t.to(dev, torch.float32).clone()) for n, t in state.downs.items()}
-    down_opt = torch.optim.AdamW(list(downs.values()), lr=config.lr, weight_decay=config.weight_decay)
-    for n, s in state.down_adam.items():
-        down_opt.state[downs[n]] = {k: v.clone() if k == "step" else v.to(dev).clone() for k, v in s.items()}
-    bank = state.bank
-    losses = list(state.losses)
-    router = IdentityRouter()
-    result = MetaTrainResult(downs={}, losses=losses, buckets=buckets, identities=list(data.identities),
-                             config=config, resumed_from=state.step)
-
-    active: dict[str, Any] = {"visit": None}  # the bucket whose identity layers are on the device
-
-    def unload() -> None:
-        """Copies the live bucket's Mid/Up and AdamW moments back into the bank."""
-        if active["visit"] is None:
-            return
-        opt: torch.optim.Optimizer = active["opt"]
-        for slot, ident in enumerate(active["idents"]):
-            for n, a in active["adapters"].items():
-                for part, p in (("mid", a.mids[slot]), ("up", a.ups[slot])):
-                    bank.params[(ident, n, part)] = p.detach().to("cpu").clone()
-                    if p in opt.state and opt.state[p]:
-                        bank.adam[(ident, n, part)] = {k: v.detach().to("cpu").clone() for k, v in opt.state[p].items()}
-
-    def load(pt: SchedulePoint) -> None:
-        unload()
-        if active.get("handle") is not None:
-            active["handle"].remove()
-        idents = buckets[pt.bucket]
-        for ident in idents:
-            bank.ensure(ident)
-        adapters = {
-            n: BucketAdapter(downs[n], [bank.params[(i, n, "mid")].to(dev).clone() for i in idents],
-                             [bank.params[(i, n, "up")].to(dev).clone() for i in idents], router)
-            for n in shapes
-        }
-        params = [p for a in adapters.values() for p in (*a.mids, *a.ups)]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        for slot, ident in enumerate(idents):
-            for n, a in adapters.items():
-                for part, p in (("mid", a.mids[slot]), ("up", a.ups[slot])):
-                    if (ident, n, part) in bank.adam:
-                        opt.state[p] = {k: v.to(dev).clone() if k != "step" else v.clone()
-                                        for k, v in bank.adam[(ident, n, part)].items()}
-        active.update(visit=pt.visit, idents=idents, adapters=adapters, opt=opt, params=params,
-                      slot={ident: s for s, ident in enumerate(idents)},
-                      handle=host.attach(AdapterSet(adapters, mode="meta", preset=config.preset)))
-        bucket_items = [i for ident in idents for i in items_of[ident]]
-        if pt.visit == state.queue_visit:  # resumed inside this visit: keep its data order
-            queue = state.queue
-        else:
-            queue = []
-        active["queue"] = _Queue(bucket_items, latent_shapes, queue)
-        log.debug("bucket %d (visit %d): identities %s", pt.bucket, pt.visit, [data.identities[i] for i in idents])
-
-    def checkpoint(step: int) -> None:
-        if checkpoint_path is None:
-            return
-        unload()
-        snap = _RunState(step=step, downs={n: p.detach() for n, p in downs.items()},
-                         down_adam={n: down_opt.state[p] for n, p in downs.items() if down_opt.state.get(p)},
-                         bank=bank, gen_state=gen.get_state(), torch_state=torch.get_rng_state(),
-                         queue=list(active["queue"].queue) if active["visit"] is not None else [],
-                         queue_visit=active["visit"] if active["visit"] is not None else -1, losses=losses)
-        save_checkpoint(checkpoint_path, snap, config, data_fp, buckets)
-        log.debug("checkpoint at step %d -> %s", step, checkpoint_path)
-
-    t0 = time.perf_counter()
-    try:
-        with host.training(), torch.enable_grad():
-            for step in range(state.step, config.steps):
-                pt = schedule_at(step, config, len(buckets))
-                if active["visit"] != pt.visit:
-                    load(pt)
-                for p in downs.values():
-                    p.requires_grad_(not pt.warmup)  # warm-up: Down gets no gradient and no update
-                batch = active["queue"].take(config.batch_size, gen)
-                idents = tuple(data.item_identity[i] for i in batch)
-                router.slots = [active["slot"][k] for k in idents]
-                cond = collate([data.conds[data.item_caption[i]] for i in batch])
-                loss = flow_step_loss(host, [data.latents[i] for i in batch], cond, gen,
-                                      sigma_mode=config.sigma_mode, use_shift=config.resolution_shift)
-                value = float(loss.detach())  # a device sync point, needed for the guard
-                if not math.isfinite(value):
-                    raise RuntimeError(
-                        f"Stage-1 loss became {value} at step {step + 1} (bucket {pt.bucket}, {pt.phase}); lower "
-                        f"the learning rate (now {config.lr}), check the latents, or use bf16/fp32 instead of fp16; "
-                        "resume from the last checkpoint after fixing it"
-                    )
-                opt: torch.optim.Optimizer = active["opt"]
-                opt.zero_grad(set_to_none=True)
-                down_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                updated = [p for p in active["params"] if p.grad is not None]
-                if not pt.warmup:
-                    updated += list(downs.values())
-                norm = torch.nn.utils.clip_grad_norm_(updated, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-                if not torch.isfinite(norm):
-                    raise RuntimeError(
-                        f"Stage-1 gradients became {float(norm)} at step {step + 1} (bucket {pt.bucket}, {pt.phase}); "
-                        f"lower the learning rate (now {config.lr}) or use bf16/fp32 instead of fp16"
-                    )
-                opt.step()
-                if not pt.warmup:
-                    down_opt.step()
-                losses.append(value)
-                done = step + 1
-                if checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
-                    checkpoint(done)
-                if callback is not None:
-                    callback(StepInfo(step=done, total=config.steps, loss=value, bucket=pt.bucket,
-                                      n_buckets=len(buckets), phase=pt.phase, step_in_bucket=pt.step_in_bucket + 1,
-                                      identities=idents, seconds=time.perf_counter() - t0))
-            if state.step < config.steps or not resume:
-                checkpoint(config.steps)
-    finally:
-        if active.get("handle") is not None:
-            active["handle"].remove()
-        result.seconds = time.perf_counter() - t0
-        for p in downs.values():
-            p.requires_grad_(False)
-    unload()
-    result.downs = {n: p.detach().to("cpu", torch.float32).clone() for n, p in downs.items()}
-    result.bank_bytes = bank.nbytes()
-    log.info("Stage-1: steps %d..%d in %.1fs, loss %.4f -> %.4f", state.step, len(losses), result.seconds,
-             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
-    return result
+        trainer.load_state_dict(load_checkpoint(checkpoint_path), source=str(checkpoint_path))  # type: ignore[arg-type]
+        log.info("meta-train: resuming at step %d of %d from %s", trainer.step, config.steps, checkpoint_path)
+    return trainer.run(callback=callback, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
 
 
 def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-dev",
@@ -719,6 +818,7 @@ def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-
         "r2": c.r2,
         "seed": c.seed,
         "identities": len(result.identities),
+        "identities_trained": result.plan.identities_visited if result.plan else None,
         "buckets": len(result.buckets),
         "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
         "data": dict(data_summary or {}),

@@ -3,6 +3,10 @@
 Only LoRA-Mid and LoRA-Up are trained (plain LoRA mode: Down and Up) with the
 rectified-flow loss on cached latents of the augmented crops and the cached
 conditioning of one caption. Hosts (diffusers FLUX, ComfyUI FLUX) supply the model.
+
+Random horizontal flips (paper Sec. 3): a crop given as a (plain, mirrored) latent pair
+(``data.latents.encode_flip_pairs``) is drawn in one orientation per step from the run's
+seeded generator; a single latent is used as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 
+from ..data.latents import Latent, check_latents, latent_shape, pick_orientation
 from ..lora.adapter import AdapterSet
 from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
 from ..lora.layers import FluxDims
@@ -134,15 +139,17 @@ def flow_step_loss(
     return flow_loss(pred, velocity_target(x0, noise))
 
 
-def _batches(latents: Sequence[torch.Tensor], order: DataOrder, batch_size: int) -> list[torch.Tensor]:
-    """Next batch: crops differ in size, so a batch holds the first pick's size only."""
+def _batches(latents: Sequence[Latent], order: DataOrder, batch_size: int) -> list[torch.Tensor]:
+    """Next batch: crops differ in size, so a batch holds the first pick's size only; each pair
+    item is drawn in one orientation (the per-step random flip)."""
     first = order.take(1)[0]
-    out = [latents[first]]
+    picked = [first]
     if batch_size > 1:
-        same = [i for i in range(len(latents)) if latents[i].shape == latents[first].shape and i != first]
+        shape = latent_shape(latents[first])
+        same = [i for i in range(len(latents)) if latent_shape(latents[i]) == shape and i != first]
         for j in torch.randperm(len(same), generator=order.generator).tolist()[: batch_size - 1]:
-            out.append(latents[same[j]])
-    return out
+            picked.append(same[j])
+    return [pick_orientation(latents[i], order.generator)[0] for i in picked]
 
 
 def _read_back(pending: list[torch.Tensor], step: int, losses: list[float], config: Stage2Config) -> float:
@@ -161,20 +168,10 @@ def _read_back(pending: list[torch.Tensor], step: int, losses: list[float], conf
     return values[-1]
 
 
-def check_latents(latents: Sequence[torch.Tensor]) -> None:
-    if not latents:
-        raise ValueError("no training latents; give at least one image crop")
-    for i, z in enumerate(latents):
-        if z.ndim != 3:
-            raise ValueError(f"latent {i} has shape {tuple(z.shape)}; expected (C, h, w)")
-        if not torch.isfinite(z).all():
-            raise ValueError(f"latent {i} holds NaN or inf; check the VAE and the input image")
-
-
 def personalize(
     host: FlowHost,
     adapters: AdapterSet,
-    latents: Sequence[torch.Tensor],
+    latents: Sequence[Latent],
     cond: Any,
     config: Stage2Config = Stage2Config(),
     callback: StepCallback | None = None,
@@ -184,7 +181,8 @@ def personalize(
     Args:
         host: the model (frozen) to train against.
         adapters: from ``AdapterSet.from_downs`` (Down frozen) or ``AdapterSet.plain``.
-        latents: cached (C, h, w) latents of the augmented crops; sizes may differ.
+        latents: cached (C, h, w) latents of the augmented crops, or (plain, mirrored) pairs of
+            them (``data.latents.encode_flip_pairs``) for a random flip per step; sizes may differ.
         cond: the host's cached conditioning of the caption.
         config: steps, lr, seed, ...
         callback: called after every step with (step, loss); raising from it cancels
@@ -211,7 +209,8 @@ def personalize(
     order = DataOrder(len(latents), gen)
     # the crops live on the device for the whole run, in float32: the loss target noise - x0 is
     # float32 (the model input is cast to the compute dtype inside the host)
-    on_device = [z.detach().to(dev, torch.float32) for z in latents]
+    on_device = [tuple(t.detach().to(dev, torch.float32) for t in z) if isinstance(z, tuple)
+                 else z.detach().to(dev, torch.float32) for z in latents]
     adapters.to(dev)
     fused = dev.type == "cuda"  # one kernel per step for the whole update; CPU keeps the reference loop
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {}))

