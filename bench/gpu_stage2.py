@@ -47,7 +47,7 @@ from metalora_core.formats.prior import make_prior  # noqa: E402
 from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond  # noqa: E402
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target  # noqa: E402
 from metalora_core.lora.fp8 import store_linears_fp8  # noqa: E402
-from metalora_core.lora.layers import FluxDims  # noqa: E402
+from metalora_core.lora.layers import DEFAULT_PRESET, FluxDims  # noqa: E402
 from metalora_core.train.profile import OpCounter, SavedTensors  # noqa: E402
 from metalora_core.train.recipe import build_adapters  # noqa: E402
 from metalora_core.train.stage2 import Stage2Config, flow_step_loss, personalize  # noqa: E402
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--r1", type=int, default=16)
     ap.add_argument("--r2", type=int, default=1)
-    ap.add_argument("--preset", default="attn_mlp")
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default 989 on CUDA")
     ap.add_argument("--max-seconds", type=float, default=1e9, help="skip the configs left after this long")
     args = ap.parse_args(argv)

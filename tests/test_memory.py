@@ -60,7 +60,7 @@ def test_adapters_do_not_keep_a_float32_copy_of_each_input(pipe, dtype, meta_max
         prior = make_prior(DiffusersFluxHost(tr).dims, r1=8, preset="attn_mlp", generator=torch.Generator().manual_seed(0))
         bare, _ = _step_saved(tr, None)
         meta, _ = _step_saved(tr, build_adapters(DiffusersFluxHost(tr).dims, prior, rank=1))
-        plain, _ = _step_saved(tr, build_adapters(DiffusersFluxHost(tr).dims, None, rank=1))
+        plain, _ = _step_saved(tr, build_adapters(DiffusersFluxHost(tr).dims, None, rank=1, preset="attn_mlp"))
     finally:
         pipe.transformer.to(torch.float32)
     assert bare > 0
