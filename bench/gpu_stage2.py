@@ -110,11 +110,11 @@ def build_transformer(args, device: torch.device, dtype: torch.dtype):
     """FLUX-shaped diffusers transformer with random weights made on ``device`` (no CPU copy)."""
     from diffusers import FluxTransformer2DModel
 
-    head_dim = 16 if args.tiny else 128
+    head_dim = 128  # ComfyUI's FLUX assumes 128-wide heads (--tiny: 2 heads)
     cfg = dict(patch_size=1, in_channels=64, num_layers=args.depth, num_single_layers=args.single_depth,
                attention_head_dim=head_dim, num_attention_heads=args.width // head_dim,
                joint_attention_dim=args.joint, pooled_projection_dim=args.pooled, guidance_embeds=True,
-               axes_dims_rope=(4, 6, 6) if args.tiny else (16, 56, 56))
+               axes_dims_rope=(16, 56, 56))
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg).to(dtype)
     model = model.to_empty(device=device)
@@ -165,8 +165,9 @@ class CoreBench:
     def to_fp8(self) -> int:
         return store_linears_fp8(self.transformer)
 
-    def attach_ctx(self, host, adapters):
-        return host.attach(adapters)
+    def bare(self, host):
+        """Makes ``host`` run the frozen model; returns what to remove afterwards (or None)."""
+        return None
 
 
 class ComfyBench(CoreBench):
@@ -225,6 +226,14 @@ class ComfyBench(CoreBench):
     def to_fp8(self) -> int:
         raise RuntimeError("the ComfyUI host loads fp8 weights itself")
 
+    def bare(self, host):
+        """The host's out-of-place blocks with the adapters switched off (ComfyUI's own math)."""
+        prior = make_prior(self.dims, r1=self.args.r1, preset=self.args.preset,
+                           generator=torch.Generator().manual_seed(0))
+        handle = host.attach(build_adapters(self.dims, prior, rank=self.args.r2))
+        host._blocks.adapters_on = False
+        return handle
+
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -250,7 +259,7 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
 
     if adapters is not None:
         adapters.to(device)
-    handle = host.attach(adapters) if adapters is not None else None
+    handle = host.attach(adapters) if adapters is not None else bench.bare(host)
     try:
         with host.training(), torch.enable_grad():
             if count_kernels and device.type == "cuda":
@@ -397,7 +406,12 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     if n == 0:  # --repeats 0 --warmup 0: memory and kernels only (a CPU at full width)
         pass
     elif mode == "bare":
-        times = time_bare(host, latents, cond, device, n)
+        handle = bench.bare(host)
+        try:
+            times = time_bare(host, latents, cond, device, n)
+        finally:
+            if handle is not None:
+                handle.remove()
     else:
         times = time_trainer(host, adapters, latents, cond, device, n)
     med = statistics.median(times[args.warmup:] or times) if times else None
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: a smoke run in seconds")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--width", type=int, default=3072, help="hidden width (heads x 128)")
+    ap.add_argument("--width", type=int, default=3072, help="hidden width, a multiple of 128 (heads x 128)")
     ap.add_argument("--depth", type=int, default=19, help="double blocks; single blocks: --single-depth")
     ap.add_argument("--single-depth", type=int, default=None, help="default: 2 x --depth (FLUX: 38)")
     ap.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024])
@@ -444,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.tiny:
         args.device = args.device or "cpu"
-        args.width, args.depth = (64 if args.width == 3072 else args.width), (1 if args.depth == 19 else args.depth)
+        args.width, args.depth = (256 if args.width == 3072 else args.width), (1 if args.depth == 19 else args.depth)
         args.resolutions = [128] if args.resolutions == [512, 1024] else args.resolutions
         args.text_tokens = 16 if args.text_tokens == 512 else args.text_tokens
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
@@ -452,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     args.joint, args.pooled = (32, 32) if args.tiny else (4096, 768)
     args.single_depth = 2 * args.depth if args.single_depth is None else args.single_depth
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.width % 128:
+        raise SystemExit(f"--width must be a multiple of 128 (FLUX heads are 128 wide), got {args.width}")
     if args.weights and not set(args.weights) <= {"bf16", "fp8"}:
         raise SystemExit(f"--weights takes bf16,fp8; got {args.weights}")
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)

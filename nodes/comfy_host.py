@@ -177,10 +177,12 @@ class _Blocks:
         return hit
 
     def _base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The frozen Linear. Plain float8 weights are cast inside an autograd Function that keeps
-        the float8 weight for backward (ComfyUI's cast would keep a bf16 copy of every weight)."""
+        """The frozen Linear. Weights stored in another dtype than the compute dtype (fp8, or bf16
+        computed in float32) are cast inside an autograd Function that keeps the stored weight for
+        backward and casts it again there (ComfyUI's cast would keep a compute-dtype copy of each)."""
         w = getattr(module, "weight", None)
-        if (self.fp8_recast and torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter and w.dtype in FP8_DTYPES
+        if (self.fp8_recast and torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter
+                and w.dtype != x.dtype and (w.dtype in FP8_DTYPES or w.is_floating_point())
                 and w.device == x.device and getattr(module, "comfy_cast_weights", False)
                 and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)
                 and getattr(module, "scale_weight", None) is None and getattr(module, "scale_input", None) is None):
