@@ -10,7 +10,7 @@ DEMO_OUT ?= out/demo
 TINY_DATA ?= out/tiny_data
 PHOTOS := $(PY) tests/sample_photos.py
 
-.PHONY: venv demo meta-train-tiny test test-comfyui test-comfyui-pinned bench clean
+.PHONY: venv demo meta-train-tiny test test-comfyui test-comfyui-pinned bench bench-gpu clean
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -47,6 +47,10 @@ test-comfyui-pinned:
 
 bench: venv
 	$(PY) bench/stage2_overhead.py
+
+# Stage-2 speed and memory on a FLUX.1-dev-shaped model (a GPU; --tiny runs on the CPU)
+bench-gpu: venv
+	$(PY) bench/gpu_stage2.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
