@@ -241,7 +241,7 @@ class ComfyBench(CoreBench):
 def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels: bool):
     """(saved bytes, kernels) of one step: the bare frozen step when ``adapters`` is None."""
     g = torch.Generator().manual_seed(1)
-    saved = SavedTensors(exclude=bench.weights() + (list(adapters.parameters()) if adapters is not None else []))
+    saved: SavedTensors | None = None  # made inside training(): the host may move the weights there
     kernels = None
 
     def step():
@@ -262,6 +262,7 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
     handle = host.attach(adapters) if adapters is not None else bench.bare(host)
     try:
         with host.training(), torch.enable_grad():
+            saved = SavedTensors(exclude=saved_exclude(bench, adapters))
             if count_kernels and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -358,6 +359,12 @@ def run_host(host_name, args, device, peak, emit):
         try:
             if weights != current_weights:
                 if host_name == "comfy":
+                    if bench is not None:  # the previous ComfyUI model leaves the card first
+                        import comfy.model_management
+
+                        bench = None
+                        comfy.model_management.unload_all_models()
+                        comfy.model_management.soft_empty_cache()
                     bench = ComfyBench(transformer, args, device, weights)
                 elif weights == "fp8":
                     bench.to_fp8()
@@ -454,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--r2", type=int, default=1)
     ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default 989 on CUDA")
-    ap.add_argument("--max-seconds", type=float, default=1e9, help="skip the configs left after this long")
+    ap.add_argument("--max-seconds", type=float, default=240,
+                    help="per host: configs not started after this many seconds are reported as skipped")
     args = ap.parse_args(argv)
     if args.tiny:
         args.device = args.device or "cpu"
@@ -463,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         args.text_tokens = 16 if args.text_tokens == 512 else args.text_tokens
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
         args.r1 = min(args.r1, 4)
+        args.max_seconds = 1e9 if args.max_seconds == 240 else args.max_seconds  # a smoke run does all
     args.joint, args.pooled = (32, 32) if args.tiny else (4096, 768)
     args.single_depth = 2 * args.depth if args.single_depth is None else args.single_depth
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -129,3 +129,8 @@ def test_memory_choice_plans_checkpointing(env):
     assert plan("auto", False, **flux, free_bytes=1) == 1
     with pytest.raises(ValueError, match="memory must be one of .*got 'medium'"):
         plan("medium", False, **flux, free_bytes=None)
+
+
+def test_checkpoint_every_must_be_positive(models):
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1 .*got 0"):
+        pack("nodes.comfy_host").ComfyFluxHost(models["fp32"], checkpoint_every=0)
