@@ -1,6 +1,6 @@
 """The ComfyUI FLUX host: Stage-2 training through ComfyUI's own FLUX model.
 
-Implements ``metalora_core.train.stage2.FlowHost`` on a ComfyUI ``ModelPatcher`` of a FLUX model.
+Implements ``metalora_core.train.host.FlowHost`` on a ComfyUI ``ModelPatcher`` of a FLUX model.
 
 How adapters reach the model: nothing is hooked into the (shared) torch modules. Training
 works on a *clone* of the caller's patcher and replaces every FLUX block of that clone through
@@ -17,8 +17,9 @@ patches live only in the clone's ``model_options``; the caller's patcher never s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,14 @@ from torch import nn
 import comfy.model_management
 import comfy.utils
 
+from PIL import Image
+
+from ..metalora_core.formats.files import sha256_tensors
+from ..metalora_core.formats.store import weights_identity
 from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter, add_low_rank, down_project
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
+from .images import pils_to_image
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +48,35 @@ class ComfyFluxCond:
 
     context: torch.Tensor  # (1, L, joint_dim) text tokens (T5 states)
     y: torch.Tensor | None  # (1, vec_in_dim) pooled CLIP output
-    guidance: float  # distilled-guidance input used while training
+    guidance: float = 1.0  # distilled-guidance input while training
 
     @classmethod
-    def from_conditioning(cls, conditioning: list, guidance: float) -> "ComfyFluxCond":
-        """Reads a ComfyUI CONDITIONING (first entry: [tensor, {"pooled_output": ...}])."""
+    def from_conditioning(cls, conditioning: list, guidance: float | None = None) -> "ComfyFluxCond":
+        """Reads a ComfyUI CONDITIONING (first entry: [tensor, {"pooled_output": ..., "guidance": ...}]).
+
+        Args:
+            guidance: overrides the conditioning's own ``guidance`` entry (set by a FluxGuidance
+                node); without either, 1.0 (what ai-toolkit trains FLUX.1-dev at).
+        """
         if not conditioning:
             raise ValueError("the positive CONDITIONING is empty; connect a CLIPTextEncode of the class caption")
         context, extra = conditioning[0][0], conditioning[0][1]
         if context.ndim != 3:
             raise ValueError(f"conditioning tensor has shape {tuple(context.shape)}; expected (1, tokens, width)")
         pooled = extra.get("pooled_output")
+        if guidance is None:
+            guidance = extra.get("guidance")
         # clone(): outside inference mode this makes normal tensors of ComfyUI's inference tensors
         return cls(context=context[:1].detach().float().cpu().clone(),
-                   y=None if pooled is None else pooled[:1].detach().float().cpu().clone(), guidance=float(guidance))
+                   y=None if pooled is None else pooled[:1].detach().float().cpu().clone(),
+                   guidance=1.0 if guidance is None else float(guidance))
+
+    def digest(self) -> str:
+        """sha256 over the text tokens, the pooled output and the guidance value."""
+        t = {"context": self.context, "guidance": torch.tensor([self.guidance], dtype=torch.float64)}
+        if self.y is not None:
+            t["y"] = self.y
+        return sha256_tensors(t)
 
 
 @dataclass(frozen=True)
@@ -348,21 +369,23 @@ class ComfyFluxHost:
 
     Args:
         model: the caller's MODEL (FLUX); only a clone of it is patched.
-        guidance: FLUX's distilled-guidance input while training (1.0, as ai-toolkit trains).
+        vae: the ComfyUI VAE that ``encode_images`` uses (and previews decode with).
         gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint,
             non-reentrant) to save activation memory.
         checkpoint_every: with checkpointing on, recompute only every k-th block (double blocks
             then single blocks, counted from 0); 1 checkpoints all of them.
+
+    The distilled-guidance input comes from the conditioning (``ComfyFluxCond.guidance``).
     """
 
-    def __init__(self, model: Any, *, guidance: float = 1.0, gradient_checkpointing: bool = False,
+    def __init__(self, model: Any, *, vae: Any = None, gradient_checkpointing: bool = False,
                  checkpoint_every: int = 1) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
         self.checkpoint_every = int(checkpoint_every)
         self.source = model
+        self.vae = vae
         self.dims = flux_dims(model)
-        self.guidance = float(guidance)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.patcher: Any = None
         self._blocks: _Blocks | None = None
@@ -385,6 +408,34 @@ class ComfyFluxHost:
     @property
     def dtype(self) -> torch.dtype:
         return self.source.model.get_dtype_inference()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """VAE-encodes images into the model's latent space, one batch per size: (C, h, w) each."""
+        if self.vae is None:
+            raise ValueError("this ComfyFluxHost has no VAE; pass vae= (the FLUX VAE) to encode images")
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(im.size, []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for idx in by_size.values():
+            with torch.no_grad():  # no autograd here: VAE weights may be inference tensors
+                z = self.vae.encode(pils_to_image([images[i] for i in idx]))  # (n, C, h, w) raw VAE latents
+                z = self.source.model.process_latent_in(z.float()).float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = z[j].clone()  # clone(): a normal tensor, not a view into the batch
+        return out  # type: ignore[return-value]
+
+    def collate(self, conds: Sequence[ComfyFluxCond]) -> ComfyFluxCond:
+        """The shared conditioning of a batch (ComfyUI's Stage-2 trains one caption)."""
+        first = conds[0]
+        if any(c is not first for c in conds):
+            raise ValueError("the ComfyUI host trains one caption per run; every batch item must share its "
+                             "conditioning")
+        return first
+
+    def identity(self) -> str:
+        """See ``model_identity``."""
+        return model_identity(self.source)
 
     def attach(self, adapters: AdapterSet) -> _Detach:
         """Clones the patcher and replaces every block of the clone with the adapted one."""
@@ -431,3 +482,55 @@ class ComfyFluxHost:
         out = base.diffusion_model(x_t.to(dev, dt), t, context=context.expand(b, -1, -1),
                                    transformer_options=topts, **kwargs)
         return out  # CONST sampling: denoised = x_t - sigma * out, so out is the velocity
+
+
+def _patch_digest(value: Any, h: "hashlib._Hash") -> None:
+    """Feeds a ComfyUI weight patch (tensors, LoRA adapter objects, tuples, numbers) into ``h``."""
+    if torch.is_tensor(value):
+        h.update(sha256_tensors({"t": value}).encode())
+    elif isinstance(value, (list, tuple)):
+        h.update(f"[{len(value)}".encode())
+        for v in value:
+            _patch_digest(v, h)
+    elif hasattr(value, "weights"):  # comfy.weight_adapter adapters (LoRA, LoHa, ...): their tensors
+        h.update(type(value).__name__.encode())
+        _patch_digest(value.weights, h)
+    else:
+        h.update(repr(value).encode())
+
+
+def weights_as_loaded(model: Any) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights without the patches a loaded clone applied in place.
+
+    All clones of a model share one ``backup`` (ComfyUI's ``get_clone_model_override``) that
+    holds the original of every weight a clone patched in place; it is emptied on unpatch.
+    """
+    prefix = "diffusion_model."
+    backup = getattr(model, "backup", {}) or {}
+    state = {}
+    for k, v in model.model.diffusion_model.state_dict().items():
+        bk = backup.get(prefix + k)
+        state[k] = bk.weight if bk is not None else v
+    return state
+
+
+def model_identity(model: Any) -> str:
+    """Content identity of a ComfyUI MODEL as loaded plus its own weight patches.
+
+    Live ``diffusion_model`` weights are not what identifies it: ComfyUI patches them in place
+    while a LoRA-applied clone of the same model is loaded (after an Apply + sample), so they
+    change with what ran before. All clones of a model share one ``backup`` of the weights they
+    patched; reading each patched weight from it gives the weights as loaded, whatever clone is
+    loaded now. The caller's own patches (a LoRA loaded before training) are part of the model
+    it trains on: their keys, strengths and tensors are hashed too.
+    """
+    state = weights_as_loaded(model)
+    h = hashlib.sha256()
+    h.update(type(model.model).__name__.encode())
+    for k in sorted(model.patches):
+        h.update(k.encode())
+        for p in model.patches[k]:  # (strength_patch, patch, strength_model, offset, function)
+            extras = [getattr(v, "__qualname__", v) for v in p[2:]]
+            h.update(f"{p[0]}:{extras};".encode())
+            _patch_digest(p[1], h)
+    return weights_identity(state, extra=h.hexdigest())

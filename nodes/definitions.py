@@ -1,8 +1,6 @@
 """The MetaLoRA ComfyUI nodes (V3 API). Thin: they translate, ``training``/``metalora_core`` compute."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
@@ -10,8 +8,10 @@ from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
 from ..metalora_core.formats.prior import load_prior
 from ..metalora_core.train.recipe import face_crops
 from ..metalora_core.formats.store import save_lora_new
+from ..metalora_core.train.stage2 import Stage2Config
 from . import training
-from .folders import PRIOR_FOLDER, prior_names
+from .folders import PRIOR_FOLDER, insightface_root, prior_names
+from .images import image_to_pils, pils_to_image
 
 MetaLoRAPrior = io.Custom("META_LORA_PRIOR")
 MetaLoRAType = io.Custom("META_LORA")
@@ -61,7 +61,8 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                                tooltip="Face detector; 'auto' uses insightface from models/insightface if present, else YuNet."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Each crop is resized to about this many pixels squared (512: 512x512 area)."),
+                             tooltip="Each crop is cut at about this many pixels squared (512: 512x512 area). "
+                                     "Meta-LoRA Train cuts them again from the photos if its resolution differs."),
                 io.Combo.Input("augmentation", options=list(AUGMENTATIONS), default="paper_grid", optional=True,
                                tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
                                        "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
@@ -73,11 +74,10 @@ class MetaLoRAFaceAugment(io.ComfyNode):
     @classmethod
     def execute(cls, image, detector: str, seed: int, bucket_resolution: int,
                 augmentation: str = "paper_grid") -> io.NodeOutput:
-        crops = face_crops(training.image_to_pils(image), detector=detector, seed=seed,
+        crops = face_crops(image_to_pils(image), detector=detector, seed=seed,
                            augment=AugmentConfig(bucket_area=bucket_resolution ** 2),
-                           insightface_root=os.path.join(folder_paths.models_dir, "insightface"),
-                           grid=augmentation == "paper_grid")
-        return io.NodeOutput(crops, training.pils_to_image([contact_sheet(crops.crops)]))
+                           insightface_root=insightface_root(), grid=augmentation == "paper_grid")
+        return io.NodeOutput(crops, pils_to_image([contact_sheet(crops.crops)]))
 
 
 class MetaLoRATrain(io.ComfyNode):
@@ -90,7 +90,8 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
                 io.Vae.Input("vae", tooltip="FLUX VAE that encodes the crops (and decodes previews)."),
                 FaceCropsType.Input("crops", tooltip="Crops from Meta-LoRA Face Augment."),
-                io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'."),
+                io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'. Trains at "
+                                                          "FLUX guidance 1.0 unless a FluxGuidance node sets it."),
                 MetaLoRAPrior.Input("prior", optional=True,
                                     tooltip="Meta-Down prior; leave empty to train a plain LoRA (the paper's baseline)."),
                 io.Int.Input("steps", default=375, min=1, max=100000, tooltip="Training steps (paper: 375)."),
@@ -99,7 +100,9 @@ class MetaLoRATrain(io.ComfyNode):
                                tooltip="AdamW learning rate (paper: 4e-4)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, data order, noise and sigmas."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Crops are resized to about this many pixels squared before encoding."),
+                             tooltip="Training resolution (about this many pixels squared per crop). Crops made at "
+                                     "this bucket_resolution are used as they are; otherwise they are cut again from "
+                                     "the photos at this size (one resize, same crops and flips) and the node says so."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute each block in backward: much less activation memory, slower steps (each block runs forward twice)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100000,
@@ -120,9 +123,9 @@ class MetaLoRATrain(io.ComfyNode):
     def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
                 resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
                 prior=None, memory: str = "auto") -> io.NodeOutput:
-        settings = training.TrainSettings(steps=steps, rank=rank, lr=learning_rate, seed=seed, resolution=resolution,
-                                          gradient_checkpointing=gradient_checkpointing, preview_every=preview_every,
-                                          force_retrain=force_retrain, memory=memory)
+        config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed)
+        settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
+                                          preview_every=preview_every, force_retrain=force_retrain, memory=memory)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
         return io.NodeOutput(result, training.loss_plot(result.losses))
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
-from PIL import Image
-
-import folder_paths
 from comfy_api.latest import io
 
 from ..metalora_core.draw.eval_figures import draw_score_grid
@@ -20,62 +16,35 @@ from ..metalora_core.eval.metrics import CLIP_T_MODEL_HINT, MISSING_FACE_POLICIE
 from ..metalora_core.faces import DETECTOR_NAMES, EMBEDDER_NAMES, get_detector, get_embedder
 from ..metalora_core.draw.sheets import draw_labelled_grid
 from ..metalora_core.data.prompts import parse_prompts
+from .folders import CLIP_FOLDER, folder_list, insightface_root
+from .images import image_to_pils, pils_to_image
 
-CLIP_FOLDER = "metalora_clip"  # models/metalora_clip/<name>/: transformers CLIP folders for CLIP-T
 GRID_ROWS = 6  # image inputs of MetaLoRAImageGrid (one row each)
-
-
-def register_eval_folders() -> None:
-    """Registers ``models/metalora_clip`` (keeps paths from extra_model_paths.yaml)."""
-    default = os.path.join(folder_paths.models_dir, CLIP_FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(CLIP_FOLDER, ([], set()))
-    if default not in paths:
-        paths = [*paths, default]
-    folder_paths.folder_names_and_paths[CLIP_FOLDER] = (paths, exts)
 
 
 def clip_model_names() -> list[str]:
     """Sub-folders of the registered CLIP folders that hold a ``config.json`` (model folders)."""
-    if CLIP_FOLDER not in folder_paths.folder_names_and_paths:
-        register_eval_folders()
     names: list[str] = []
-    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+    for root in folder_list(CLIP_FOLDER):
         if os.path.isdir(root):
             names += [d for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, "config.json"))]
     return list(dict.fromkeys(names))
 
 
 def clip_model_path(name: str) -> str:
-    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+    for root in folder_list(CLIP_FOLDER):
         path = os.path.join(root, name)
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-    roots = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
+    roots = ", ".join(folder_list(CLIP_FOLDER))
     raise FileNotFoundError(
         f"CLIP model folder {name!r} not found in {roots}; put a transformers CLIP ViT-B/32 folder there, e.g. "
         f"'huggingface-cli download {CLIP_T_MODEL_HINT} --local-dir {os.path.join(roots.split(', ')[0], name)}'"
     )
 
 
-def to_pils(image: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (B, H, W, C) float in [0, 1] -> list of PIL RGB."""
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise ValueError(f"IMAGE has shape {tuple(image.shape)}; expected (batch, height, width, 3)")
-    a = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(x) for x in a]
-
-
-def to_image(pil: Image.Image) -> torch.Tensor:
-    """One PIL image -> ComfyUI IMAGE (1, H, W, 3)."""
-    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
 def _nan(v: float | None) -> float:
     return math.nan if v is None else float(v)
-
-
-def _insightface_root() -> str:
-    return os.path.join(folder_paths.models_dir, "insightface")
 
 
 class MetaLoRAClipT(io.ComfyNode):
@@ -103,11 +72,11 @@ class MetaLoRAClipT(io.ComfyNode):
         texts = parse_prompts(prompts)
         if not texts:
             raise ValueError("prompts is empty; give one prompt per line (or one line for every image)")
-        pils = to_pils(images)
+        pils = image_to_pils(images)
         result = clip_t(pils, texts, clip_model_path(clip_model))
         grid = draw_score_grid(pils, result.labels())
         table = result.table()
-        return io.NodeOutput(result.mean, table, to_image(grid), ui={"text": [table]})
+        return io.NodeOutput(result.mean, table, pils_to_image([grid]), ui={"text": [table]})
 
 
 class MetaLoRAFaceSim(io.ComfyNode):
@@ -141,10 +110,10 @@ class MetaLoRAFaceSim(io.ComfyNode):
     @classmethod
     def execute(cls, generated: torch.Tensor, held_out: torch.Tensor, detector: str, embedder: str,
                 missing_face: str, reference: torch.Tensor | None = None) -> io.NodeOutput:
-        det = get_detector(detector, insightface_root=_insightface_root())
-        emb = get_embedder(embedder, insightface_root=_insightface_root())
-        gens, tests = to_pils(generated), to_pils(held_out)
-        refs = None if reference is None else {"person": to_pils(reference)[0]}
+        det = get_detector(detector, insightface_root=insightface_root())
+        emb = get_embedder(embedder, insightface_root=insightface_root())
+        gens, tests = image_to_pils(generated), image_to_pils(held_out)
+        refs = None if reference is None else {"person": image_to_pils(reference)[0]}
         res = r_face_sim({"person": gens}, {"person": tests}, det, emb, references=refs, missing_face=missing_face)
         table = res.table()
         if refs is not None:  # per-image FaceSim rows (same faces, the reference as target)
@@ -156,7 +125,7 @@ class MetaLoRAFaceSim(io.ComfyNode):
         labels += [f"held-out {t.index}" + ("" if t.faces_found else ": no face") for t in res.test_photos]
         boxes = [p.box for p in res.pairs] + [t.box for t in res.test_photos]
         grid = draw_score_grid(gens + tests, labels, boxes)
-        return io.NodeOutput(_nan(res.score), _nan(res.face_sim), table, to_image(grid), ui={"text": [table]})
+        return io.NodeOutput(_nan(res.score), _nan(res.face_sim), table, pils_to_image([grid]), ui={"text": [table]})
 
 
 class MetaLoRAImageGrid(io.ComfyNode):
@@ -184,8 +153,8 @@ class MetaLoRAImageGrid(io.ComfyNode):
     def execute(cls, row_labels: str, column_labels: str, tile: int, **rows: torch.Tensor) -> io.NodeOutput:
         batches = [rows[f"row_{i}"] for i in range(1, GRID_ROWS + 1) if rows.get(f"row_{i}") is not None]
         lines = lambda s: [ln.strip() for ln in s.splitlines() if ln.strip()]  # noqa: E731
-        grid = draw_labelled_grid([to_pils(b) for b in batches], lines(row_labels), lines(column_labels), tile)
-        return io.NodeOutput(to_image(grid))
+        grid = draw_labelled_grid([image_to_pils(b) for b in batches], lines(row_labels), lines(column_labels), tile)
+        return io.NodeOutput(pils_to_image([grid]))
 
 
 EVAL_NODES: list[type[io.ComfyNode]] = [MetaLoRAClipT, MetaLoRAFaceSim, MetaLoRAImageGrid]

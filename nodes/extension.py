@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .eval_nodes import EVAL_NODES, register_eval_folders
+from .eval_nodes import EVAL_NODES
 from .folders import register_folders
 
 
 class MetaLoRAExtension(ComfyExtension):
     async def on_load(self) -> None:
         register_folders()
-        register_eval_folders()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .definitions import NODES

@@ -7,35 +7,49 @@ import folder_paths
 
 PRIOR_FOLDER = "meta_lora"  # models/meta_lora: Meta-Down prior files (.safetensors)
 CACHE_FOLDER = "meta_lora_cache"  # models/meta_lora/cache: trained-adapter cache (content-keyed)
+CLIP_FOLDER = "metalora_clip"  # models/metalora_clip/<name>/: transformers CLIP folders for CLIP-T
+
+# name -> (default folder inside models/, file extensions (empty: any), default folder first)
+FOLDERS: dict[str, tuple[str, frozenset[str], bool]] = {
+    PRIOR_FOLDER: ("meta_lora", frozenset({".safetensors"}), False),
+    CACHE_FOLDER: (os.path.join("meta_lora", "cache"), frozenset({".safetensors"}), True),
+    CLIP_FOLDER: ("metalora_clip", frozenset(), False),
+}
 
 
 def register_folders() -> None:
-    """Registers ``models/meta_lora`` (safetensors only) and its ``cache`` subfolder.
+    """Registers every folder of ``FOLDERS`` with ComfyUI's ``add_model_folder_path``.
 
-    Paths from extra_model_paths.yaml under ``meta_lora`` are kept; the default folder is added.
+    Paths from extra_model_paths.yaml under the same names are kept; the default folder in
+    ``models/`` is added (first for the cache, where new entries are written; last otherwise).
     """
-    default = os.path.join(folder_paths.models_dir, "meta_lora")
-    paths, _ = folder_paths.folder_names_and_paths.get(PRIOR_FOLDER, ([], set()))
-    if default not in paths:
-        paths = [*paths, default]
-    folder_paths.folder_names_and_paths[PRIOR_FOLDER] = (paths, {".safetensors"})
-    cache = os.path.join(default, "cache")
-    cpaths, _ = folder_paths.folder_names_and_paths.get(CACHE_FOLDER, ([], set()))
-    folder_paths.folder_names_and_paths[CACHE_FOLDER] = ([cache, *[p for p in cpaths if p != cache]], {".safetensors"})
-    folder_paths.filename_list_cache.pop(PRIOR_FOLDER, None)
+    for name, (sub, exts, first) in FOLDERS.items():
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, sub), is_default=first)
+        paths, _ = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts))
+        folder_paths.filename_list_cache.pop(name, None)
+
+
+def folder_list(name: str) -> list[str]:
+    """The registered paths of one of the pack's folders (registering them on first use)."""
+    if name not in folder_paths.folder_names_and_paths:
+        register_folders()
+    return folder_paths.get_folder_paths(name)
 
 
 def cache_folder() -> str:
     """First registered cache folder (created on demand)."""
-    if CACHE_FOLDER not in folder_paths.folder_names_and_paths:
-        register_folders()
-    path = folder_paths.get_folder_paths(CACHE_FOLDER)[0]
+    path = folder_list(CACHE_FOLDER)[0]
     os.makedirs(path, exist_ok=True)
     return path
 
 
 def prior_names() -> list[str]:
-    if PRIOR_FOLDER not in folder_paths.folder_names_and_paths:
-        register_folders()
+    folder_list(PRIOR_FOLDER)
     # the cache lives in meta_lora/cache; its adapter states are not priors
     return [n for n in folder_paths.get_filename_list(PRIOR_FOLDER) if not n.replace(os.sep, "/").startswith("cache/")]
+
+
+def insightface_root() -> str:
+    """models/insightface: where insightface model packs are looked for (never downloaded)."""
+    return os.path.join(folder_paths.models_dir, "insightface")

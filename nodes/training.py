@@ -1,15 +1,17 @@
-"""What the ComfyUI nodes do, outside the node classes: conversions, training run, cache, apply."""
+"""What the ComfyUI nodes do, outside the node classes: the training run's ComfyUI part, apply, files.
+
+The Stage-2 recipe itself (hashes, cache key, provenance, adapters, the loop) is
+``metalora_core.train.recipe``; this module adds only what is ComfyUI's: the disk-cache lookup
+in ComfyUI's model folders, progress and previews, interrupt, out-of-memory advice.
+"""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 import comfy.lora
 import comfy.lora_convert
@@ -17,19 +19,17 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..metalora_core.lora.adapter import AdapterSet
-from ..metalora_core.formats.lora import lora_state_dict
-from ..metalora_core.formats.files import sha256_tensors
-from ..metalora_core.lora.flow import add_noise
-from ..metalora_core.lora.layers import DEFAULT_PRESET
 from ..metalora_core.draw.charts import line_plot
+from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.prior import Prior
-from ..metalora_core.train.recipe import FaceCrops, build_adapters
-from ..metalora_core.faces import resize_to_bucket
-from ..metalora_core.formats.store import content_key, image_digest, load_cached_adapters, store_cached_adapters
-from ..metalora_core.train.stage2 import Stage2Config, personalize
+from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
+from ..metalora_core.lora.adapter import AdapterSet
+from ..metalora_core.lora.flow import add_noise
+from ..metalora_core.train.recipe import FaceCrops, Provenance, Stage2Plan, execute_stage2, plan_stage2
+from ..metalora_core.train.stage2 import Stage2Config
 from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
+from .images import image_to_pils, pils_to_image
 
 log = logging.getLogger(__name__)
 
@@ -39,65 +39,14 @@ class TrainedLoRA:
     """The META_LORA socket value: trained adapters plus how they were made."""
 
     adapters: AdapterSet
-    losses: list[float] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
+    losses: list[float]
+    provenance: Provenance
+    from_cache: bool = False
 
-
-# ---------------------------------------------------------------- conversions
-
-
-def image_to_pils(image: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (B, H, W, 3) float in [0, 1] -> list of PIL RGB."""
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise ValueError(f"IMAGE has shape {tuple(image.shape)}; expected (batch, height, width, 3)")
-    a = (image[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(x) for x in a]
-
-
-def pils_to_image(images: list[Image.Image]) -> torch.Tensor:
-    """List of same-size PIL images -> ComfyUI IMAGE (B, H, W, 3)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-    return torch.from_numpy(arr)
-
-
-def encode_crops(vae: Any, model: Any, images: list[Image.Image]) -> list[torch.Tensor]:
-    """VAE-encodes crops into the model's latent space, one batch per crop size: (C, h, w) each."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        by_size.setdefault(im.size, []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(images)
-    for idx in by_size.values():
-        with torch.no_grad():  # no autograd here: VAE weights may be inference tensors
-            z = vae.encode(pils_to_image([images[i] for i in idx]))  # (n, C, h, w) raw VAE latents
-            z = model.model.process_latent_in(z.float()).float().cpu()
-        for j, i in enumerate(idx):
-            out[i] = z[j].clone()  # clone(): a normal tensor, not a view into the batch
-    return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- fingerprints / cache key
-
-
-def model_fingerprint(model: Any, samples: int = 4) -> str:
-    """Cheap model identity: all shapes, a few weight hashes, the patch keys and strengths."""
-    sd = model.model.diffusion_model.state_dict()
-    keys = sorted(sd)
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(f"{k}{tuple(sd[k].shape)}{sd[k].dtype};".encode())
-    step = max(1, len(keys) // samples)
-    picked = {k: sd[k] for k in keys[::step][:samples] + keys[-1:]}
-    h.update(sha256_tensors(picked).encode())
-    for k in sorted(model.patches):
-        h.update(f"{k}:{[(p[0], p[2], p[3]) for p in model.patches[k]]};".encode())
-    return h.hexdigest()
-
-
-def cond_digest(cond: ComfyFluxCond) -> str:
-    t = {"context": cond.context}
-    if cond.y is not None:
-        t["y"] = cond.y
-    return sha256_tensors(t)
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What every save writes (``Provenance.to_metadata``)."""
+        return self.provenance.to_metadata()
 
 
 # ---------------------------------------------------------------- training
@@ -105,16 +54,13 @@ def cond_digest(cond: ComfyFluxCond) -> str:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 375
-    rank: int = 1
-    lr: float = 4e-4
-    seed: int = 0
-    resolution: int = 512
-    guidance: float = 1.0
+    """The Train node's inputs: the core config (everything that affects the result) plus ComfyUI's part."""
+
+    config: Stage2Config = field(default_factory=Stage2Config)
+    resolution: int = 512  # crops are cut at about resolution^2 pixels (see FaceCrops.at_resolution)
     gradient_checkpointing: bool = False
     preview_every: int = 25
     force_retrain: bool = False
-    preset: str = DEFAULT_PRESET
     memory: str = "auto"  # "fast" (no checkpointing), "low" (every block), "auto" (what fits)
 
 
@@ -157,31 +103,31 @@ def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, t
 class _Progress:
     """Per-step callback: progress bar + loss text, previews every N steps, interrupt check."""
 
-    def __init__(self, node_id: str | None, settings: TrainSettings, host: ComfyFluxHost, vae: Any,
-                 latent: torch.Tensor, cond: ComfyFluxCond) -> None:
-        self.node_id, self.s, self.host, self.vae, self.latent, self.cond = node_id, settings, host, vae, latent, cond
-        self.pbar = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
-
-    def text(self, msg: str) -> None:
-        send_text(msg, self.node_id)
+    def __init__(self, node_id: str | None, settings: TrainSettings, host: ComfyFluxHost, plan: Stage2Plan) -> None:
+        self.node_id, self.s, self.host, self.plan = node_id, settings, host, plan
+        self.steps = settings.config.steps
+        self.latent: torch.Tensor | None = None
+        self.pbar = comfy.utils.ProgressBar(self.steps, node_id=node_id)
 
     def preview(self) -> tuple:
-        gen = torch.Generator().manual_seed(self.s.seed)
+        if self.latent is None:  # the first crop, as the trainer sees it
+            self.latent = self.host.encode_images(self.plan.images[:1])[0]
+        gen = torch.Generator().manual_seed(self.s.config.seed)
         x0 = self.latent[None]  # (1, C, h, w)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.tensor([0.6])
         with torch.no_grad():
             x_t = add_noise(x0, noise, sigma)
-            v = self.host.predict(x_t, sigma, self.cond).float().cpu()
+            v = self.host.predict(x_t, sigma, self.plan.cond).float().cpu()
             pred = x_t - sigma * v  # one-step x0 prediction
-            img = self.vae.decode(self.host.source.model.process_latent_out(pred))  # (1, H, W, 3)
+            img = self.host.vae.decode(self.host.source.model.process_latent_out(pred))  # (1, H, W, 3)
         return ("JPEG", image_to_pils(img.reshape(-1, *img.shape[-3:])[:1])[0], 512)
 
     def __call__(self, step: int, loss: float) -> None:
         n = self.s.preview_every
-        preview = self.preview() if n > 0 and (step % n == 0 or step == self.s.steps) else None
-        self.pbar.update_absolute(step, self.s.steps, preview)
-        self.text(f"step {step}/{self.s.steps}  loss {loss:.4f}")
+        preview = self.preview() if n > 0 and (step % n == 0 or step == self.steps) else None
+        self.pbar.update_absolute(step, self.steps, preview)
+        send_text(f"step {step}/{self.steps}  loss {loss:.4f}", self.node_id)
         # the progress hook is throttled; this check is not: cancel lands within one step
         comfy.model_management.throw_exception_if_processing_interrupted()
 
@@ -227,46 +173,48 @@ def _plan_checkpointing(model: Any, settings: TrainSettings, images: list, cond:
     return plan
 
 
+def _cached(cache_dir: str, key: str) -> TrainedLoRA | None:
+    hit = load_cached_adapters(cache_dir, key)
+    if hit is None:
+        return None
+    adapters, meta = hit
+    try:
+        provenance = Provenance.from_metadata(meta)
+    except ValueError as e:  # an entry of an older version: train again (and overwrite it)
+        log.warning("training cache entry %s has no full provenance (%s); training again", key[:12], e)
+        return None
+    losses = [float(x) for x in meta.get("losses", "").split(",") if x]
+    return TrainedLoRA(adapters, losses, provenance, from_cache=True)
+
+
 def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
            settings: TrainSettings, node_id: str | None) -> TrainedLoRA:
-    images = [resize_to_bucket(im, settings.resolution ** 2) for im in crops.images]
-    cond = ComfyFluxCond.from_conditioning(positive, settings.guidance)
-    plan = _plan_checkpointing(model, settings, images, cond)
-    host = ComfyFluxHost(model, guidance=settings.guidance, gradient_checkpointing=plan > 0,
-                         checkpoint_every=max(plan, 1))
-    preset = prior.preset if prior is not None and prior.preset else settings.preset
-    parts = {
-        "v": 1, "images": image_digest(images), "prior": prior.sha256 if prior is not None else None,
-        "model": model_fingerprint(model), "cond": cond_digest(cond), "guidance": settings.guidance,
-        "steps": settings.steps, "rank": settings.rank, "lr": settings.lr, "seed": settings.seed,
-        "resolution": settings.resolution, "preset": preset,
-    }
-    key = content_key(parts)
-    cache_dir = cache_folder()
+    used = crops.at_resolution(settings.resolution)
+    if used is not crops:
+        send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
+                  f"(Face Augment made them at {crops.resolution})", node_id)
+    cond = ComfyFluxCond.from_conditioning(positive)
+    every = _plan_checkpointing(model, settings, used.images, cond)
+    host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=every > 0, checkpoint_every=max(every, 1))
+    plan = plan_stage2(host, used, cond, prior, settings.config)
+    key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
-        hit = load_cached_adapters(cache_dir, key)
+        hit = _cached(cache_dir, key)
         if hit is not None:
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
-            losses = [float(x) for x in hit[1].get("losses", "").split(",") if x]
-            return TrainedLoRA(hit[0], losses, {"cache_key": key, "steps": str(settings.steps)})
-    latents = encode_crops(vae, model, images)
-    adapters = build_adapters(host.dims, prior, rank=settings.rank, preset=preset, seed=settings.seed)
-    config = Stage2Config(steps=settings.steps, lr=settings.lr, r2=settings.rank, seed=settings.seed)
-    callback = _Progress(node_id, settings, host, vae, latents[0], cond)
+            return hit
     try:
-        result = personalize(host, adapters, latents, cond, config, callback=callback)
+        run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
         comfy.model_management.soft_empty_cache()
-        tips = [] if plan == 1 else ["turn on gradient_checkpointing"]
+        tips = [] if every == 1 else ["turn on gradient_checkpointing"]
         tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
         tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "
                            "nothing was saved and your MODEL is unchanged") from e
-    meta = {"cache_key": key, "steps": str(settings.steps), "seed": str(settings.seed),
-            "prior_sha256": parts["prior"] or "", "images_sha256": parts["images"]}
-    store_cached_adapters(cache_dir, key, result.adapters, losses=",".join(f"{x:.6g}" for x in result.losses),
-                          steps=settings.steps, seed=settings.seed)
-    return TrainedLoRA(result.adapters, result.losses, meta)
+    store_cached_adapters(cache_dir, key, run.adapters, losses=",".join(f"{x:.6g}" for x in run.losses),
+                          **run.metadata())
+    return TrainedLoRA(run.adapters, run.losses, run.provenance)
 
 
 def loss_plot(losses: list[float]) -> torch.Tensor:

@@ -57,7 +57,7 @@ def test_personalize_then_export_from_state(tmp_path):
 
 def test_personalize_reports_missing_model_folder(tmp_path, capsys):
     assert main(["personalize", "--model", str(tmp_path), "--image", "x.jpg", "--out", str(tmp_path / "l.safetensors"),
-                 "--device", "cpu"]) == 2
+                 "--device", "cpu", "--class-noun", "person"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
 
 

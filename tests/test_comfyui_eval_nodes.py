@@ -27,7 +27,7 @@ def env(tmp_path_factory, sample):
     base = tmp_path_factory.mktemp("comfy_eval")
     state = load_comfy_in_process(base, custom_node_paths=[REPO])
     mod = importlib.import_module(f"{REPO}.nodes.eval_nodes")  # as ComfyUI imported the pack
-    mod.register_eval_folders()
+    importlib.import_module(f"{REPO}.nodes.folders").register_folders()
     # Until the extension lists EVAL_NODES, register them as load_custom_node would (no-op after).
     register_v3_nodes(state, mod.EVAL_NODES)
     write_tiny_transformers_clip(base / "models" / "metalora_clip" / "tiny-clip")

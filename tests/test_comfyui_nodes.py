@@ -30,6 +30,11 @@ def pack(module: str):
     return sys.modules[f"{REPO}.{module}"]
 
 
+def stage2_config(**kw):
+    """A Stage2Config of the pack as ComfyUI imported it."""
+    return pack("metalora_core.train.stage2").Stage2Config(**kw)
+
+
 @pytest.fixture(scope="session")
 def env(tmp_path_factory, sample):
     base = tmp_path_factory.mktemp("comfy_base")
@@ -214,7 +219,7 @@ def test_apply_matches_lora_loader_and_model_untouched(env, loaded):
     model, vae, crops, cond = loaded
     training, store = pack("nodes.training"), pack("metalora_core.formats.store")
     before = model_output(model)
-    settings = training.TrainSettings(steps=3, lr=2e-2, seed=1, resolution=64, preview_every=0, force_retrain=True)
+    settings = training.TrainSettings(stage2_config(steps=3, lr=2e-2, seed=1), resolution=64, preview_every=0, force_retrain=True)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         result = training.train_meta_lora(model, vae, None, crops, cond, settings)
     assert_untouched(model, before)
@@ -244,7 +249,7 @@ def test_cancel_direct_leaves_model_clean(env, loaded):
             comfy.model_management.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(hook)
-    settings = training.TrainSettings(steps=6, seed=9, resolution=64, preview_every=0, force_retrain=True)
+    settings = training.TrainSettings(stage2_config(steps=6, seed=9), resolution=64, preview_every=0, force_retrain=True)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
             training.train_meta_lora(model, vae, None, crops, cond, settings)
@@ -264,7 +269,7 @@ def test_training_stops_if_comfyui_block_code_differs(env, loaded, monkeypatch):
         return real(self, i, x, *rest) * 1.01
 
     monkeypatch.setattr(host_mod._Blocks, "single", drifted)
-    settings = training.TrainSettings(steps=2, seed=11, resolution=64, preview_every=0, force_retrain=True)
+    settings = training.TrainSettings(stage2_config(steps=2, seed=11), resolution=64, preview_every=0, force_retrain=True)
     with pytest.raises(RuntimeError, match="FLUX single block computes differently"), torch.inference_mode():
         training.train_meta_lora(model, vae, None, crops, cond, settings)
     assert_untouched(model, before)
@@ -274,15 +279,15 @@ def test_out_of_memory_gives_advice_and_leaves_model_clean(env, loaded, monkeypa
     model, vae, crops, cond = loaded
     training = pack("nodes.training")
     before = model_output(model)
-    real = training.personalize
+    real = training.execute_stage2
 
-    def oom(host, adapters, latents, cond, config, callback):  # the allocator failing at step 1
+    def oom(host, plan, callback):  # the allocator failing at step 1
         def fail(step, loss):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(host, adapters, latents, cond, config, callback=fail)
+        return real(host, plan, fail)
 
-    monkeypatch.setattr(training, "personalize", oom)
-    settings = training.TrainSettings(steps=3, seed=12, resolution=64, preview_every=0, force_retrain=True)
+    monkeypatch.setattr(training, "execute_stage2", oom)
+    settings = training.TrainSettings(stage2_config(steps=3, seed=12), resolution=64, preview_every=0, force_retrain=True)
     with pytest.raises(RuntimeError, match="ran out of GPU memory: turn on gradient_checkpointing;.*fp8_e4m3fn"), \
             torch.inference_mode():
         training.train_meta_lora(model, vae, None, crops, cond, settings)

@@ -46,7 +46,7 @@ def env(tmp_path_factory, sample):
     (models / "text_encoders" / bw.T5XXL).write_bytes(b"")  # placeholder: only validated, never loaded
     state = load_comfy_in_process(base, custom_node_paths=[REPO])
     evals = importlib.import_module(f"{REPO}.nodes.eval_nodes")
-    evals.register_eval_folders()
+    importlib.import_module(f"{REPO}.nodes.folders").register_folders()
     register_v3_nodes(state, evals.EVAL_NODES)  # no-op once the extension lists them
     write_tiny_transformers_clip(models / "metalora_clip" / bw.CLIP_T_FOLDER)
     from metalora_core.lora.layers import FluxDims

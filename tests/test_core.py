@@ -223,7 +223,7 @@ def test_loss_falls_when_overfitting_one_image(host, prior, cond):
     latents = _latents(1)
     adapters = build_adapters(host.dims, prior, rank=2, seed=0)
     before = _fixed_eval_loss(host, adapters, latents, cond)
-    personalize(host, adapters, latents, cond, Stage2Config(steps=80, lr=1e-2, r2=2, seed=0))
+    personalize(host, adapters, latents, cond, Stage2Config(steps=80, lr=1e-2, rank=2, seed=0))
     after = _fixed_eval_loss(host, adapters, latents, cond)
     assert after < 0.9 * before, (before, after)
 

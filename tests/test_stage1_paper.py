@@ -50,7 +50,7 @@ def _person(k: int, size=(64, 64)) -> Image.Image:
 def tiny():
     pipe = build_tiny_flux_pipeline(0)
     cond = encode_prompt(pipe, "a photo of a person", max_sequence_length=TINY_T5_LEN)
-    return SimpleNamespace(pipe=pipe, host=DiffusersFluxHost(pipe.transformer), cond=cond,
+    return SimpleNamespace(pipe=pipe, host=DiffusersFluxHost.from_pipeline(pipe), cond=cond,
                            encode=lambda ims: encode_images(pipe.vae, ims))
 
 
@@ -145,13 +145,12 @@ def test_stage2_draws_one_orientation_per_step(tiny):
 
 
 def test_pipeline_stage2_trains_on_both_orientations(tiny):
-    """The CLI/demo path (``personalize_pipeline``) hands Stage-2 (plain, mirrored) pairs."""
-    from metalora_core.hosts.diffusers_flux import personalize_pipeline
+    """The one Stage-2 recipe (``run_stage2``: CLI, demo, Train node) hands Stage-2 (plain, mirrored) pairs."""
+    from metalora_core.train.recipe import run_stage2
 
     images = [_person(0), _person(1)]
-    config = Stage2Config(steps=6, seed=3)
-    got = personalize_pipeline(tiny.pipe, None, images, caption="a photo of a person", config=config, preset="attn",
-                               max_sequence_length=TINY_T5_LEN).losses
+    config = Stage2Config(steps=6, seed=3, preset="attn")
+    got = run_stage2(tiny.host, images, tiny.cond, None, config).losses
     adapters = build_adapters(tiny.host.dims, None, rank=1, preset="attn", seed=3)
     want = personalize(tiny.host, adapters, encode_flip_pairs(tiny.encode, images), tiny.cond, config).losses
     assert got == want

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
-    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -110,43 +110,27 @@ def training_caption(caption: str | None, class_noun: str | None) -> str:
                      "'a photo of a <noun>') or --caption 'a photo of a ...'")
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def _personalize(args: argparse.Namespace) -> str:
     import torch
-    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from ..hosts.diffusers_flux import personalize_pipeline
-    from ..formats.lora import save_adapter_state, save_lora
     from ..faces import AugmentConfig, load_image
-    from ..formats.files import sha256_file
+    from ..formats.lora import save_adapter_state, save_lora
     from ..formats.prior import load_prior
+    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt, load_flux_pipeline
+    from ..train.recipe import face_crops, run_stage2
     from ..lora.layers import DEFAULT_PRESET
-    from ..train.recipe import face_crops
     from ..train.stage2 import Stage2Config
 
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
-                                "pass the folder that holds model_index.json")
     caption = training_caption(args.caption, args.class_noun)
-    dtype = _dtype(args.dtype)
-    kw = {}
-    if args.transformer:
-        kw["transformer"] = FluxTransformer2DModel.from_single_file(
-            args.transformer, config=str(model), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True, **kw).to(device)
+    pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
-    area = args.resolution * args.resolution
-    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=area), seed=args.seed,
-                      grid=not args.no_augment)
-    config = Stage2Config(steps=args.steps, lr=args.lr, r2=args.rank, seed=args.seed)
+    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=args.resolution ** 2),
+                      seed=args.seed, grid=not args.no_augment)
+    config = Stage2Config(steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
+                          preset=args.preset or DEFAULT_PRESET)
+    host = DiffusersFluxHost.from_pipeline(pipe, gradient_checkpointing=args.gradient_checkpointing)
+    cond = encode_prompt(pipe, caption, guidance=args.guidance)
     every = max(1, args.steps // 20)
 
     def progress(step: int, loss: float) -> None:
@@ -154,24 +138,26 @@ def _personalize(args: argparse.Namespace) -> str:
             log.info("step %d/%d loss %.4f", step, args.steps, loss)
 
     with torch.random.fork_rng(devices=[]):
-        result = personalize_pipeline(pipe, prior, made.images, caption=caption, config=config,
-                                      preset=args.preset or DEFAULT_PRESET, guidance=args.guidance,
-                                      gradient_checkpointing=args.gradient_checkpointing, callback=progress,
-                                      prior_source=str(args.prior))
-    detector, adapters = made.detector, result.adapters
-    meta = dict(steps=str(args.steps), caption=caption, seed=str(args.seed), detector=detector,
-                prior_sha256=prior.sha256 if prior else "",
-                image_sha256=",".join(sha256_file(p) for p in args.image))
-    out = save_lora(result.adapters, args.out, **meta)
+        run = run_stage2(host, made, cond, prior, config, progress, caption=caption,
+                         prior_source=str(args.prior))
+    meta = run.metadata()
+    out = save_lora(run.adapters, args.out, **meta)
     if args.state:
-        save_adapter_state(result.adapters, args.state, **meta)
-    return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f})"
+        save_adapter_state(run.adapters, args.state, **meta)
+    adapters = run.adapters
+    return (f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, "
+            f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f})")
 
 
 def _export(args: argparse.Namespace) -> str:
     from ..formats.lora import load_adapter_state, save_lora
+    from ..hosts.diffusers_flux import DTYPES
+    from ..train.recipe import Provenance
 
     adapters, meta = load_adapter_state(args.state)
-    extra = {k: v for k, v in meta.items() if k in ("steps", "caption", "seed", "prior_sha256", "image_sha256")}
-    out = save_lora(adapters, args.out, dtype=_dtype(args.dtype), **extra)
+    try:
+        provenance = Provenance.from_metadata(meta)
+    except ValueError as e:
+        raise ValueError(f"{args.state}: {e}; make the state again with 'metalora personalize --state'") from e
+    out = save_lora(adapters, args.out, dtype=DTYPES[args.dtype], **provenance.to_metadata())
     return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank})"

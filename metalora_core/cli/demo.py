@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..hosts.diffusers_flux import personalize_pipeline
+from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
 from ..formats.lora import save_lora
-from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_file
+from ..formats.files import atomic_save_png, atomic_write_bytes
 from ..lora.layers import DEFAULT_PRESET, FluxDims
 from ..draw.charts import line_plot
 from ..formats.prior import load_prior, make_prior, save_prior
-from ..train.recipe import class_caption, face_crops
+from ..train.recipe import class_caption, face_crops, run_stage2
 from ..hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from ..train.stage2 import Stage2Config
 
@@ -61,14 +61,12 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
     atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     caption = class_caption("woman")
-    config = Stage2Config(steps=steps, r2=r2, seed=seed)
-    result = personalize_pipeline(pipe, prior, made.images, caption=caption, config=config,
-                                  max_sequence_length=TINY_T5_LEN, prior_source=str(prior_path))
+    config = Stage2Config(steps=steps, rank=r2, seed=seed)
+    cond = encode_prompt(pipe, caption, max_sequence_length=TINY_T5_LEN)
+    result = run_stage2(DiffusersFluxHost.from_pipeline(pipe), made, cond, prior, config, caption=caption,
+                        prior_source=str(prior_path))
 
-    lora_path = save_lora(
-        result.adapters, out / "lora.safetensors", steps=str(steps), prior_sha256=prior.sha256,
-        image_sha256=sha256_file(photo_path), caption=caption, seed=str(seed),
-    )
+    lora_path = save_lora(result.adapters, out / "lora.safetensors", **result.metadata())
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     # Same prompts and seeds without and with the LoRA, loaded by diffusers itself.

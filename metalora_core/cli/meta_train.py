@@ -99,24 +99,11 @@ def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     return TINY[key] if tiny else default
 
 
-def _load_pipeline(args: argparse.Namespace) -> Any:
-    import torch
-    from diffusers import FluxPipeline
-
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
-                                "pass the folder that holds model_index.json")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return FluxPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=True).to(device)
-
-
 def run_meta_train(args: argparse.Namespace) -> str:
     """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary."""
     import torch
 
-    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt
+    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
     from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_file
     from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
     from ..lora.layers import DEFAULT_PRESET
@@ -144,7 +131,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
     else:
         if not args.data or not args.model:
             raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers FLUX folder), or --tiny")
-        pipe = _load_pipeline(args)
+        pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device)
         data_dir, max_len, base_model = Path(args.data), args.max_sequence_length, "flux.1-dev"
 
     resolution = _pick(args.resolution, tiny, "resolution", 512)
@@ -167,7 +154,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
         data_dir,
         encode=lambda ims: encode_images(pipe.vae, ims),
         encoder_id=vae_fingerprint(pipe.vae),
-        encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len),
+        encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len, guidance=args.guidance),
         config=dcfg,
         cache_dir=Path(args.cache) if args.cache else out / "latent_cache",
     )
@@ -178,8 +165,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
             module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    host = DiffusersFluxHost(pipe.transformer, guidance=args.guidance,
-                             gradient_checkpointing=args.gradient_checkpointing)
+    host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=args.gradient_checkpointing)
     result = meta_train(host, data, config, callback=Progress(), checkpoint_path=out / "checkpoint.safetensors",
                         checkpoint_every=every, resume=args.resume)
 

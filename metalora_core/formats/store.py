@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from ..lora.adapter import AdapterSet
 from .lora import load_adapter_state, save_adapter_state, save_lora
-from .files import confined_path
+from .files import confined_path, sha256_tensors
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,25 @@ def image_digest(images: Sequence[Image.Image]) -> str:
     for im in images:
         h.update(f"{im.mode}:{im.size[0]}x{im.size[1]};".encode())
         h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def weights_identity(state: Mapping[str, torch.Tensor], *, samples: int = 4, extra: str = "") -> str:
+    """Cheap content identity of a model's weights: every name, shape and dtype, a few tensors' bytes.
+
+    Hashing all of FLUX.1-dev (24 GB) would take longer than a short training run; the names,
+    shapes and dtypes tell architectures and precisions apart, and ``samples`` evenly spaced
+    tensors plus the last one tell fine-tunes of one architecture apart (a fine-tune changes
+    nearly every tensor). ``extra`` adds what else identifies the model (its config, patches).
+    """
+    keys = sorted(state)
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(f"{k}{tuple(state[k].shape)}{state[k].dtype};".encode())
+    step = max(1, len(keys) // max(1, samples))
+    picked = {k: state[k] for k in keys[::step][:samples] + keys[-1:]}
+    h.update(sha256_tensors(picked).encode())
+    h.update(extra.encode())
     return h.hexdigest()
 
 
@@ -67,8 +87,15 @@ def load_cached_adapters(cache_dir: str | os.PathLike, key: str) -> tuple[Adapte
 
 
 def store_cached_adapters(cache_dir: str | os.PathLike, key: str, adapters: AdapterSet, **metadata: object) -> Path:
-    """Atomically stores trained adapters under ``key``."""
-    return save_adapter_state(adapters, cache_path(cache_dir, key), cache_key=key, **metadata)
+    """Atomically stores trained adapters under ``key``, with ``metadata`` (their provenance, losses).
+
+    Raises:
+        ValueError: ``metadata`` names a different ``cache_key``.
+    """
+    if metadata.get("cache_key", key) != key:
+        raise ValueError(f"metadata cache_key {metadata['cache_key']!r} differs from the entry's key {key!r}")
+    metadata["cache_key"] = key
+    return save_adapter_state(adapters, cache_path(cache_dir, key), **metadata)
 
 
 def _clean(part: str, what: str) -> str:

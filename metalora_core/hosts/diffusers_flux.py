@@ -1,16 +1,26 @@
-"""The diffusers FLUX host: adapters on a ``FluxTransformer2DModel``, velocity prediction."""
+"""The diffusers FLUX host: adapters on a ``FluxTransformer2DModel``, velocity prediction.
+
+Implements ``metalora_core.train.host.FlowHost``; the Stage-2 recipe lives in ``train.recipe``.
+"""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..formats.files import sha256_tensors
+from ..formats.store import weights_identity
 from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
 from ..lora.layers import FluxDims
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -20,6 +30,33 @@ class FluxTextCond:
     prompt_embeds: torch.Tensor  # (1, L, joint_dim) T5 states
     pooled: torch.Tensor  # (1, pooled_dim) CLIP pooled output
     text_ids: torch.Tensor  # (L, 3) positional ids of the text tokens
+    guidance: float = 1.0  # distilled-guidance input while training (ai-toolkit trains at 1.0)
+
+    def digest(self) -> str:
+        """sha256 over the text states, pooled output, ids and guidance."""
+        return sha256_tensors({"prompt_embeds": self.prompt_embeds, "pooled": self.pooled, "text_ids": self.text_ids,
+                               "guidance": torch.tensor([self.guidance], dtype=torch.float64)})
+
+
+def collate_text_conds(conds: Sequence[FluxTextCond]) -> FluxTextCond:
+    """One conditioning for a batch: the shared one, or the row-stacked captions of the items.
+
+    Raises:
+        ValueError: the captions were encoded to different lengths or carry different guidance.
+    """
+    first = conds[0]
+    if all(c is first for c in conds):
+        return first
+    if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
+        raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
+    if len({c.guidance for c in conds}) != 1:
+        raise ValueError(f"a batch mixes guidance values {sorted({c.guidance for c in conds})}; encode every "
+                         "caption with the same guidance")
+    return FluxTextCond(
+        prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
+        pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
+        text_ids=first.text_ids, guidance=first.guidance,
+    )
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -51,19 +88,21 @@ class DiffusersFluxHost:
 
     Args:
         transformer: a ``FluxTransformer2DModel`` (frozen here).
-        guidance: the distilled-guidance input used while training (ai-toolkit trains at 1.0).
+        vae: the FLUX VAE that ``encode_images`` uses (None: a host that only trains on latents).
         gradient_checkpointing: recompute block activations in backward to save memory.
         checkpoint_every: with checkpointing on, recompute only every k-th block (counting
             double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
         compile_blocks: ``torch.compile`` each transformer block while training (off by default).
+
+    The distilled-guidance input comes from the conditioning (``FluxTextCond.guidance``).
     """
 
-    def __init__(self, transformer: torch.nn.Module, *, guidance: float = 1.0, gradient_checkpointing: bool = False,
-                 checkpoint_every: int = 1, compile_blocks: bool = False):
+    def __init__(self, transformer: torch.nn.Module, *, vae: torch.nn.Module | None = None,
+                 gradient_checkpointing: bool = False, checkpoint_every: int = 1, compile_blocks: bool = False):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
         self.transformer = transformer
-        self.guidance = float(guidance)
+        self.vae = vae
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.checkpoint_every = int(checkpoint_every)
         self.compile_blocks = bool(compile_blocks)
@@ -101,6 +140,11 @@ class DiffusersFluxHost:
 
         return run
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, gradient_checkpointing: bool = False) -> "DiffusersFluxHost":
+        """The host of a ``FluxPipeline``: its transformer, with its VAE for ``encode_images``."""
+        return cls(pipe.transformer, vae=pipe.vae, gradient_checkpointing=gradient_checkpointing)
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -111,6 +155,21 @@ class DiffusersFluxHost:
 
     def attach(self, adapters: AdapterSet) -> AttachHandle:
         return attach_adapters(self.transformer, adapters)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """VAE-encodes images (sizes may differ) to (C, h, w) latents; see ``encode_images``."""
+        if self.vae is None:
+            raise ValueError("this DiffusersFluxHost has no VAE; build it with DiffusersFluxHost.from_pipeline(pipe) "
+                             "or DiffusersFluxHost(transformer, vae=vae)")
+        return encode_images(self.vae, images)
+
+    def collate(self, conds: Sequence[FluxTextCond]) -> FluxTextCond:
+        return collate_text_conds(conds)
+
+    def identity(self) -> str:
+        """Class, config and a sample of the transformer's weights (see ``formats.store.weights_identity``)."""
+        config = sorted((k, str(v)) for k, v in dict(self.transformer.config).items() if not k.startswith("_"))
+        return weights_identity(self.transformer.state_dict(), extra=f"{type(self.transformer).__name__}{config}")
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
@@ -134,16 +193,6 @@ class DiffusersFluxHost:
             for p, f in zip(self.transformer.parameters(), flags):
                 p.requires_grad_(f)
 
-    def collate_conds(self, conds: Sequence[FluxTextCond]) -> FluxTextCond:
-        """One conditioning for a batch whose items have different captions (rows stacked)."""
-        if len({tuple(c.prompt_embeds.shape) for c in conds}) != 1:
-            raise ValueError("captions were encoded to different token lengths; encode all with one max_sequence_length")
-        return FluxTextCond(
-            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),  # (B, L, D)
-            pooled=torch.cat([c.pooled for c in conds]),  # (B, D)
-            text_ids=conds[0].text_ids,
-        )
-
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxTextCond) -> torch.Tensor:
         """Flow velocity for noisy latents.
 
@@ -159,7 +208,7 @@ class DiffusersFluxHost:
         dev, dt = self.device, self.dtype
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32)
+            guidance = torch.full((b,), cond.guidance, device=dev, dtype=torch.float32)
         pooled, embeds, text_ids = self._on_device(cond, dev, dt)
         out = self.transformer(
             hidden_states=pack_latents(x_t).to(dev, dt),
@@ -180,12 +229,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a)
-
-
 @torch.no_grad()
 def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image]) -> list[torch.Tensor]:
     """VAE-encodes images one by one (they may differ in size) to (C, h, w) latents.
@@ -204,55 +247,47 @@ def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image]) -> list[t
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str, max_sequence_length: int = 512) -> FluxTextCond:
-    """Encodes one caption with a ``FluxPipeline``'s text encoders."""
+def encode_prompt(pipe, prompt: str, max_sequence_length: int = 512, *, guidance: float = 1.0) -> FluxTextCond:
+    """Encodes one caption with a ``FluxPipeline``'s text encoders; ``guidance`` travels with it."""
     embeds, pooled, text_ids = pipe.encode_prompt(
         prompt=prompt, prompt_2=None, device=pipe.transformer.device, num_images_per_prompt=1,
         max_sequence_length=max_sequence_length,
     )
-    return FluxTextCond(prompt_embeds=embeds.float().cpu(), pooled=pooled.float().cpu(), text_ids=text_ids.float().cpu())
+    return FluxTextCond(prompt_embeds=embeds.float().cpu(), pooled=pooled.float().cpu(), text_ids=text_ids.float().cpu(),
+                        guidance=float(guidance))
 
 
-def personalize_pipeline(
-    pipe,
-    prior,
-    images: Sequence[Image.Image],
-    *,
-    caption: str,
-    config,
-    preset: str | None = None,
-    guidance: float = 1.0,
-    gradient_checkpointing: bool = False,
-    max_sequence_length: int = 512,
-    callback=None,
-    prior_source: str = "prior",
-):
-    """Stage-2 on a diffusers ``FluxPipeline``: encode the crops and the caption, train, return.
+def load_flux_pipeline(model: str | os.PathLike, *, dtype: str = "bfloat16", device: str | None = None,
+                       transformer: str | os.PathLike | None = None) -> Any:
+    """Loads a local diffusers FLUX folder (never downloads).
 
     Args:
-        pipe: the pipeline (its VAE encodes the crops, its text encoders the caption).
-        prior: a ``Prior`` (Meta-LoRA) or None (plain LoRA on ``preset`` layers).
-        images: the training crops (sizes may differ).
-        caption: the training caption, e.g. "a photo of a woman" (the paper states none).
-        config: ``train.Stage2Config``; its ``r2`` is the rank, its ``seed`` seeds everything.
+        model: the folder that holds ``model_index.json`` (FluxPipeline layout).
+        dtype: "float32", "bfloat16" or "float16".
+        device: where to put the pipeline (None: cuda when available, else cpu).
+        transformer: optional single-file FLUX transformer (.safetensors) overriding the folder's;
+            its config comes from the folder.
 
-    Returns:
-        ``train.TrainResult`` with the trained adapters and the losses.
+    Raises:
+        FileNotFoundError: ``model`` is not a diffusers FLUX folder.
+        ValueError: unknown dtype.
     """
-    from ..lora.layers import DEFAULT_PRESET
-    from ..train.recipe import build_adapters
-    from ..train.stage2 import personalize
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers FLUX folder (no model_index.json); "
+                                "pass the folder that holds model_index.json")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} unknown; choose one of {sorted(DTYPES)}")
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from ..data.latents import encode_flip_pairs
-
-    host = DiffusersFluxHost(pipe.transformer, guidance=guidance, gradient_checkpointing=gradient_checkpointing)
-    # both orientations of every crop: Stage-2 draws a random horizontal flip per step (paper Sec. 3)
-    latents = encode_flip_pairs(lambda ims: encode_images(pipe.vae, ims), images)
-    cond = encode_prompt(pipe, caption, max_sequence_length=max_sequence_length)
-    adapters = build_adapters(host.dims, prior, rank=config.r2, preset=preset or DEFAULT_PRESET, seed=config.seed,
-                              source=prior_source)
-    with encoders_off_device(pipe, host.device):
-        return personalize(host, adapters, latents, cond, config, callback)
+    torch_dtype = DTYPES[dtype]
+    kw = {}
+    if transformer is not None:
+        kw["transformer"] = FluxTransformer2DModel.from_single_file(
+            str(transformer), config=str(model), subfolder="transformer", torch_dtype=torch_dtype,
+            local_files_only=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return FluxPipeline.from_pretrained(str(model), torch_dtype=torch_dtype, local_files_only=True, **kw).to(device)
 
 
 @contextlib.contextmanager

@@ -148,11 +148,6 @@ class LoRAAdapter(nn.Module):
         h = self.low_rank(x)  # (..., r) float32
         return add_low_rank(base, h, self.up_factor())
 
-    def delta_weight(self) -> torch.Tensor:
-        """The (out, in) weight this adapter adds to its base Linear."""
-        a, b = self.lora_factors()
-        return b @ a
-
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
@@ -244,18 +239,6 @@ class AdapterSet(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def identity_parameters(self) -> list[nn.Parameter]:
-        """Mid and Up of every layer (the identity-specific part, paper Sec. 3)."""
-        out: list[nn.Parameter] = []
-        for _, a in self.items():
-            if a.mid is not None:
-                out.append(a.mid)
-            out.append(a.up)
-        return out
-
-    def down_parameters(self) -> list[nn.Parameter]:
-        return [a.down for _, a in self.items()]
 
 
 class SharedCast:

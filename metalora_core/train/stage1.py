@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,32 +107,6 @@ class MetaTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class MetaHost(FlowHost, Protocol):
-    """A ``FlowHost`` that can also join the conditionings of a batch whose items have different
-    captions (the diffusers host stacks them row-wise). Hosts without ``collate_conds`` train
-    batches of one caption only."""
-
-    def collate_conds(self, conds: Sequence[Any]) -> Any: ...
-
-
-def collate_for(host: FlowHost) -> Callable[[Sequence[Any]], Any]:
-    """The conditioning joiner of a host: the shared one when all items share it, else the host's."""
-
-    def collate(conds: Sequence[Any]) -> Any:
-        first = conds[0]
-        if all(c is first for c in conds):
-            return first
-        stack = getattr(host, "collate_conds", None)
-        if stack is None:
-            raise ValueError(
-                f"a batch mixes captions but {type(host).__name__} cannot join their conditioning; pass "
-                "collate= to meta_train, use one class caption, or batch_size=1"
-            )
-        return stack(conds)
-
-    return collate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +409,7 @@ class MetaTrainer:
     generator, the losses and the schedule position.
 
     Args:
-        host: the frozen model; a ``MetaHost`` when batches mix captions.
+        host: the frozen model; its ``collate`` joins the conditionings of a batch.
         data: cached latents of all identities with their captions' conditioning.
         config: schedule, ranks, optimizer settings, seed.
         collate: joins the conditioning of a batch whose items have different captions
@@ -446,7 +420,7 @@ class MetaTrainer:
                  collate: Callable[[Sequence[Any]], Any] | None = None) -> None:
         data.validate()
         self.host, self.data, self.config = host, data, config
-        self.collate = collate or collate_for(host)
+        self.collate = collate or host.collate
         self.shapes = resolve_targets(config.preset, host.dims)
         self.data_fingerprint = data.fingerprint()
         self.plan = plan_buckets(config, data.photos_per_identity())

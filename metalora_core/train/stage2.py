@@ -15,42 +15,31 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Protocol
+from typing import Any
 
 import torch
 
 from ..data.latents import Latent, check_latents, latent_shape, pick_orientation
 from ..lora.adapter import AdapterSet
 from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
-from ..lora.layers import FluxDims
+from ..lora.layers import DEFAULT_PRESET, PRESETS
+from .host import FlowHost
 
 log = logging.getLogger(__name__)
 
 
-class FlowHost(Protocol):
-    """What a trainer needs from a model implementation."""
-
-    dims: FluxDims
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def attach(self, adapters: AdapterSet) -> Any:  # returns an object with .remove()
-        ...
-
-    def training(self) -> ContextManager[None]: ...
-
-    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class Stage2Config:
-    """Stage-2 settings; defaults follow the paper's appendix A."""
+    """Everything that decides a Stage-2 result besides its inputs; defaults follow the paper's appendix A.
+
+    The disk cache keys a run by a hash of every field, so a setting that changes the result
+    belongs here (and nowhere else).
+    """
 
     steps: int = 375  # q_st2: Meta-LoRA uses 375, plain LoRA 625 in the paper
     lr: float = 4e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    r2: int = 1  # LoRA-Mid output rank (rank of the exported LoRA)
+    rank: int = 1  # r2: LoRA-Mid output rank (Meta-LoRA) or r (plain LoRA): the exported LoRA's rank
     seed: int = 0  # drives Mid init, data order, noise and sigmas
     sigma_mode: str = "logit_normal"  # training sigma density: "logit_normal" or "uniform"
     resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
@@ -64,14 +53,15 @@ class Stage2Config:
     # Read the loss back from the device (and check it for NaN) every this many steps; the steps
     # in between do not wait for the device. The callback still runs every step.
     sync_every: int = 10
+    preset: str = DEFAULT_PRESET  # target layers of a plain LoRA; a prior's own preset wins over it
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.r2 < 1:
-            raise ValueError(f"r2 must be >= 1, got {self.r2}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} unknown; choose one of {SIGMA_MODES}")
         if self.batch_size < 1:
@@ -82,6 +72,8 @@ class Stage2Config:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r} unknown; choose one of {sorted(PRESETS)}")
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""What a trainer needs from a model implementation (the diffusers FLUX host, the ComfyUI FLUX host).
+
+A host owns the frozen model and everything that is specific to it: how adapters reach its
+layers, how images become latents in its latent space, how a batch's conditionings are joined
+and how the model is identified for a content-keyed cache. Conditioning objects are the host's
+own; each carries the distilled-guidance value it is trained with and a content digest.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ContextManager, Protocol
+
+import torch
+from PIL import Image
+
+from ..lora.adapter import AdapterSet
+from ..lora.layers import FluxDims
+
+
+class FlowCond(Protocol):
+    """One caption's cached conditioning, as a host's ``predict`` takes it."""
+
+    guidance: float  # FLUX's distilled-guidance input while training (ai-toolkit trains at 1.0)
+
+    def digest(self) -> str:
+        """sha256 over the conditioning tensors and the guidance value."""
+        ...
+
+
+class FlowHost(Protocol):
+    """A frozen flow-matching model that adapters are trained against."""
+
+    dims: FluxDims
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def attach(self, adapters: AdapterSet) -> Any:
+        """Routes the model's layers through ``adapters``; returns an object with ``.remove()``."""
+        ...
+
+    def training(self) -> ContextManager[None]:
+        """Frozen base, training-time settings (checkpointing, ...) for the duration of a run."""
+        ...
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        """(B, C, h, w) noisy latents, (B,) sigmas -> (B, C, h, w) velocity ``noise - x0``."""
+        ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """RGB images (sizes may differ) -> (C, h, w) float32 CPU latents in the model's space."""
+        ...
+
+    def collate(self, conds: Sequence[Any]) -> Any:
+        """One conditioning for a batch whose items have the given conditionings (row i: item i)."""
+        ...
+
+    def identity(self) -> str:
+        """A content identity of the frozen model for cache keys (independent of transient state)."""
+        ...

@@ -1,0 +1,181 @@
+"""The one Stage-2 recipe: cache key over the whole config, provenance, hosts, crops at a resolution."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from metalora_core.cli import main
+from metalora_core.faces import AugmentConfig
+from metalora_core.formats.files import read_safetensors
+from metalora_core.formats.lora import load_adapter_state, load_lora
+from metalora_core.formats.prior import load_prior, make_prior, save_prior
+from metalora_core.formats.store import image_digest, store_cached_adapters, weights_identity
+from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
+from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+from metalora_core.lora.layers import FluxDims
+from metalora_core.train import host as host_protocol
+from metalora_core.train.recipe import (Provenance, face_crops, plan_stage2, resolve_preset, run_stage2,
+                                        stage2_key)
+from metalora_core.train.stage2 import Stage2Config
+
+# another valid value for every Stage2Config field
+CHANGED = {"steps": 7, "lr": 1e-3, "weight_decay": 0.01, "rank": 2, "seed": 1, "sigma_mode": "uniform",
+           "resolution_shift": True, "max_grad_norm": 0.5, "batch_size": 2, "preset": "attn"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def crops(sample):
+    return face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=64 * 64), seed=0)
+
+
+def _key(config: Stage2Config, preset="from-config", **parts) -> str:
+    base = dict(model_id="m", images_sha256="i", prior_sha256="p", cond_sha256="c")
+    base.update(parts)
+    return stage2_key(config, preset=config.preset if preset == "from-config" else preset, **base)
+
+
+def test_cache_key_covers_every_config_field_and_input():
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(Stage2Config)}, "add the new field to CHANGED"
+    base = Stage2Config()
+    keys = {_key(base)}
+    for name, value in CHANGED.items():
+        assert getattr(base, name) != value
+        keys.add(_key(dataclasses.replace(base, **{name: value})))
+    for part in ("model_id", "images_sha256", "prior_sha256", "cond_sha256"):
+        keys.add(_key(base, **{part: "other"}))
+    assert len(keys) == 1 + len(CHANGED) + 4, "a config field or input does not reach the cache key"
+
+
+def test_prior_preset_wins_over_the_setting(pipe):
+    dims = FluxDims.from_diffusers_config(pipe.transformer.config)
+    prior = make_prior(dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0))
+    assert resolve_preset(prior, Stage2Config(preset="all")) == "attn"
+    assert resolve_preset(None, Stage2Config(preset="all")) == "all"
+    # with a prior the plain-LoRA setting does not change the result, so it does not split the cache
+    k1 = _key(Stage2Config(preset="all"), preset=resolve_preset(prior, Stage2Config(preset="all")))
+    k2 = _key(Stage2Config(preset="attn_mlp"), preset=resolve_preset(prior, Stage2Config(preset="attn_mlp")))
+    assert k1 == k2
+
+
+def test_diffusers_host_implements_flow_host(pipe):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    members = [n for n in vars(host_protocol.FlowHost) if not n.startswith("_")] + ["dims"]
+    for name in members:
+        assert hasattr(host, name), f"DiffusersFluxHost lacks FlowHost.{name}"
+    latents = host.encode_images([pipe.image_processor.postprocess(torch.zeros(1, 3, 32, 48), "pil")[0]])
+    assert latents[0].shape == (16, 4, 6) and latents[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="has no VAE"):
+        DiffusersFluxHost(pipe.transformer).encode_images([])
+
+
+def test_guidance_travels_in_the_conditioning(pipe):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    c1 = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    c35 = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN, guidance=3.5)
+    assert c1.guidance == 1.0 and c35.guidance == 3.5 and c1.digest() != c35.digest()
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(1, 16, 4, 4, generator=g), torch.tensor([0.5])
+    with torch.no_grad():
+        assert not torch.equal(host.predict(x, sigma, c1), host.predict(x, sigma, c35))
+    both = host.collate([c35, dataclasses.replace(c35, prompt_embeds=c35.prompt_embeds + 1)])
+    assert both.guidance == 3.5 and both.prompt_embeds.shape[0] == 2
+    with pytest.raises(ValueError, match="mixes guidance"):
+        host.collate([c1, c35])
+
+
+def test_model_identity_follows_the_weights(pipe):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    ident = host.identity()
+    assert host.identity() == ident
+    state = dict(pipe.transformer.state_dict())
+    last = sorted(state)[-1]
+    changed = dict(state, **{last: state[last] + 1})
+    assert weights_identity(state) != weights_identity(changed)
+    assert weights_identity(state, extra="x") != weights_identity(state)
+
+
+def test_run_stage2_provenance(pipe, crops):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN, guidance=2.0)
+    config = Stage2Config(steps=2, rank=2, seed=3, preset="attn")
+    run = run_stage2(host, crops, cond, None, config, caption="a photo of a man")
+    p = run.provenance
+    assert len(run.losses) == 2 and run.adapters.rank == 2 and run.adapters.preset == "attn"
+    assert (p.steps, p.rank, p.seed, p.lr, p.preset, p.mode) == (2, 2, 3, config.lr, "attn", "lora")
+    assert p.images_sha256 == image_digest(crops.images) and p.images == len(crops.images)
+    assert p.cond_sha256 == cond.digest() and p.guidance == 2.0 and p.prior_sha256 == ""
+    assert (p.detector, p.augmentation, p.resolution, p.caption) == ("yunet", "paper_grid", 64, "a photo of a man")
+    assert p.model_id == host.identity()
+    assert p.cache_key == stage2_key(config, preset="attn", model_id=p.model_id, images_sha256=p.images_sha256,
+                                     prior_sha256="", cond_sha256=p.cond_sha256)
+    assert plan_stage2(host, crops, cond, None, config, caption="a photo of a man").provenance == p
+    meta = run.metadata()
+    assert set(meta) == {f.name for f in dataclasses.fields(Provenance)}
+    assert Provenance.from_metadata(meta) == p
+
+
+def test_provenance_from_incomplete_metadata_is_refused(pipe, crops):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    meta = plan_stage2(host, crops, cond, None, Stage2Config(steps=1)).provenance.to_metadata()
+    with pytest.raises(ValueError, match="no provenance key 'images_sha256'"):
+        Provenance.from_metadata({k: v for k, v in meta.items() if k != "images_sha256"})
+    with pytest.raises(ValueError, match="'resolution_shift' has value 'maybe'"):
+        Provenance.from_metadata({**meta, "resolution_shift": "maybe"})
+
+
+def test_cache_entry_refuses_a_different_key(tmp_path, pipe):
+    from metalora_core.train.recipe import build_adapters
+
+    ad = build_adapters(FluxDims.from_diffusers_config(pipe.transformer.config), None, rank=1, preset="attn")
+    with pytest.raises(ValueError, match="differs from the entry's key"):
+        store_cached_adapters(tmp_path, "a" * 64, ad, cache_key="b" * 64)
+    path = store_cached_adapters(tmp_path, "a" * 64, ad, cache_key="a" * 64, seed="1")
+    assert read_safetensors(path)[1]["cache_key"] == "a" * 64
+
+
+def test_crops_at_another_resolution_are_cut_from_the_photo(sample, crops):
+    assert crops.at_resolution(64) is crops and crops.resolution == 64
+    again = crops.at_resolution(96)
+    direct = face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=96 * 96), seed=0)
+    assert again.resolution == 96 and len(again.crops) == len(direct.crops)
+    assert [c.box for c in again.crops] == [c.box for c in direct.crops]
+    assert [c.flipped for c in again.crops] == [c.flipped for c in direct.crops]
+    assert image_digest(again.images) == image_digest(direct.images)  # one resize from the photo, not two
+    assert image_digest(again.images) != image_digest([c.image.resize(d.size) for c, d in zip(crops.crops, direct.crops)])
+
+
+def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, pipe):
+    model_dir = tmp_path / "flux"
+    pipe.save_pretrained(str(model_dir))
+    dims = FluxDims.from_diffusers_config(pipe.transformer.config)
+    prior_path = save_prior(make_prior(dims, r1=4, preset="attn", generator=torch.Generator().manual_seed(0)),
+                            tmp_path / "prior.safetensors")
+    lora, state, exported = (tmp_path / "out" / n for n in ("lora.safetensors", "state.safetensors", "x.safetensors"))
+    assert main(["personalize", "--model", str(model_dir), "--prior", str(prior_path), "--image", str(sample("obama")),
+                 "--out", str(lora), "--state", str(state), "--steps", "2", "--resolution", "64", "--seed", "4",
+                 "--rank", "2", "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man",
+                 "--guidance", "1.5", "--detector", "yunet"]) == 0
+    assert main(["export", str(state), "--out", str(exported)]) == 0
+    _, m_lora = load_lora(lora)
+    _, m_state = load_adapter_state(state)
+    _, m_export = load_lora(exported)
+    p = Provenance.from_metadata(m_lora)
+    assert Provenance.from_metadata(m_state) == p == Provenance.from_metadata(m_export)
+    made = face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=64 * 64), seed=4)
+    assert p.images_sha256 == image_digest(made.images)  # the training pixels, not the file bytes
+    assert p.prior_sha256 == load_prior(prior_path).sha256 and p.mode == "meta" and p.preset == "attn"
+    assert (p.steps, p.seed, p.rank, p.guidance, p.caption) == (2, 4, 2, 1.5, "a photo of a man")
+    # an adapter state without provenance (older version) is refused with the fix
+    from metalora_core.formats.lora import save_adapter_state
+
+    adapters, _ = load_adapter_state(state)
+    old = save_adapter_state(adapters, tmp_path / "old.safetensors", steps="2")
+    assert main(["export", str(old), "--out", str(tmp_path / "y.safetensors")]) == 2
