@@ -4,12 +4,12 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig, contact_sheet
+from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
+from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
-from ..metalora_core.train.recipe import face_crops
 from ..metalora_core.formats.store import save_lora_new
 from ..metalora_core.train.stage2 import Stage2Config
-from . import training
+from . import interop, training
 from .folders import PRIOR_FOLDER, insightface_root, prior_names
 from .images import image_to_pils, pils_to_image
 
@@ -54,12 +54,14 @@ class MetaLoRAFaceAugment(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MetaLoRAFaceAugment", display_name="Meta-LoRA Face Augment", category="MetaLoRA/data",
+            search_aliases=["face crops", "face dataset", "identity photos"],
             description="Detects the face and makes the paper's grid of face-centred training crops.",
             inputs=[
-                io.Image.Input("image", tooltip="One photo of the person, or a batch of a few photos of the same person."),
+                io.Image.Input("image", tooltip="One photo of the person, a batch, or a list of photos of any sizes (e.g. Load Image from Folder): all one person."),
                 io.Combo.Input("detector", options=list(DETECTOR_NAMES), default="auto",
                                tooltip="Face detector; 'auto' uses insightface from models/insightface if present, else YuNet."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random horizontal flips."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the random horizontal flips (fixed: a new seed means new crops and a new training)."),
                 io.Int.Input("bucket_resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Each crop is cut at about this many pixels squared (512: 512x512 area). "
                                      "Meta-LoRA Train cuts them again from the photos if its resolution differs."),
@@ -67,17 +69,30 @@ class MetaLoRAFaceAugment(io.ComfyNode):
                                tooltip="paper_grid: up to 25 face-centred crops (5 aspect ratios x 5 scales) with "
                                        "random flips, as the paper trains Meta-LoRA. none: each photo as it is, "
                                        "one crop per photo (the paper's plain-LoRA baseline)."),
+                io.Int.Input("face_index", default=0, min=0, max=63, optional=True,
+                             tooltip="Which face when a photo shows several: 0 the largest, 1 the next largest, ..."),
+                io.Combo.Input("other_faces", options=list(OTHER_FACES), default="blur", optional=True,
+                               tooltip="Crops that would show other people's faces: blur those faces, drop the "
+                                       "crop, or keep it as it is. The preview says how many."),
             ],
-            outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview")],
+            outputs=[FaceCropsType.Output(display_name="crops"), io.Image.Output(display_name="preview"),
+                     io.String.Output(display_name="info", tooltip="Faces found and used, face sizes, warnings, "
+                                                                   "crops blurred or dropped.")],
+            hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # a list of photos (core folder loaders) of any sizes is one person
         )
 
     @classmethod
-    def execute(cls, image, detector: str, seed: int, bucket_resolution: int,
-                augmentation: str = "paper_grid") -> io.NodeOutput:
-        crops = face_crops(image_to_pils(image), detector=detector, seed=seed,
-                           augment=AugmentConfig(bucket_area=bucket_resolution ** 2),
-                           insightface_root=insightface_root(), grid=augmentation == "paper_grid")
-        return io.NodeOutput(crops, pils_to_image([contact_sheet(crops.crops)]))
+    def execute(cls, image, detector, seed, bucket_resolution, augmentation=("paper_grid",), face_index=(0,),
+                other_faces=("blur",)) -> io.NodeOutput:
+        one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - widget lists hold one value
+        photos = [pil for batch in (image if isinstance(image, (list, tuple)) else [image])
+                  for pil in image_to_pils(batch)]
+        crops, report = person_crops(photos, detector=one(detector), seed=one(seed), face_index=one(face_index),
+                                     others=one(other_faces), augment=AugmentConfig(bucket_area=one(bucket_resolution) ** 2),
+                                     insightface_root=insightface_root(), grid=one(augmentation) == "paper_grid")
+        training.send_text(report.text(), _node_id(cls))
+        return io.NodeOutput(crops, pils_to_image([labelled_preview(crops.crops, report)]), report.text())
 
 
 class MetaLoRATrain(io.ComfyNode):
@@ -85,6 +100,7 @@ class MetaLoRATrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MetaLoRATrain", display_name="Meta-LoRA Train (Stage-2)", category="MetaLoRA/train",
+            search_aliases=["train lora", "face lora", "identity lora", "personalize"],
             description="Trains LoRA-Mid/Up on the crops (plain LoRA without a prior) on a clone of the MODEL.",
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
@@ -98,7 +114,8 @@ class MetaLoRATrain(io.ComfyNode):
                 io.Int.Input("rank", default=1, min=1, max=256, tooltip="r2, the rank of the exported LoRA (paper: 1)."),
                 io.Float.Input("learning_rate", default=4e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (paper: 4e-4)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, data order, noise and sigmas."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed for init, data order, noise and sigmas (fixed: a new seed trains again)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Training resolution (about this many pixels squared per crop). Crops made at "
                                      "this bucket_resolution are used as they are; otherwise they are cut again from "
@@ -115,7 +132,9 @@ class MetaLoRATrain(io.ComfyNode):
                                        "activations under 1 GB). auto: fast if it fits the card's free memory, else "
                                        "recompute only as many blocks as needed. gradient_checkpointing on means low."),
             ],
-            outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve")],
+            outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve"),
+                     io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA for core Save LoRA Weights / Load LoRA Model."),
+                     io.LossMap.Output(display_name="loss_map", tooltip="Loss per step for core Plot Loss Graph.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -127,7 +146,8 @@ class MetaLoRATrain(io.ComfyNode):
         settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                                           preview_every=preview_every, force_retrain=force_retrain, memory=memory)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
-        return io.NodeOutput(result, training.loss_plot(result.losses))
+        curve = interop.labelled(training.loss_plot(result.losses), interop.run_summary(result, prior))
+        return io.NodeOutput(result, curve, interop.lora_model(result), interop.loss_map(result.losses))
 
 
 class MetaLoRAApply(io.ComfyNode):
@@ -171,7 +191,7 @@ class MetaLoRASave(io.ComfyNode):
     @classmethod
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
         path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
-                             **meta_lora.metadata)
+                             **meta_lora.metadata, **{"modelspec.title": filename_prefix})
         training.refresh_lora_list()
         name = training.relative_lora_name(path)
         return io.NodeOutput(name, ui={"text": [name]})

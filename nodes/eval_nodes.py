@@ -39,7 +39,7 @@ def clip_model_path(name: str) -> str:
     roots = ", ".join(folder_list(CLIP_FOLDER))
     raise FileNotFoundError(
         f"CLIP model folder {name!r} not found in {roots}; put a transformers CLIP ViT-B/32 folder there, e.g. "
-        f"'huggingface-cli download {CLIP_T_MODEL_HINT} --local-dir {os.path.join(roots.split(', ')[0], name)}'"
+        f"'hf download {CLIP_T_MODEL_HINT} --local-dir {os.path.join(roots.split(', ')[0], name)}'"
     )
 
 

@@ -13,5 +13,6 @@ class MetaLoRAExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .definitions import NODES
+        from .download import DOWNLOAD_NODES
 
-        return [*NODES, *EVAL_NODES]
+        return [*NODES, *DOWNLOAD_NODES, *EVAL_NODES]

@@ -51,5 +51,10 @@ def prior_names() -> list[str]:
 
 
 def insightface_root() -> str:
-    """models/insightface: where insightface model packs are looked for (never downloaded)."""
+    """Where insightface model packs are looked for (never downloaded): ``models/insightface``, or the
+    first ``insightface`` path from extra_model_paths.yaml (registered like any model folder)."""
+    if "insightface" in folder_paths.folder_names_and_paths:
+        paths = folder_paths.get_folder_paths("insightface")
+        if paths:
+            return paths[0]
     return os.path.join(folder_paths.models_dir, "insightface")

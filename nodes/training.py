@@ -21,7 +21,7 @@ import folder_paths
 
 from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.formats.lora import lora_state_dict
-from ..metalora_core.formats.prior import Prior
+from ..metalora_core.formats.prior import Prior, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.flow import add_noise
@@ -196,6 +196,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     cond = ComfyFluxCond.from_conditioning(positive)
     every = _plan_checkpointing(model, settings, used.images, cond)
     host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=every > 0, checkpoint_every=max(every, 1))
+    if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
+        validate_prior(prior, host.dims)
     plan = plan_stage2(host, used, cond, prior, settings.config)
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:

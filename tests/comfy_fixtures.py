@@ -355,8 +355,10 @@ _STATE: ComfyInProcess | None = None
 
 def _import_comfy(root: pathlib.Path, base_dir: pathlib.Path) -> None:
     root_s = str(root)
-    if root_s in sys.path:
-        sys.path.remove(root_s)
+    # ComfyUI's comfy/ has no __init__.py, so any regular ``comfy`` package on sys.path would win
+    # over it wherever it stands (pytest puts the checkout's parent folder there, which may hold one).
+    sys.path[:] = [p for p in sys.path
+                   if p != root_s and not (pathlib.Path(p or ".") / "comfy" / "__init__.py").is_file()]
     sys.path.insert(0, root_s)
     # The project has its own ``nodes/`` folder; make sure ``nodes`` is ComfyUI's nodes.py.
     for name in ("nodes", "execution", "server", "folder_paths", "utils", "app", "comfy"):

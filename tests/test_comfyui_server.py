@@ -1,4 +1,4 @@
-"""`workflows/to_api.py --server` against a real headless ComfyUI server on loopback.
+"""`tools/to_api.py --server` against a real headless ComfyUI server on loopback.
 
 Starts ``main.py --cpu --listen 127.0.0.1`` with its own base directory (the pack linked into its
 ``custom_nodes/``), converts a UI-format workflow with the server's ``/object_info``, queues it
@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -23,7 +24,7 @@ from comfy_fixtures import SKIP_REASON, comfyui_path
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
-sys.path.insert(0, str(REPO / "workflows"))
+sys.path.insert(0, str(REPO / "tools"))
 import to_api  # noqa: E402
 
 
@@ -126,3 +127,48 @@ def test_server_rejects_an_invalid_graph_with_node_errors(server, tmp_path):
     path.write_text(json.dumps(wf))
     with pytest.raises(RuntimeError, match="HTTP 400"):
         to_api.main([str(path), "--server", url])
+
+
+def _status(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, "", b""
+
+
+def test_object_info_has_fixed_seeds_and_the_download_node(server):
+    url, _ = server
+    info = _get(f"{url}/object_info")
+    for node in ("MetaLoRATrain", "MetaLoRAFaceAugment"):
+        assert info[node]["input"]["required"]["seed"][1]["control_after_generate"] == "fixed"
+    assert "MetaLoRAPriorDownload" in info
+    assert info["MetaLoRATrain"]["output"][2:4] == ["LORA_MODEL", "LOSS_MAP"]
+
+
+def test_template_browser_lists_every_template_with_its_thumbnail(server):
+    url, _ = server
+    listed = _get(f"{url}/workflow_templates")["ComfyUI-MetaLoRA"]
+    shipped = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    assert sorted(listed) == shipped
+    for name in shipped:
+        status, kind, body = _status(f"{url}/api/workflow_templates/ComfyUI-MetaLoRA/{name}.jpg")
+        assert status == 200 and kind == "image/jpeg" and body[:3] == b"\xff\xd8\xff", name
+        status, _, body = _status(f"{url}/api/workflow_templates/ComfyUI-MetaLoRA/{name}.json")
+        assert status == 200 and json.loads(body)["nodes"]
+    # scripts are not in the served folder any more
+    for path in ("to_api.py", "support/build_workflows.py", "../tools/to_api.py"):
+        assert _status(f"{url}/api/workflow_templates/ComfyUI-MetaLoRA/{path}")[0] in (403, 404), path
+
+
+def test_help_pages_are_served_for_every_pack_node(server):
+    url, _ = server
+    info = _get(f"{url}/object_info")
+    ours = [k for k, v in info.items() if v.get("python_module", "").endswith("ComfyUI-MetaLoRA")
+            or k.startswith("MetaLoRA")]
+    docs = sorted(p.stem for p in (REPO / "web" / "docs").glob("*.md"))
+    assert docs and set(docs) <= set(ours)
+    for node in ("MetaLoRATrain", "MetaLoRAFaceAugment", "MetaLoRAPriorDownload"):
+        status, _, body = _status(f"{url}/extensions/ComfyUI-MetaLoRA/docs/{node}.md")
+        assert status == 200 and body.decode().startswith("# "), node
+    assert "train lora" in info["MetaLoRATrain"].get("search_aliases", [])

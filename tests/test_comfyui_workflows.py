@@ -1,9 +1,9 @@
 """The shipped workflows against a real ComfyUI (in-process): the node snapshot is current, every
-workflow converted by ``workflows/to_api.py`` passes ComfyUI's own ``execution.validate_prompt``,
+workflow converted by ``tools/to_api.py`` passes ComfyUI's own ``execution.validate_prompt``,
 and the one-click workflow runs end to end on tiny FLUX-format models.
 
 Needs ``COMFYUI_PATH``; skips otherwise. ``METALORA_UPDATE_SNAPSHOT=1`` rewrites
-``workflows/support/node_schemas.json`` from the live definitions instead of failing.
+``tools/node_schemas.json`` from the live definitions instead of failing.
 """
 from __future__ import annotations
 
@@ -25,12 +25,11 @@ from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, ob
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
-sys.path.insert(0, str(REPO / "workflows"))
-sys.path.insert(0, str(REPO / "workflows" / "support"))
+sys.path.insert(0, str(REPO / "tools"))
 import build_workflows as bw  # noqa: E402
 import to_api  # noqa: E402
 
-FILES = sorted((REPO / "workflows").glob("*.json"))
+FILES = sorted((REPO / "example_workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,8 @@ def test_node_snapshot_is_current(live_info):
         bw.SCHEMAS_FILE.write_text(json.dumps(live, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     stored = json.loads(bw.SCHEMAS_FILE.read_text(encoding="utf-8"))
     assert json.loads(json.dumps(live)) == stored, (
-        "workflows/support/node_schemas.json is stale: rerun with METALORA_UPDATE_SNAPSHOT=1, then "
-        "python workflows/support/build_workflows.py")
+        "tools/node_schemas.json is stale: rerun with METALORA_UPDATE_SNAPSHOT=1, then "
+        "python tools/build_workflows.py")
 
 
 def _without_third_party(prompt: dict) -> tuple[dict, set[str]]:
@@ -132,7 +131,7 @@ def tiny_overrides(prompt: dict) -> dict:
 
 
 def test_one_click_workflow_runs_end_to_end(env, live_info):
-    wf = json.loads((REPO / "workflows" / "01_one_click_meta_lora.json").read_text(encoding="utf-8"))
+    wf = json.loads((REPO / "example_workflows" / "01_one_click_meta_lora.json").read_text(encoding="utf-8"))
     prompt = tiny_overrides(to_api.workflow_to_api(wf, live_info))
     res = run_prompt(prompt, comfy=env)
     assert res["success"]

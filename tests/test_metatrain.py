@@ -275,4 +275,5 @@ def test_real_photos_with_face_augmentation_and_cli(tiny, sample, tmp_path):
     prior = load_prior(tmp_path / "out" / "prior.safetensors")
     validate_prior(prior, tiny.host.dims)
     assert prior.r1 == 8 and prior.training["steps"] == 10
+    assert summary["prior_sha256"] == prior.sha256  # the one content hash (formats.files.content_sha256)
     assert Image.open(tmp_path / "out" / "loss.png").size == (640, 360)

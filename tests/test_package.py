@@ -49,7 +49,8 @@ def test_pyproject_and_requirements_agree():
     deps = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in meta["project"]["dependencies"]}
     reqs = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower()
             for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
-    assert reqs == deps - {"torch"}, "requirements.txt (for ComfyUI-Manager) lists the runtime deps except torch"
+    assert reqs == deps, "requirements.txt (what ComfyUI installs) and [project].dependencies list the same"
+    assert "torch" not in deps, "torch comes from ComfyUI (or the 'cli' extra), never as a dependency"
 
 
 def test_cli_help_imports_no_torch():

@@ -282,7 +282,7 @@ def test_meta_train_command_uses_each_photo_once_by_default(sample, tmp_path):
     assert summary["data"]["flip"] is True
     assert summary["plan"]["identities"] == 2 and summary["plan"]["identities_visited"] == 2
     assert "trained  2 of 2 identities" in text
-    bad = parser.parse_args(["meta-train", "--tiny", "--data", str(data), "--out", str(out), "--crop-grid",
+    bad = parser.parse_args(["meta-train", "--tiny", "--data", str(data), "--out", str(tmp_path / "out2"), "--crop-grid",
                              "--no-augment"])
     with pytest.raises(ValueError, match="--crop-grid and --no-augment"):
         bad.func(bad)

@@ -1,6 +1,6 @@
-"""The shipped example workflows (``workflows/*.json``), checked without ComfyUI.
+"""The shipped example workflows (``example_workflows/*.json``), checked without ComfyUI.
 
-Node definitions come from ``workflows/support/node_schemas.json`` (a snapshot of ComfyUI's
+Node definitions come from ``tools/node_schemas.json`` (a snapshot of ComfyUI's
 ``/object_info`` that ``tests/test_comfyui_workflows.py`` compares with a real ComfyUI) and the
 declared third-party list; our node ids and input names are also read from the node sources
 statically, so a renamed node or input fails here even without ComfyUI.
@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
-sys.path.insert(0, str(WORKFLOWS))
-sys.path.insert(0, str(WORKFLOWS / "support"))
+WORKFLOWS = REPO / "example_workflows"
+sys.path.insert(0, str(REPO / "tools"))
 import build_workflows as bw  # noqa: E402
 import to_api  # noqa: E402
 
@@ -71,7 +70,7 @@ def test_expected_workflows_are_shipped_and_parse():
 
 
 def test_shipped_files_match_the_generator():
-    assert bw.main(["--check"]) == 0, "run: python workflows/support/build_workflows.py"
+    assert bw.main(["--check"]) == 0, "run: python tools/build_workflows.py"
 
 
 def test_snapshot_matches_the_node_sources():
@@ -246,3 +245,75 @@ def test_layout_is_readable(path):
     top = min(min(b[2] for b in boxes), min((g[1] for g in groups), default=0))
     off = wf["extra"]["ds"]["offset"]
     assert left + off[0] >= 0 and top + off[1] >= 0, "the graph opens with its top left in view"
+
+
+# ------------------------------------------------------------------ the template folder, the ComfyUI way
+
+import make_thumbnails  # noqa: E402
+
+LOADER_FILES = {"UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"), "VAELoader": ("vae_name",)}
+
+
+def test_template_folder_holds_only_templates_and_their_thumbnails():
+    served = sorted(p.name for p in WORKFLOWS.iterdir())
+    assert all(p.endswith((".json", ".jpg")) for p in served), served  # ComfyUI serves this folder as it is
+    assert not (REPO / "workflows").exists(), "the old folder name is gone (ComfyUI asks for example_workflows)"
+    from PIL import Image
+
+    for path in FILES:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"{path.name} has no thumbnail"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size == make_thumbnails.SIZE
+    assert make_thumbnails.main(["--check"]) == 0, "run: python tools/make_thumbnails.py"
+
+
+def test_thumbnail_check_sees_a_stale_card(tmp_path, monkeypatch):
+    for p in FILES:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+        (tmp_path / p.with_suffix(".jpg").name).write_bytes(p.with_suffix(".jpg").read_bytes())
+    monkeypatch.setattr(make_thumbnails, "WORKFLOWS", tmp_path)
+    assert make_thumbnails.main(["--check"]) == 0
+    first = FILES[0]
+    make_thumbnails.card("something else", {"nodes": []}).save(tmp_path / first.with_suffix(".jpg").name, "JPEG")
+    assert make_thumbnails.main(["--check"]) == 1
+    (tmp_path / FILES[1].with_suffix(".jpg").name).unlink()
+    assert make_thumbnails.main(["--check"]) == 1
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_loader_nodes_name_their_model_downloads(path):
+    loaders = [n for n in load(path)["nodes"] if n["type"] in LOADER_FILES]
+    assert loaders, "every template loads FLUX.1-dev"
+    for n in loaders:
+        models = n["properties"].get("models")
+        assert models, f"{n['type']} has no properties.models"
+        values = dict(zip([s[0] for s in to_api.widget_slots(bw.load_schemas()[n["type"]]) if s[0]], n["widgets_values"]))
+        names = [values[k] for k in LOADER_FILES[n["type"]]]
+        assert [m["name"] for m in models] == names
+        for m in models:
+            assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
+            assert m["directory"] in {"diffusion_models", "text_encoders", "vae"}
+
+
+def test_workflows_saved_before_the_new_optional_widgets_still_convert(info):
+    """A graph saved by an earlier version (Face Augment without face_index / other_faces, Train
+    without the lora / loss_map outputs) converts to the same prompt minus those inputs."""
+    wf = load(WORKFLOWS / "01_one_click_meta_lora.json")
+    new = to_api.workflow_to_api(wf, info)
+    for n in wf["nodes"]:
+        if n["type"] == "MetaLoRAFaceAugment":
+            n["widgets_values"] = n["widgets_values"][:-2]
+        if n["type"] == "MetaLoRATrain":
+            n["outputs"] = n["outputs"][:2]
+    old = to_api.workflow_to_api(wf, info)
+    aug = next(k for k, v in new.items() if v["class_type"] == "MetaLoRAFaceAugment")
+    assert {"face_index", "other_faces"} <= set(new[aug]["inputs"])
+    for k in ("face_index", "other_faces"):
+        new[aug]["inputs"].pop(k)
+    assert old == new
+    # a required widget missing is still an error
+    n = next(n for n in wf["nodes"] if n["type"] == "MetaLoRAFaceAugment")
+    n["widgets_values"] = n["widgets_values"][:-2]
+    with pytest.raises(to_api.ConversionError, match="widget value"):
+        to_api.workflow_to_api(wf, info)

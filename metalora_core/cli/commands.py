@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photo", help="photo of one person ('make demo' fetches a public-domain one)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --out")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="print a prior's or LoRA's metadata and layer count as JSON")
@@ -45,18 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --state if they exist")
     p.set_defaults(func=_personalize)
 
     p = sub.add_parser("export", help="merge a saved adapter state (Up*Mid*Down) into a standard LoRA")
     p.add_argument("state", help="adapter state written by 'metalora personalize --state'")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
 
 
 def _demo(args: argparse.Namespace) -> str:
+    from .checks import check_demo
     from .demo import run_demo
 
+    check_demo(args)
     report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
@@ -67,29 +71,9 @@ def _demo(args: argparse.Namespace) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> dict:
-    from ..formats.files import read_safetensors
+    from ..formats.describe import describe_file
 
-    tensors, meta = read_safetensors(args.file)
-    info: dict = {"file": args.file, "metadata": meta, "tensors": len(tensors)}
-    if meta.get("format") == "metalora.prior":
-        info["kind"] = "prior"
-        info["layers"] = sum(k.endswith(".meta_down") for k in tensors)
-    elif any(k.endswith(".lora_A.weight") for k in tensors) or any(k.endswith(".lora_down.weight") for k in tensors):
-        info["kind"] = "lora"
-        info["layers"] = sum(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in tensors)
-        ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))})
-        info["ranks"] = ranks
-    elif meta.get("format") == "metalora.adapters":
-        info["kind"] = "adapter-state"
-        info["layers"] = sum(k.endswith(".up") for k in tensors)
-    else:
-        info["kind"] = "unknown"
-    if "training" in meta:
-        try:
-            info["metadata"]["training"] = json.loads(meta["training"])
-        except json.JSONDecodeError:
-            pass
-    return info
+    return describe_file(args.file)
 
 
 def training_caption(caption: str | None, class_noun: str | None) -> str:
@@ -120,7 +104,10 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..train.recipe import face_crops, run_stage2
     from ..lora.layers import DEFAULT_PRESET
     from ..train.stage2 import Stage2Config
+    from .checks import check_personalize
+    from .progress import StepLog
 
+    check_personalize(args)  # inputs and outputs, before loading FLUX or training
     caption = training_caption(args.caption, args.class_noun)
     pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
     prior = load_prior(args.prior) if args.prior else None
@@ -131,11 +118,7 @@ def _personalize(args: argparse.Namespace) -> str:
                           preset=args.preset or DEFAULT_PRESET)
     host = DiffusersFluxHost.from_pipeline(pipe, gradient_checkpointing=args.gradient_checkpointing)
     cond = encode_prompt(pipe, caption, guidance=args.guidance)
-    every = max(1, args.steps // 20)
-
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0 or step == args.steps:
-            log.info("step %d/%d loss %.4f", step, args.steps, loss)
+    progress = StepLog(args.steps, log)
 
     with torch.random.fork_rng(devices=[]):
         run = run_stage2(host, made, cond, prior, config, progress, caption=caption,
@@ -151,9 +134,11 @@ def _personalize(args: argparse.Namespace) -> str:
 
 def _export(args: argparse.Namespace) -> str:
     from ..formats.lora import load_adapter_state, save_lora
+    from .checks import check_export
     from ..hosts.diffusers_flux import DTYPES
     from ..train.recipe import Provenance
 
+    check_export(args)
     adapters, meta = load_adapter_state(args.state)
     try:
         provenance = Provenance.from_metadata(meta)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..faces.names import DETECTOR_NAMES
 
 
 def _run(args: argparse.Namespace) -> str:
     from ..faces.run import run_crops
+    from ..formats.outputs import remove_stale_crops
+    from .checks import check_crops
 
+    before = check_crops(args)  # refuses a used folder without --overwrite
     result = run_crops(
         args.image,
         args.out,
@@ -18,6 +22,10 @@ def _run(args: argparse.Namespace) -> str:
         face_index=args.face,
         insightface_root=args.insightface_root,
     )
+    gone = remove_stale_crops(args.out, before, [c["file"] for c in result["crops"]])
+    if gone:
+        logging.getLogger(__name__).info("removed %d crop file(s) of the earlier run that this run did not "
+                                         "write again: %s", len(gone), ", ".join(gone))
     return str(result["out_dir"])  # the command's output (printed by the CLI): where the crops are
 
 
@@ -42,5 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="folder holding models/buffalo_l or models/antelopev2 "
         "(default $METALORA_INSIGHTFACE_ROOT, then ~/.insightface)",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier crops run in --out (only those files)")
     p.set_defaults(func=_run)
     return p

@@ -41,6 +41,9 @@ def run_eval(args: argparse.Namespace) -> str:
     from ..eval.score import score_run
     from ..faces import get_detector, get_embedder
 
+    from .checks import check_eval
+
+    check_eval(args)  # --out usable, earlier scores not replaced without --overwrite, --device usable
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     identities = read_identity_folders(args.identities)
@@ -118,6 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="generated images without a face: left out of the mean (exclude) or scored 0 (zero); always reported")
     p.add_argument("--device", default="cpu", help="torch device for CLIP (cpu, cuda)")
     p.add_argument("--batch-size", type=int, default=16, help="CLIP-T images per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace scores of an earlier eval in --out")
     p.set_defaults(func=run_eval)
     return p
 

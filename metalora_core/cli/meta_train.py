@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds one")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; --tiny 100)")
     p.add_argument("--resolution", type=int, help="training images have about resolution^2 pixels (default 512)")
     p.add_argument("--crop-grid", action="store_true",
@@ -104,14 +105,16 @@ def run_meta_train(args: argparse.Namespace) -> str:
     import torch
 
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
-    from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_file
+    from ..formats.files import atomic_save_png, atomic_write_bytes, file_content_sha256
     from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
     from ..lora.layers import DEFAULT_PRESET
     from ..train.stage1 import MetaTrainConfig, meta_train, to_prior
     from ..draw.charts import line_plot
     from ..formats.prior import save_prior
     from ..train.recipe import class_caption
+    from .checks import check_meta_train
 
+    check_meta_train(args)  # --out usable and not silently a previous run's; before any work
     tiny = bool(args.tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,7 @@ def run_meta_train(args: argparse.Namespace) -> str:
     tail = result.losses[-50:]
     summary = {
         "prior": str(prior_path),
-        "prior_sha256": sha256_file(prior_path),
+        "prior_sha256": file_content_sha256(prior_path),
         "loss_plot": str(out / "loss.png"),
         "checkpoint": str(out / "checkpoint.safetensors"),
         "steps": result.steps,

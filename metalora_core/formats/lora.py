@@ -45,7 +45,20 @@ def lora_metadata(adapters: AdapterSet, **extra: object) -> dict[str, str]:
     }
     for k, v in extra.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    return meta
+    return {**modelspec(adapters, meta.get("resolution")), **meta}
+
+
+def modelspec(adapters: AdapterSet, resolution: object = None) -> dict[str, str]:
+    """``modelspec.*`` keys (what LoRA managers read): architecture, title, resolution, date (UTC day)."""
+    import datetime
+
+    out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "flux-1-dev/lora",
+           "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+           "modelspec.title": f"Meta-LoRA {adapters.mode} rank {adapters.rank}",
+           "modelspec.date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    if resolution not in (None, "", "0", 0):
+        out["modelspec.resolution"] = f"{resolution}x{resolution}"
+    return out
 
 
 def save_lora(adapters: AdapterSet, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

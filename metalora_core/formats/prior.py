@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_save_safetensors, read_safetensors, sha256_tensors
+from .files import atomic_save_safetensors, content_sha256, read_safetensors
 from ..lora.layers import PRESETS, FluxDims, resolve_targets
 
 PRIOR_FORMAT = "metalora.prior"
@@ -37,10 +37,22 @@ class Prior:
     domain: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "prior"  # "prior" or the LoRA flavour it was read from
+    provenance: dict[str, str] = field(default_factory=dict)  # source_* metadata (where the file was downloaded from)
+    path: str = ""  # the file it was loaded from ("" when made in memory): named in errors
+    file_sha256: str = ""  # content_sha256 of that file
 
     @property
     def sha256(self) -> str:
-        return sha256_tensors(self.downs)
+        """The prior's identity: ``content_sha256`` of its file (of the file ``save_prior`` would
+        write, for a prior made in memory), the same hash ``metalora inspect`` shows."""
+        if self.file_sha256:
+            return self.file_sha256
+        return content_sha256(_file_tensors(self.downs), self.metadata())
+
+    @property
+    def label(self) -> str:
+        """How errors name this prior: its file, or "prior"."""
+        return f"prior {self.path}" if self.path else "prior"
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -52,14 +64,35 @@ class Prior:
             "domain": self.domain,
             "training": json.dumps(self.training, sort_keys=True),
             "layers": str(len(self.downs)),
+            **self.provenance,
         }
 
 
 def save_prior(prior: Prior, path: str | os.PathLike) -> Path:
     """Writes a prior atomically."""
     _check_ranks(prior.downs, prior.r1, str(path))
-    tensors = {f"{k}{_SUFFIX}": v.to(torch.float32) for k, v in prior.downs.items()}
-    return atomic_save_safetensors(tensors, path, prior.metadata())
+    return atomic_save_safetensors(_file_tensors(prior.downs), path, prior.metadata())
+
+
+def _file_tensors(downs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{k}{_SUFFIX}": v.detach().to("cpu", torch.float32).contiguous() for k, v in downs.items()}
+
+
+def _meta_int(meta: Mapping[str, str], key: str, path: Any, default: str | None = None) -> int:
+    raw = meta.get(key, default)
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: metadata {key}={raw!r} is not a whole number; the prior file is damaged, "
+                         "re-create it with 'metalora meta-train'") from None
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor], path: Any) -> None:
+    """A prior's Down matrices must be floating-point numbers (NaN/inf: ``validate_prior``)."""
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {k!r} is {str(t.dtype).replace('torch.', '')}, not floating point; "
+                             "quantized or integer priors are not supported, use a float32/bf16/fp16 prior")
 
 
 def _check_ranks(downs: Mapping[str, torch.Tensor], r1: int, where: str) -> None:
@@ -76,8 +109,15 @@ def load_prior(path: str | os.PathLike) -> Prior:
         ValueError: corrupt file, unknown format version, mixed ranks, no usable keys.
     """
     tensors, meta = read_safetensors(path)
+    prior = _prior_from(tensors, meta, path)
+    prior.path = os.fspath(path)
+    prior.file_sha256 = content_sha256(tensors, meta)
+    return prior
+
+
+def _prior_from(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: str | os.PathLike) -> Prior:
     if meta.get("format") == PRIOR_FORMAT:
-        version = int(meta.get("format_version", "0"))
+        version = _meta_int(meta, "format_version", path, "0")
         if version > PRIOR_VERSION:
             raise ValueError(
                 f"{path}: prior format version {version} is newer than this pack reads ({PRIOR_VERSION}); update the pack"
@@ -86,16 +126,23 @@ def load_prior(path: str | os.PathLike) -> Prior:
         downs = dict(sorted(found.items(), key=lambda kv: _order(kv[0])))  # model order, as saved
         if not downs:
             raise ValueError(f"{path}: prior file holds no '*{_SUFFIX}' tensors")
-        r1 = int(meta["r1"])
+        _check_values({k + _SUFFIX: v for k, v in downs.items()}, path)
+        r1 = _meta_int(meta, "r1", path)
         _check_ranks(downs, r1, str(path))
+        try:
+            training = json.loads(meta.get("training") or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata 'training' is not valid JSON ({e}); the prior file is damaged") from e
         return Prior(
             downs=downs,
             r1=r1,
             preset=meta.get("preset") or None,
             base_model=meta.get("base_model", ""),
             domain=meta.get("domain", ""),
-            training=json.loads(meta.get("training") or "{}"),
+            training=training,
+            provenance=_provenance(meta),
         )
+    _check_values({k: t for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))}, path)
     downs, flavour = downs_from_lora(tensors)
     if not downs:
         raise ValueError(
@@ -106,7 +153,13 @@ def load_prior(path: str | os.PathLike) -> Prior:
     if len(ranks) != 1:
         name = next(n for n, t in downs.items() if t.shape[0] != next(iter(downs.values())).shape[0])
         raise ValueError(f"{path}: LoRA ranks differ between layers ({sorted(ranks)}, e.g. {name!r}); a prior needs one r1")
-    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", "flux"), source=flavour)
+    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", "flux"), source=flavour,
+                 provenance=_provenance(meta))
+
+
+def _provenance(meta: Mapping[str, str]) -> dict[str, str]:
+    """The ``source_*`` metadata keys a download adds (repo, filename, revision, commit, sha256, url)."""
+    return {k: v for k, v in meta.items() if k.startswith("source_")}
 
 
 # BFL / ComfyUI module names -> canonical names (a fused layer shares one Down).
@@ -203,12 +256,16 @@ def _order(name: str) -> tuple[int, int, int, str]:
 def validate_prior(prior: Prior, dims: FluxDims, *, source: str = "prior") -> dict[str, tuple[int, int]]:
     """Checks every layer of ``prior`` against a host model; fails on the first mismatch.
 
+    Errors start with ``source``; the default names the prior's file when it has one.
+
     Returns:
         canonical name -> (in, out) for the prior's layers, in model order.
 
     Raises:
         ValueError: naming the layer and both shapes (or the missing layer).
     """
+    if source == "prior":
+        source = prior.label
     known = resolve_targets("all", dims)
     if prior.preset is not None:
         for name in resolve_targets(prior.preset, dims):

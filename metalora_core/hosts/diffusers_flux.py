@@ -5,6 +5,7 @@ Implements ``metalora_core.train.host.FlowHost``; the Stage-2 recipe lives in ``
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class FluxTextCond:
     pooled: torch.Tensor  # (1, pooled_dim) CLIP pooled output
     text_ids: torch.Tensor  # (L, 3) positional ids of the text tokens
     guidance: float = 1.0  # distilled-guidance input while training (ai-toolkit trains at 1.0)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(float(self.guidance)):
+            raise ValueError(f"guidance {self.guidance} is not a finite number; pass a number such as 1.0")
 
     def digest(self) -> str:
         """sha256 over the text states, pooled output, ids and guidance."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates the example workflows in ``workflows/`` (ComfyUI editor format) from short Python
+"""Generates the example workflows in ``example_workflows/`` (ComfyUI editor format) from short Python
 descriptions, so that widget order, link ids and slot numbers are always consistent.
 
 The node definitions come from ``node_schemas.json`` next to this file: a normalised snapshot of
@@ -8,8 +8,8 @@ written and checked against a real ComfyUI by ``tests/test_comfyui_workflows.py`
 (``METALORA_UPDATE_SNAPSHOT=1`` rewrites it). Third-party node types (PuLID-FLUX) are declared in
 ``third_party_nodes.json``. Standard library only.
 
-    python workflows/support/build_workflows.py          # rewrite workflows/*.json
-    python workflows/support/build_workflows.py --check  # exit 1 if a shipped file differs
+    python tools/build_workflows.py          # rewrite example_workflows/*.json
+    python tools/build_workflows.py --check  # exit 1 if a shipped file differs
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-WORKFLOWS = HERE.parent
-sys.path.insert(0, str(WORKFLOWS))
+WORKFLOWS = HERE.parent / "example_workflows"  # the folder ComfyUI serves to its template browser
+sys.path.insert(0, str(HERE))
 from to_api import input_specs, is_widget, widget_slots  # noqa: E402
 
 PACK_ID, PACK_VERSION = "comfyui-metalora", "0.1.0"
@@ -42,6 +42,14 @@ FRONTEND_ONLY = ("Note", "MarkdownNote")
 # Model file names of the usual FLUX.1-dev download (Comfy-Org / black-forest-labs repacks).
 FLUX_UNET, CLIP_L, T5XXL, FLUX_VAE = "flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"
 PRIOR_FILE = "meta_lora_prior_flux1_dev.safetensors"
+# properties.models of the loader nodes: the frontend offers these downloads when a file is missing.
+# URLs as ComfyUI's FLUX examples document them (the FLUX.1-dev repository is gated: accept its licence first).
+MODEL_FILES = {
+    FLUX_UNET: ("https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors", "diffusion_models"),
+    CLIP_L: ("https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors", "text_encoders"),
+    T5XXL: ("https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors", "text_encoders"),
+    FLUX_VAE: ("https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors", "vae"),
+}
 CLIP_T_FOLDER = "clip-vit-base-patch32"
 PHOTO, HELD_OUT = "person.jpg", ("person_2.jpg", "person_3.jpg")
 TRAIN_CAPTION = "a photo of a man"
@@ -52,8 +60,11 @@ models/diffusion_models/{FLUX_UNET}   FLUX.1-dev transformer (black-forest-labs/
 models/text_encoders/{CLIP_L}          CLIP-L text encoder (comfyanonymous/flux_text_encoders)
 models/text_encoders/{T5XXL}       T5-XXL text encoder, same repo (t5xxl_fp8_e4m3fn.safetensors works too)
 models/vae/{FLUX_VAE}                         FLUX VAE (black-forest-labs/FLUX.1-dev, file ae.safetensors)
-models/meta_lora/{PRIOR_FILE}  a Meta-Down prior (.safetensors; make one with 'metalora meta-train' or use a published one).
+models/meta_lora/{PRIOR_FILE}  a Meta-Down prior (.safetensors): make one with 'metalora meta-train', or
+  fetch one from a Hub repository with the Meta-LoRA Prior Download node (in place of the Prior Loader) or
+  'metalora download REPO_ID FILE --dest ComfyUI/models/meta_lora'. A FLUX LoRA file can serve as one (its lora_A).
   Without a prior, disconnect 'prior' on the train node: that trains a plain LoRA (the paper's baseline).
+The loaders list download links for the FLUX files (the editor offers them when a file is missing).
 
 Put ONE photo of the person in ComfyUI/input and pick it in Load Image (the face should be clearly visible).
 Set the class caption (man / woman) in 'training caption'. Training: 375 steps, rank 1 (paper settings);
@@ -334,6 +345,9 @@ def flux_loaders(g: Graph, x: float = 0, y: float = 0) -> tuple[dict, dict, dict
     unet = g.add("UNETLoader", (x, y), unet_name=FLUX_UNET, weight_dtype="default")
     clip = g.add("DualCLIPLoader", (x, y + 130), clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
     vae = g.add("VAELoader", (x, y + 300), vae_name=FLUX_VAE)
+    for node, names in ((unet, [FLUX_UNET]), (clip, [CLIP_L, T5XXL]), (vae, [FLUX_VAE])):
+        node["properties"]["models"] = [{"name": n, "url": MODEL_FILES[n][0], "directory": MODEL_FILES[n][1]}
+                                        for n in names]
     g.group("FLUX.1-dev loaders", [unet, clip, vae])
     return unet, clip, vae
 
@@ -532,7 +546,7 @@ def sweep(info: dict) -> dict:
            "(no prior), each scored with CLIP-T and R-FaceSim on Table-3 prompts. The full sweep is ranks "
            "{1, 2, 4, 8, 16} x checkpoints {250, 375, 500, 625, 750}: 25 queues of this graph. Script it:\n\n"
            "for r in 1 2 4 8 16; do for s in 250 375 500 625 750; do\n"
-           "  python workflows/to_api.py workflows/03_rank_iterations_sweep.json --server http://127.0.0.1:8188 \\\n"
+           "  python tools/to_api.py example_workflows/03_rank_iterations_sweep.json --server http://127.0.0.1:8188 \\\n"
            "    --set 'Meta-LoRA.rank='$r --set 'Meta-LoRA.steps='$s \\\n"
            "    --set 'LoRA + aug.rank='$r \\\n"
            "    --set 'LoRA + aug.steps='$s\n"
@@ -563,7 +577,7 @@ def r_face_sim_eval(info: dict) -> dict:
            "held-out test photo; each generated face is compared with every held-out face (mean cosine), "
            "then averaged over prompts. Faces not found are listed in the table, never dropped silently.\n\n"
            "Over a folder of identities: queue this graph once per person (change the three Load Image nodes "
-           "and the Save Image prefixes to <person>/<prompt index>), e.g. with workflows/to_api.py --set. "
+           "and the Save Image prefixes to <person>/<prompt index>), e.g. with tools/to_api.py --set. "
            "Then 'metalora eval --identities IDENTITIES --generated output/rfacesim ...' computes the mean "
            "over identities (the paper's number) and writes scores.csv / summary.json.\n\n"
            "Shown here: 4 of the 10 Table-3 prompts; copy a branch for the rest ([man/woman] expanded for the "
@@ -640,7 +654,7 @@ def build_all() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Regenerate workflows/*.json")
+    ap = argparse.ArgumentParser(description="Regenerate example_workflows/*.json")
     ap.add_argument("--check", action="store_true", help="only compare with the shipped files")
     args = ap.parse_args(argv)
     stale = []
@@ -652,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.write_text(text, encoding="utf-8")
     if stale:
-        print(f"out of date (run workflows/support/build_workflows.py): {stale}", file=sys.stderr)
+        print(f"out of date (run tools/build_workflows.py): {stale}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,11 +7,11 @@ comes from the node definitions ComfyUI serves at ``GET /object_info``. Standard
 Usage::
 
     # convert with the node definitions of a running ComfyUI (default http://127.0.0.1:8188)
-    python workflows/to_api.py workflows/01_one_click_meta_lora.json -o api.json
+    python tools/to_api.py example_workflows/01_one_click_meta_lora.json -o api.json
     # convert offline with a saved object_info (curl http://127.0.0.1:8188/object_info > object_info.json)
-    python workflows/to_api.py WORKFLOW.json --object-info object_info.json -o api.json
+    python tools/to_api.py WORKFLOW.json --object-info object_info.json -o api.json
     # convert and queue on a server (POST /prompt); --set changes an input by node id or title
-    python workflows/to_api.py WORKFLOW.json --server http://127.0.0.1:8188 \\
+    python tools/to_api.py WORKFLOW.json --server http://127.0.0.1:8188 \\
         --set "Meta-LoRA Train.steps=375" --set 12.rank=2
 
 Frontend-only nodes (Note, MarkdownNote, Reroute) are dropped, links through Reroute nodes are
@@ -133,6 +133,12 @@ def workflow_to_api(workflow: Mapping[str, Any], object_info: Mapping[str, Any])
             real = [s for s in slots if s[0] is not None]
             if len(values) < len(slots) and len(values) == len(real):
                 slots = real  # saved without the extra UI-only widgets
+            optional = set(info.get("input", {}).get("optional", {}))
+            tail = slots[len(values):]
+            if tail and all(name is None or name in optional for name, _, _ in tail) and \
+                    (tail[0][0] is not None or len(values) == len(slots) - len(tail)):
+                # saved before these optional widgets existed: left out, the node uses their defaults
+                slots = slots[:len(values)]
             if len(values) < len(slots):
                 raise ConversionError(
                     f"node {nid} ({node['type']}): {len(values)} widget value(s) for {len(slots)} widget(s) "
