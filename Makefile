@@ -10,7 +10,7 @@ DEMO_OUT ?= out/demo
 TINY_DATA ?= out/tiny_data
 PHOTOS := $(PY) tests/sample_photos.py
 
-.PHONY: venv demo demo-photo meta-train-tiny test test-comfyui test-comfyui-pinned bench clean artefacts reproduce
+.PHONY: venv demo demo-photo meta-train-tiny test test-comfyui test-comfyui-pinned bench bench-gpu clean artefacts reproduce
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -62,6 +62,10 @@ reproduce: venv
 
 bench: venv
 	$(PY) bench/stage2_overhead.py
+
+# Stage-2 speed and memory on a FLUX.1-dev-shaped model (a GPU; --tiny runs on the CPU)
+bench-gpu: venv
+	$(PY) bench/gpu_stage2.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

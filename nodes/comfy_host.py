@@ -34,7 +34,8 @@ from PIL import Image
 
 from ..metalora_core.formats.files import sha256_tensors
 from ..metalora_core.formats.store import weights_identity
-from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter
+from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter, add_low_rank, down_project
+from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
 from .images import pils_to_image
 
@@ -141,28 +142,84 @@ def map_adapters(model_patcher: Any, adapters: AdapterSet) -> dict[str, list[_Sl
 class _Blocks:
     """Out-of-place FLUX block forwards with bypass adapters (the ``patches_replace`` targets)."""
 
-    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool):
+    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool,
+                 checkpoint_every: int = 1):
         self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
+        self.checkpoint_every = int(checkpoint_every)
+        self.fp8_recast = True  # False: ComfyUI's own cast (keeps a compute-dtype copy of each weight)
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
+        self._step_factors: dict[tuple, tuple] = {}
+        self._frozen_downs: dict[str, tuple] = {}
+
+    def new_step(self, dtype: torch.dtype) -> None:
+        """Builds the fused factors of every adapted module for one forward (and its backward).
+
+        Built here, before the blocks run, so none of it happens inside a checkpointed block.
+        """
+        self._step_factors.clear()
+        for name, slots in self.slots.items():
+            self._factors(name, slots, self.dm.get_submodule(name).out_features, dtype)
+
+    def _fused_down(self, name: str, slots: list[_Slot]) -> torch.Tensor:
+        """The Down matrices of one fused module stacked (R1, in); built once while they stay frozen."""
+        downs = [s.adapter.down for s in slots]
+        if any(d.requires_grad for d in downs):  # plain LoRA: Down trains, so it is rebuilt every step
+            return downs[0] if len(downs) == 1 else torch.cat(downs)
+        key = tuple((id(d), d._version, d.device, d.dtype) for d in downs)
+        hit = self._frozen_downs.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, downs[0] if len(downs) == 1 else torch.cat(downs))
+            self._frozen_downs[name] = hit
+        return hit[1]
+
+    def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype):
+        """(Down (R1, in), Mid (R2, R1) or None, B (out, R2) in ``dtype``) of one fused module.
+
+        All adapters of a fused module (ComfyUI fuses q/k/v into ``qkv`` and q/k/v/mlp into
+        ``linear1``) as one three-factor LoRA: Downs stacked, Mids block-diagonal, each B padded to
+        its own row slice (padding the small B matrices, not the (tokens, out) activations). Built
+        once per step (``new_step``) and reused by every call in it, checkpoint recompute included.
+        """
+        key = (name, dtype, torch.is_grad_enabled())
+        hit = self._step_factors.get(key)
+        if hit is not None:
+            return hit
+        down = self._fused_down(name, slots)
+        mids = [s.adapter.mid for s in slots]
+        mid = None if mids[0] is None else (mids[0] if len(mids) == 1 else torch.block_diag(*mids))
+        b_parts = []
+        for s in slots:
+            b = s.adapter.up_factor()  # (size, r)
+            b_parts.append(b if s.size == out_features else F.pad(b, (0, 0, s.start, out_features - s.start - s.size)))
+        b = (b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)).to(dtype)
+        self._step_factors[key] = hit = (down, mid, b)
+        return hit
+
+    def _base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The frozen Linear. Weights stored in another dtype than the compute dtype (fp8, or bf16
+        computed in float32) are cast inside an autograd Function that keeps the stored weight for
+        backward and casts it again there (ComfyUI's cast would keep a compute-dtype copy of each)."""
+        w = getattr(module, "weight", None)
+        if (self.fp8_recast and torch.is_grad_enabled() and x.requires_grad and type(w) is nn.Parameter
+                and w.dtype != x.dtype and (w.dtype in FP8_DTYPES or w.is_floating_point())
+                and w.device == x.device and getattr(module, "comfy_cast_weights", False)
+                and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)
+                and getattr(module, "scale_weight", None) is None and getattr(module, "scale_input", None) is None):
+            return stored_linear(x, w, module.bias)
+        return module(x)
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = module(x)  # (..., out): base output, never modified
+        y = self._base(module, x)  # (..., out): base output, never modified
         slots = self.slots.get(name) if self.adapters_on else None
         if not slots:
             return y
-        # All adapters of one fused module as one LoRA: A stacked (R, in), B (out, R) with each
-        # adapter's rows at its slice. Padding the small B matrices (not the (tokens, out)
-        # activations) keeps it to one low-rank pass, the add fused into the matmul.
-        a_parts, b_parts = [], []
-        for s in slots:
-            a, b = s.adapter.lora_factors()  # (r, in), (size, r)
-            a_parts.append(a)
-            b_parts.append(F.pad(b, (0, 0, s.start, y.shape[-1] - s.start - s.size)))  # (out, r)
-        a, b = torch.cat(a_parts), torch.cat(b_parts, dim=1)
-        h = F.linear(x.to(a.dtype), a).to(y.dtype)  # (..., R)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(y.dtype).T)
-        return out.view(y.shape)
+        down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype)
+        h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
+        if mid is not None:
+            h = F.linear(h, mid)  # (..., R2)
+        return add_low_rank(y, h, b)
 
     def _seq(self, name: str, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(seq, nn.Sequential):
@@ -223,8 +280,9 @@ class _Blocks:
         out = self._linear(f"{p}.linear2", b.linear2, torch.cat((attn, b.mlp_act(mlp)), 2))
         return x + gate * out
 
-    def _run(self, fn, *args):
-        if self.checkpoint and torch.is_grad_enabled():
+    def _run(self, index: int, fn, *args):
+        """Runs block ``index`` (double blocks first, then single), checkpointed every k-th block."""
+        if self.checkpoint and torch.is_grad_enabled() and index % self.checkpoint_every == 0:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -260,7 +318,7 @@ class _Blocks:
         def patch(args: dict, extra: dict) -> dict:
             if "double" not in self.checked:
                 self.check_against_comfy("double", i, args, extra["original_block"])
-            img, txt = self._run(lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
+            img, txt = self._run(i, lambda *a: self.double(i, *a), args["img"], args["txt"], args["vec"], args["pe"],
                                  args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": img, "txt": txt}
         return patch
@@ -269,7 +327,7 @@ class _Blocks:
         def patch(args: dict, extra: dict) -> dict:
             if "single" not in self.checked:
                 self.check_against_comfy("single", i, args, extra["original_block"])
-            x = self._run(lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
+            x = self._run(len(self.dm.double_blocks) + i, lambda *a: self.single(i, *a), args["img"], args["vec"], args["pe"],
                           args.get("attn_mask"), args.get("transformer_options", {}))
             return {"img": x}
         return patch
@@ -314,11 +372,17 @@ class ComfyFluxHost:
         vae: the ComfyUI VAE that ``encode_images`` uses (and previews decode with).
         gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint,
             non-reentrant) to save activation memory.
+        checkpoint_every: with checkpointing on, recompute only every k-th block (double blocks
+            then single blocks, counted from 0); 1 checkpoints all of them.
 
     The distilled-guidance input comes from the conditioning (``ComfyFluxCond.guidance``).
     """
 
-    def __init__(self, model: Any, *, vae: Any = None, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, model: Any, *, vae: Any = None, gradient_checkpointing: bool = False,
+                 checkpoint_every: int = 1) -> None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
+        self.checkpoint_every = int(checkpoint_every)
         self.source = model
         self.vae = vae
         self.dims = flux_dims(model)
@@ -329,6 +393,17 @@ class ComfyFluxHost:
     @property
     def device(self) -> torch.device:
         return self.source.load_device
+
+    def _on_device(self, cond: ComfyFluxCond, dev, dt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning on the device, copied once per caption (not once per step)."""
+        src = (cond.context, cond.y)
+        key = (tuple(id(t) for t in src), tuple(-1 if t is None else t._version for t in src), dev, dt)
+        memo = getattr(self, "_cond_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[2]
+        out = (cond.context.to(dev, dt), None if cond.y is None else cond.y.to(dev, dt))
+        self._cond_memo = (key, src, out)
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -367,7 +442,7 @@ class ComfyFluxHost:
         slots = map_adapters(self.source, adapters)
         dm = self.source.model.diffusion_model
         clone = self.source.clone()
-        blocks = _Blocks(dm, slots, self.gradient_checkpointing)
+        blocks = _Blocks(dm, slots, self.gradient_checkpointing, self.checkpoint_every)
         for i in range(len(dm.double_blocks)):
             clone.set_model_patch_replace(blocks.double_patch(i), "dit", "double_block", i)
         for i in range(len(dm.single_blocks)):
@@ -393,15 +468,18 @@ class ComfyFluxHost:
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: ComfyFluxCond) -> torch.Tensor:
         """Flow velocity ``noise - x0`` for (B, C, h, w) model-space latents and (B,) sigmas."""
         patcher = self.patcher if self.patcher is not None else self.source
+        if self._blocks is not None:
+            self._blocks.new_step(self.dtype)  # the adapters may have changed since the last forward
         base = patcher.model
         dev, dt = self.device, self.dtype
         b = x_t.shape[0]
         t = base.model_sampling.timestep(sigma.to(dev)).float()  # FLUX: t = sigma
         kwargs = {"guidance": torch.full((b,), cond.guidance, device=dev, dtype=dt)}
-        if cond.y is not None:
-            kwargs["y"] = cond.y.to(dev, dt).expand(b, -1)
+        context, y = self._on_device(cond, dev, dt)
+        if y is not None:
+            kwargs["y"] = y.expand(b, -1)
         topts = dict(patcher.model_options.get("transformer_options", {}))
-        out = base.diffusion_model(x_t.to(dev, dt), t, context=cond.context.to(dev, dt).expand(b, -1, -1),
+        out = base.diffusion_model(x_t.to(dev, dt), t, context=context.expand(b, -1, -1),
                                    transformer_options=topts, **kwargs)
         return out  # CONST sampling: denoised = x_t - sigma * out, so out is the velocity
 

@@ -126,6 +126,11 @@ class MetaLoRATrain(io.ComfyNode):
                              tooltip="Show a one-step denoised preview every N steps (0: never)."),
                 io.Boolean.Input("force_retrain", default=False,
                                  tooltip="Ignore the disk cache of earlier identical runs and train again."),
+                io.Combo.Input("memory", options=list(training.MEMORY_CHOICES), default="auto", optional=True,
+                               tooltip="fast: fastest steps, most memory (FLUX at 512 px: about 8 GB of activations "
+                                       "besides the weights). low: recompute every block (about a third slower, "
+                                       "activations under 1 GB). auto: fast if it fits the card's free memory, else "
+                                       "recompute only as many blocks as needed. gradient_checkpointing on means low."),
             ],
             outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve"),
                      io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA for core Save LoRA Weights / Load LoRA Model."),
@@ -136,10 +141,10 @@ class MetaLoRATrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
                 resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
-                prior=None) -> io.NodeOutput:
+                prior=None, memory: str = "auto") -> io.NodeOutput:
         config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed)
         settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
-                                          preview_every=preview_every, force_retrain=force_retrain)
+                                          preview_every=preview_every, force_retrain=force_retrain, memory=memory)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
         curve = interop.labelled(training.loss_plot(result.losses), interop.run_summary(result, prior))
         return io.NodeOutput(result, curve, interop.lora_model(result), interop.loss_map(result.losses))

@@ -61,6 +61,43 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     preview_every: int = 25
     force_retrain: bool = False
+    memory: str = "auto"  # "fast" (no checkpointing), "low" (every block), "auto" (what fits)
+
+
+MEMORY_CHOICES = ("auto", "fast", "low")
+# Bytes autograd keeps per token, per block and per unit of hidden width in one Stage-2 step
+# (measured with bench/gpu_stage2.py: ~15 activations of the hidden width per token and block,
+# adapters included); a checkpointed block keeps only its input (1 per token and width).
+_SAVED_PER_TOKEN_WIDTH = 15
+_CKPT_PER_TOKEN_WIDTH = 1
+
+
+def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, tokens: int, hidden: int,
+                    element_size: int, free_bytes: int | None) -> int:
+    """How many blocks apart to checkpoint: 0 none, 1 every block, k every k-th block.
+
+    ``gradient_checkpointing`` on always means every block (what the switch did before ``memory``
+    existed). "fast": none; "low": every block; "auto": none when the estimated activations fit
+    in 80% of ``free_bytes`` (None: unknown, e.g. on the CPU: none), else the widest spacing
+    that fits, else every block.
+
+    Raises:
+        ValueError: ``memory`` is not one of ``MEMORY_CHOICES``.
+    """
+    if memory not in MEMORY_CHOICES:
+        raise ValueError(f"memory must be one of {MEMORY_CHOICES}, got {memory!r}")
+    if gradient_checkpointing or memory == "low":
+        return 1
+    if memory == "fast" or free_bytes is None:
+        return 0
+    full = tokens * hidden * element_size * _SAVED_PER_TOKEN_WIDTH
+    kept = tokens * hidden * element_size * _CKPT_PER_TOKEN_WIDTH
+    budget = 0.8 * free_bytes
+    for k in [0] + list(range(blocks, 1, -1)):  # no checkpointing first, then ever denser
+        n_ckpt = 0 if k == 0 else len(range(0, blocks, k))
+        if (blocks - n_ckpt) * full + n_ckpt * kept <= budget:
+            return k
+    return 1
 
 
 class _Progress:
@@ -116,6 +153,26 @@ def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops,
         return _train(model, vae, prior, crops, positive, settings, node_id)
 
 
+def _plan_checkpointing(model: Any, settings: TrainSettings, images: list, cond: ComfyFluxCond) -> int:
+    """``checkpoint_plan`` for this run: the largest crop's tokens, the card's free memory."""
+    dm = model.model.diffusion_model
+    tokens = max(im.size[0] * im.size[1] for im in images) // 256 + cond.context.shape[1]  # 16 px per token
+    dev = model.load_device
+    free = None
+    if torch.device(dev).type != "cpu":
+        free = int(comfy.model_management.get_free_memory(dev))
+        if not model.loaded_size():  # the weights still have to come onto the card
+            free -= int(model.model_size())
+    hidden = int(dm.params.hidden_size)
+    plan = checkpoint_plan(settings.memory, settings.gradient_checkpointing,
+                           blocks=len(dm.double_blocks) + len(dm.single_blocks), tokens=tokens, hidden=hidden,
+                           element_size=torch.finfo(model.model.get_dtype_inference()).bits // 8,
+                           free_bytes=free)
+    log.info("Stage-2 memory %s: checkpointing %s", settings.memory,
+             {0: "off", 1: "every block"}.get(plan, f"every {plan}th block"))
+    return plan
+
+
 def _cached(cache_dir: str, key: str) -> TrainedLoRA | None:
     hit = load_cached_adapters(cache_dir, key)
     if hit is None:
@@ -136,10 +193,12 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     if used is not crops:
         send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
                   f"(Face Augment made them at {crops.resolution})", node_id)
-    host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=settings.gradient_checkpointing)
+    cond = ComfyFluxCond.from_conditioning(positive)
+    every = _plan_checkpointing(model, settings, used.images, cond)
+    host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=every > 0, checkpoint_every=max(every, 1))
     if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
         validate_prior(prior, host.dims)
-    plan = plan_stage2(host, used, ComfyFluxCond.from_conditioning(positive), prior, settings.config)
+    plan = plan_stage2(host, used, cond, prior, settings.config)
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
         hit = _cached(cache_dir, key)
@@ -150,7 +209,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
         comfy.model_management.soft_empty_cache()
-        tips = [] if settings.gradient_checkpointing else ["turn on gradient_checkpointing"]
+        tips = [] if every == 1 else ["turn on gradient_checkpointing"]
         tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
         tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "

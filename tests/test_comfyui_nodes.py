@@ -141,7 +141,8 @@ def test_pack_loads_and_nodes_are_listed(env):
     train = env.nodes.NODE_CLASS_MAPPINGS["MetaLoRATrain"].GET_NODE_INFO_V1()["input"]
     assert set(train["required"]) == {"model", "vae", "crops", "positive", "steps", "rank", "learning_rate", "seed",
                                       "resolution", "gradient_checkpointing", "preview_every", "force_retrain"}
-    assert set(train["optional"]) == {"prior"}
+    assert set(train["optional"]) == {"prior", "memory"}
+    assert train["optional"]["memory"][1]["default"] == "auto"
     assert train["required"]["steps"][1]["default"] == 375 and train["required"]["rank"][1]["default"] == 1
     assert "meta_lora" in env.folder_paths.folder_names_and_paths
 

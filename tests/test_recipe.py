@@ -22,7 +22,7 @@ from metalora_core.train.stage2 import Stage2Config
 
 # another valid value for every Stage2Config field
 CHANGED = {"steps": 7, "lr": 1e-3, "weight_decay": 0.01, "rank": 2, "seed": 1, "sigma_mode": "uniform",
-           "resolution_shift": True, "max_grad_norm": 0.5, "batch_size": 2, "preset": "attn"}
+           "resolution_shift": True, "max_grad_norm": 0.5, "batch_size": 2, "preset": "attn", "noise_device": "cpu", "sync_every": 1}
 
 
 @pytest.fixture(scope="module")

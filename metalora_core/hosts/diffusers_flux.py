@@ -95,16 +95,55 @@ class DiffusersFluxHost:
         transformer: a ``FluxTransformer2DModel`` (frozen here).
         vae: the FLUX VAE that ``encode_images`` uses (None: a host that only trains on latents).
         gradient_checkpointing: recompute block activations in backward to save memory.
+        checkpoint_every: with checkpointing on, recompute only every k-th block (counting
+            double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
+        compile_blocks: ``torch.compile`` each transformer block while training (off by default).
 
     The distilled-guidance input comes from the conditioning (``FluxTextCond.guidance``).
     """
 
     def __init__(self, transformer: torch.nn.Module, *, vae: torch.nn.Module | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, checkpoint_every: int = 1, compile_blocks: bool = False):
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
         self.transformer = transformer
         self.vae = vae
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.checkpoint_every = int(checkpoint_every)
+        self.compile_blocks = bool(compile_blocks)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
+        self._cond_memo: tuple | None = None  # the conditioning on the device: no copy per step
+        self._ids_memo: dict[tuple, torch.Tensor] = {}
+
+    def _on_device(self, cond: FluxTextCond, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+        src = (cond.pooled, cond.prompt_embeds, cond.text_ids)
+        key = (tuple(id(t) for t in src), tuple(t._version for t in src), dev, dt)
+        memo = self._cond_memo
+        if memo is not None and memo[0] == key:
+            return memo[2]
+        tensors = tuple(t.to(dev, dt) for t in src)
+        self._cond_memo = (key, src, tensors)  # src held: the ids stay theirs while memoised
+        return tensors
+
+    def _image_ids(self, h: int, w: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
+        key = (h, w, dev, dt)
+        if key not in self._ids_memo:
+            self._ids_memo[key] = image_ids(h, w, dev, dt)
+        return self._ids_memo[key]
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def _checkpoint_func(self):
+        """diffusers' checkpoint hook, recomputing only the blocks ``checkpoint_every`` selects."""
+        chosen = {id(b) for i, b in enumerate(self._blocks()) if i % self.checkpoint_every == 0}
+
+        def run(block, *args):
+            if id(block) in chosen:
+                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+            return block(*args)
+
+        return run
 
     @classmethod
     def from_pipeline(cls, pipe: Any, *, gradient_checkpointing: bool = False) -> "DiffusersFluxHost":
@@ -143,10 +182,17 @@ class DiffusersFluxHost:
         flags = [p.requires_grad for p in self.transformer.parameters()]
         self.transformer.requires_grad_(False)
         if self.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            self.transformer.enable_gradient_checkpointing(
+                None if self.checkpoint_every == 1 else self._checkpoint_func())
+        if self.compile_blocks:
+            for b in self._blocks():
+                b.compile()
         try:
             yield
         finally:
+            if self.compile_blocks:
+                for b in self._blocks():
+                    b._compiled_call_impl = None  # back to the eager forward
             if self.gradient_checkpointing:
                 self.transformer.disable_gradient_checkpointing()
             for p, f in zip(self.transformer.parameters(), flags):
@@ -168,14 +214,15 @@ class DiffusersFluxHost:
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), cond.guidance, device=dev, dtype=torch.float32)
+        pooled, embeds, text_ids = self._on_device(cond, dev, dt)
         out = self.transformer(
             hidden_states=pack_latents(x_t).to(dev, dt),
             timestep=sigma.to(dev, dt),
             guidance=guidance,
-            pooled_projections=cond.pooled.to(dev, dt).expand(b, -1),
-            encoder_hidden_states=cond.prompt_embeds.to(dev, dt).expand(b, -1, -1),
-            txt_ids=cond.text_ids.to(dev, dt),
-            img_ids=image_ids(h, w, dev, dt),
+            pooled_projections=pooled.expand(b, -1),
+            encoder_hidden_states=embeds.expand(b, -1, -1),
+            txt_ids=text_ids,
+            img_ids=self._image_ids(h, w, dev, dt),
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
@@ -246,3 +293,26 @@ def load_flux_pipeline(model: str | os.PathLike, *, dtype: str = "bfloat16", dev
             local_files_only=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return FluxPipeline.from_pretrained(str(model), torch_dtype=torch_dtype, local_files_only=True, **kw).to(device)
+
+
+@contextlib.contextmanager
+def encoders_off_device(pipe, device: torch.device) -> Iterator[None]:
+    """Moves the VAE and text encoders that sit on ``device`` to the CPU while training.
+
+    Their outputs are cached before training starts; on an accelerator they would only hold
+    memory the training step can use. They go back to ``device`` afterwards. Modules already
+    elsewhere (CPU offload hooks) are left alone.
+    """
+    moved = []
+    if torch.device(device).type != "cpu":
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            p = next(m.parameters(), None) if m is not None else None
+            if p is not None and p.device == torch.device(device):
+                m.to("cpu")
+                moved.append(m)
+    try:
+        yield
+    finally:
+        for m in moved:
+            m.to(device)

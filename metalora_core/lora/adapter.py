@@ -24,6 +24,51 @@ def _kaiming_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return t
 
 
+class _DownProject(torch.autograd.Function):
+    """``x @ Down^T`` for a trainable Down that keeps ``x`` in its own dtype for backward.
+
+    Plain autograd would keep the float32 cast of ``x`` (twice the bytes of a bf16 input); the
+    cast is redone in backward instead. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, down)
+        return F.linear(x.to(down.dtype), down)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, down = ctx.saved_tensors
+        gx = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = (grad @ down).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gd = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(down.dtype)
+        return gx, gd
+
+
+def down_project(x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``x @ down^T`` in down's dtype; saves for backward only what the gradients need.
+
+    Frozen ``down``: nothing of ``x`` (autograd keeps ``down`` for the input gradient).
+    Trainable ``down`` (Stage-1, plain LoRA): ``x`` in its own dtype (see ``_DownProject``).
+    """
+    if down.requires_grad and torch.is_grad_enabled():
+        return _DownProject.apply(x, down)
+    return F.linear(x.to(down.dtype), down)
+
+
+def add_low_rank(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``base + h @ b^T`` out of place in base's dtype, the add fused into one addmm.
+
+    base: (..., out); h: (..., r) low-rank hidden (any float dtype); b: (out, r).
+    """
+    flat = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]).to(base.dtype),
+                       b.to(base.dtype).T)
+    return flat.view(base.shape)
+
+
 class LoRAAdapter(nn.Module):
     """One layer's adapter in bypass form.
 
@@ -73,17 +118,35 @@ class LoRAAdapter(nn.Module):
         a = self.down if self.mid is None else self.mid @ self.down  # (r2, in): cheaper than two passes
         return a, self.up * self.scale  # scale on the (out, r) matrix, not on every token
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Down^T`` in Down's dtype (float32): (..., in) -> (..., r1) (plain mode: (..., r)).
+
+        A frozen Down keeps nothing of ``x`` for backward (the input gradient needs Down only);
+        a trainable Down keeps ``x`` in its own dtype, not a float32 copy of it.
+        """
+        return down_project(x, self.down)
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``Mid(Down(x))``, the r2-wide hidden of the three-factor form (plain mode: ``Down(x)``).
+
+        Three factors, not ``x @ (Mid @ Down)^T``: autograd then keeps the r1-wide ``x @ Down^T``
+        for Mid's gradient instead of the whole input.
+        """
+        u = self.project(x)
+        return u if self.mid is None else F.linear(u, self.mid)
+
+    def up_factor(self) -> torch.Tensor:
+        """``scale * Up`` (out, r); no multiply when the scale is 1."""
+        return self.up if self.scale == 1.0 else self.up * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the delta only. x: (..., in) -> (..., out)."""
-        a, b = self.lora_factors()
-        return F.linear(F.linear(x.to(a.dtype), a), b)
+        return F.linear(self.low_rank(x), self.up_factor())
 
     def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``base + delta(x)`` out of place, the add fused into the Up matmul (one pass over base)."""
-        a, b = self.lora_factors()
-        h = F.linear(x.to(a.dtype), a).to(base.dtype)  # (..., r)
-        flat = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.to(base.dtype).T)
-        return flat.view(base.shape)
+        h = self.low_rank(x)  # (..., r) float32
+        return add_low_rank(base, h, self.up_factor())
 
 
 def _key(name: str) -> str:
@@ -178,15 +241,46 @@ class AdapterSet(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+class SharedCast:
+    """One dtype cast per input tensor shared by several adapted Linears (q, k and v read the same x).
+
+    Holds the last input and its cast; a different tensor (or an in-place change) replaces them.
+    """
+
+    def __init__(self) -> None:
+        self._src: torch.Tensor | None = None
+        self._version = -1
+        self._out: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        if torch.compiler.is_compiling():  # a compiled graph shares the cast itself; no Python state
+            return x.to(dtype)
+        out = self._out
+        if (out is not None and self._src is x and self._version == x._version and out.dtype == dtype
+                and (out.grad_fn is not None) == (torch.is_grad_enabled() and x.requires_grad)):
+            return out
+        out = x.to(dtype)
+        self._src, self._version, self._out = x, x._version, out
+        return out
+
+    def clear(self) -> None:
+        self._src = self._out = None
+
+
 class AttachHandle:
     """Removes attached adapters; usable as a context manager."""
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], cast: SharedCast | None = None) -> None:
         self._handles = handles
+        self._cast = cast
 
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        if self._cast is not None:
+            self._cast.clear()
 
     def __enter__(self) -> "AttachHandle":
         return self
@@ -195,10 +289,13 @@ class AttachHandle:
         self.remove()
 
 
-def _bypass_hook(adapter: LoRAAdapter):
+def _bypass_hook(adapter: LoRAAdapter, cast: SharedCast):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         # Out-of-place: base weights and base output tensors are never modified.
-        return adapter.add_to(output, args[0])
+        x = args[0]
+        if isinstance(adapter, LoRAAdapter) and not adapter.down.requires_grad:
+            x = cast(x, adapter.down.dtype)  # frozen Down: the cast is not kept for backward, so share it
+        return adapter.add_to(output, x)
 
     return hook
 
@@ -214,6 +311,7 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
             of the adapter's shape.
     """
     handles = []
+    cast = SharedCast()
     try:
         for name, adapter in adapters.items():
             try:
@@ -229,9 +327,9 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
                     f"layer {name!r}: model has {type(mod).__name__} {got}, adapter expects Linear "
                     f"({adapter.in_features}, {adapter.out_features})"
                 )
-            handles.append(mod.register_forward_hook(_bypass_hook(adapter)))
+            handles.append(mod.register_forward_hook(_bypass_hook(adapter, cast)))
     except Exception:
         for h in handles:
             h.remove()
         raise
-    return AttachHandle(handles)
+    return AttachHandle(handles, cast)

@@ -38,17 +38,18 @@ def sample_sigmas(
 
     Args:
         batch: number of sigmas.
-        generator: CPU generator (results do not depend on the training device).
+        generator: the generator to draw from; the sigmas are made on its device.
         mode: "uniform" or "logit_normal" (sigmoid of a normal, as SD3/FLUX trainers use).
         shift: optional resolution shift (see ``resolution_shift``).
 
     Returns:
-        (batch,) float32 tensor on the CPU.
+        (batch,) float32 tensor on the generator's device.
     """
+    dev = generator.device
     if mode == "uniform":
-        s = torch.rand(batch, generator=generator)
+        s = torch.rand(batch, generator=generator, device=dev)
     elif mode == "logit_normal":
-        s = torch.sigmoid(torch.randn(batch, generator=generator) * std + mean)
+        s = torch.sigmoid(torch.randn(batch, generator=generator, device=dev) * std + mean)
     else:
         raise ValueError(f"unknown sigma sampling mode {mode!r}; choose one of {SIGMA_MODES}")
     if shift is not None:

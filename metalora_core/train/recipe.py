@@ -192,6 +192,8 @@ class Provenance:
     resolution_shift: bool
     max_grad_norm: float
     batch_size: int
+    noise_device: str
+    sync_every: int
     prior_sha256: str  # ``Prior.sha256`` (content hash of the Down matrices); "" for plain LoRA
     images_sha256: str  # ``formats.store.image_digest`` of the training pixels, in order
     images: int  # number of training images

@@ -45,6 +45,14 @@ class Stage2Config:
     resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     batch_size: int = 1  # the paper trains Stage-2 at batch 1
+    # Where noise and sigmas are drawn: "cpu" draws them from the seeded CPU generator and copies
+    # them (the same stream on every device: a CUDA run repeats a CPU run's draws); "device" uses
+    # a generator on the training device seeded with ``seed`` (no copy per step; repeatable on
+    # the same device type, a different stream from the CPU's). On a CPU host both are the same.
+    noise_device: str = "device"
+    # Read the loss back from the device (and check it for NaN) every this many steps; the steps
+    # in between do not wait for the device. The callback still runs every step.
+    sync_every: int = 10
     preset: str = DEFAULT_PRESET  # target layers of a plain LoRA; a prior's own preset wins over it
 
     def __post_init__(self) -> None:
@@ -58,6 +66,10 @@ class Stage2Config:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} unknown; choose one of {SIGMA_MODES}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.noise_device not in ("device", "cpu"):
+            raise ValueError(f"noise_device must be 'device' or 'cpu', got {self.noise_device!r}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0")
         if self.preset not in PRESETS:
@@ -101,14 +113,20 @@ def flow_step_loss(
     *,
     sigma_mode: str,
     use_shift: bool,
+    noise_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The rectified-flow loss of one batch of same-size latents (B, C, h, w)."""
-    x0 = torch.stack(list(latents)).float()  # (B, C, h, w)
-    noise = torch.randn(x0.shape, generator=generator)
-    shift = resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if use_shift else None
-    sigma = sample_sigmas(x0.shape[0], generator=generator, mode=sigma_mode, shift=shift)
+    """The rectified-flow loss of one batch of same-size latents (B, C, h, w).
+
+    Noise and sigmas come from ``noise_generator`` (made on its device) or, when None, from
+    ``generator`` on the CPU and are copied to the host's device.
+    """
     dev = host.device
-    x0, noise, sigma = x0.to(dev), noise.to(dev), sigma.to(dev)
+    x0 = torch.stack(list(latents)).to(dev, torch.float32)  # (B, C, h, w); a no-op copy when already there
+    gen = generator if noise_generator is None else noise_generator
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+    shift = resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if use_shift else None
+    sigma = sample_sigmas(x0.shape[0], generator=gen, mode=sigma_mode, shift=shift)
+    noise, sigma = noise.to(dev), sigma.to(dev)
     pred = host.predict(add_noise(x0, noise, sigma), sigma, cond)
     return flow_loss(pred, velocity_target(x0, noise))
 
@@ -124,6 +142,22 @@ def _batches(latents: Sequence[Latent], order: DataOrder, batch_size: int) -> li
         for j in torch.randperm(len(same), generator=order.generator).tolist()[: batch_size - 1]:
             picked.append(same[j])
     return [pick_orientation(latents[i], order.generator)[0] for i in picked]
+
+
+def _read_back(pending: list[torch.Tensor], step: int, losses: list[float], config: Stage2Config) -> float:
+    """Moves the pending device losses into ``losses`` (one copy); raises at the first NaN/inf."""
+    values = torch.stack(pending).float().cpu().tolist()
+    first = step - len(values) + 1
+    pending.clear()
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            losses.extend(values[:i])
+            raise RuntimeError(
+                f"Stage-2 loss became {v} at step {first + i}; lower the learning rate "
+                f"(now {config.lr}) or check the model precision (fp16 overflows: use bf16 or fp32)"
+            )
+    losses.extend(values)
+    return values[-1]
 
 
 def personalize(
@@ -144,7 +178,9 @@ def personalize(
         cond: the host's cached conditioning of the caption.
         config: steps, lr, seed, ...
         callback: called after every step with (step, loss); raising from it cancels
-            the run (the adapters are left as trained so far, the host is cleaned up).
+            the run (the adapters are left as trained so far, the host is cleaned up). ``loss``
+            is the latest value read back from the device: exact on the steps that read it
+            (step 1, then every ``config.sync_every`` steps, and the last), the one before otherwise.
 
     Returns:
         TrainResult with the trained adapters (on the CPU, float32) and per-step losses.
@@ -157,36 +193,45 @@ def personalize(
     params = adapters.trainable_parameters()
     if not params:
         raise ValueError("the adapters have no trainable parameters")
-    gen = torch.Generator().manual_seed(config.seed)
+    dev = torch.device(host.device)
+    gen = torch.Generator().manual_seed(config.seed)  # data order (and noise with noise_device="cpu")
+    noise_gen = None
+    if config.noise_device == "device" and dev.type != "cpu":
+        noise_gen = torch.Generator(device=dev).manual_seed(config.seed)
     order = DataOrder(len(latents), gen)
-    adapters.to(host.device)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # the crops live on the device for the whole run, in float32: the loss target noise - x0 is
+    # float32 (the model input is cast to the compute dtype inside the host)
+    on_device = [tuple(t.detach().to(dev, torch.float32) for t in z) if isinstance(z, tuple)
+                 else z.detach().to(dev, torch.float32) for z in latents]
+    adapters.to(dev)
+    fused = dev.type == "cuda"  # one kernel per step for the whole update; CPU keeps the reference loop
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {}))
     result = TrainResult(adapters=adapters)
+    pending: list[torch.Tensor] = []  # losses of the steps since the last read-back, on the device
+    last = float("nan")
     t0 = time.perf_counter()
     handle = host.attach(adapters)
     try:
         with host.training(), torch.enable_grad():
             for step in range(1, config.steps + 1):
-                batch = _batches(latents, order, config.batch_size)
+                batch = _batches(on_device, order, config.batch_size)
                 loss = flow_step_loss(host, batch, cond, gen, sigma_mode=config.sigma_mode,
-                                      use_shift=config.resolution_shift)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise RuntimeError(
-                        f"Stage-2 loss became {value} at step {step}; lower the learning rate "
-                        f"(now {config.lr}) or check the model precision (fp16 overflows: use bf16 or fp32)"
-                    )
+                                      use_shift=config.resolution_shift, noise_generator=noise_gen)
+                pending.append(loss.detach())
+                if (step - 1) % config.sync_every == 0 or step == config.steps:
+                    last = _read_back(pending, step, result.losses, config)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
-                result.losses.append(value)
                 if callback is not None:
-                    callback(step, value)
+                    callback(step, last)
     finally:
         handle.remove()
         result.seconds = time.perf_counter() - t0
+        if pending:  # cancelled between read-backs: keep the losses of the steps that ran
+            result.losses.extend(float(v) for v in torch.stack(pending).float().cpu().tolist())
         adapters.to("cpu")
         opt.zero_grad(set_to_none=True)
     log.info("Stage-2: %d steps in %.1fs, loss %.4f -> %.4f", len(result.losses), result.seconds,
