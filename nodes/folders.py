@@ -38,10 +38,8 @@ def folder_list(name: str) -> list[str]:
 
 
 def cache_folder() -> str:
-    """First registered cache folder (created on demand)."""
-    path = folder_list(CACHE_FOLDER)[0]
-    os.makedirs(path, exist_ok=True)
-    return path
+    """First registered cache folder (its first write creates it)."""
+    return folder_list(CACHE_FOLDER)[0]
 
 
 def prior_names() -> list[str]:

@@ -21,6 +21,7 @@ import folder_paths
 
 from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.formats.lora import lora_state_dict
+from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
@@ -205,6 +206,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         if hit is not None:
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit
+    check_output_folders(cache_dir)
     try:
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
@@ -217,6 +219,13 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     store_cached_adapters(cache_dir, key, run.adapters, losses=",".join(f"{x:.6g}" for x in run.losses),
                           **run.metadata())
     return TrainedLoRA(run.adapters, run.losses, run.provenance)
+
+
+def check_output_folders(cache_dir: str) -> None:
+    """Refuses to train when its result could not be kept: the training cache folder or the loras
+    folder (where Meta-LoRA Save writes) is not a writable folder. Checked before training, not after."""
+    check_output_folder(cache_dir, what="the Meta-LoRA training cache folder (models/meta_lora/cache)")
+    check_output_folder(lora_folder(), what="ComfyUI's loras folder (where Meta-LoRA Save writes)")
 
 
 def loss_plot(losses: list[float]) -> torch.Tensor:

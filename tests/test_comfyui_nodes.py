@@ -435,3 +435,25 @@ def test_train_validates_the_prior_before_encoding_and_names_the_file(env, loade
     settings = training.TrainSettings(stage2_config(steps=2), resolution=64, preview_every=0, force_retrain=True)
     with torch.inference_mode(), pytest.raises(ValueError, match=rf"prior {path}: layer .*another model width"):
         training.train_meta_lora(model, None, prior, crops, cond, settings)
+
+
+@pytest.mark.parametrize("folder", ["loras", "meta_lora_cache"])
+def test_train_refuses_before_training_when_its_result_could_not_be_kept(env, loaded, tmp_path, folder):
+    """The loras folder (Meta-LoRA Save) and the training cache are checked before training: a folder
+    path under a regular file fails at once (vae=None: any encode would be an AttributeError, and no
+    step runs), with a message naming the folder, and the caller's MODEL stays clean."""
+    model, _, crops, cond = loaded
+    training, fp = pack("nodes.training"), env.folder_paths
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = str(blocker / folder)
+    paths, exts = fp.folder_names_and_paths[folder]
+    fp.folder_names_and_paths[folder] = ([bad, *paths], exts)
+    settings = training.TrainSettings(stage2_config(steps=2), resolution=64, preview_every=0, force_retrain=True)
+    what = "loras folder" if folder == "loras" else "training cache folder"
+    try:
+        with torch.inference_mode(), pytest.raises(ValueError, match=rf"{what} .*{blocker} is a file, not a folder"):
+            training.train_meta_lora(model, None, None, crops, cond, settings)
+    finally:
+        fp.folder_names_and_paths[folder] = (paths, exts)
+    assert model.patches == {}
