@@ -228,6 +228,12 @@ class DiffusersFluxHost:
         return unpack_latents(out, h, w)
 
 
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB (the inverse of ``pil_to_tensor``)."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0

@@ -92,7 +92,7 @@ class Artefacts:
 
     @property
     def host(self) -> DiffusersFluxHost:
-        return DiffusersFluxHost(self.transformer)
+        return DiffusersFluxHost(self.transformer, vae=self.vae)
 
     def cond(self, context: str | None) -> Any:
         return encode_text(context_prompt(context, CLASS_NOUN), self.model_config.text_dim)

@@ -16,15 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..formats.files import atomic_save_png, atomic_write_bytes, sha256_tensors
+from ..formats.files import atomic_save_png, atomic_write_bytes
 from ..formats.lora import save_lora
 from ..draw.charts import line_plot
-from ..train.recipe import build_adapters
-from ..train.stage2 import Stage2Config, personalize
+from ..train.recipe import run_stage2
+from ..train.stage2 import Stage2Config
 from .artefacts import load_artefacts
 from .experiment import ReproConfig, generate, held_out, training_images
 from .judge import context_score, identity_similarity
-from .models import encode_crops
 from .render import CONTEXTS
 
 log = logging.getLogger(__name__)
@@ -57,12 +56,10 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     images = training_images(item, "meta_lora", seed)
     atomic_save_png(labelled_sheet([_big(im, tile) for im in images], [f"{im.size[0]}x{im.size[1]}" for im in images],
                                    tile=tile, columns=5), out / "crops.png")
-    adapters = build_adapters(host.dims, arts.prior, rank=1, preset=arts.prior.preset or "all", seed=seed)
-    result = personalize(host, adapters, encode_crops(arts.vae, images), arts.cond(None),
-                         Stage2Config(steps=steps, rank=1, seed=seed))
-    lora_path = save_lora(result.adapters, out / "lora.safetensors", steps=str(steps), prior_sha256=arts.prior.sha256,
-                          caption="a photo of a face", seed=str(seed), domain="synthfaces",
-                          image_sha256=sha256_tensors({"photo": torch.from_numpy(np.asarray(item.photo).copy())}))
+    result = run_stage2(host, images, arts.cond(None), arts.prior,
+                        Stage2Config(steps=steps, rank=1, seed=seed, preset=arts.prior.preset or "all"),
+                        caption="a photo of a face")
+    lora_path = save_lora(result.adapters, out / "lora.safetensors", domain="synthfaces", **result.metadata())
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     contexts = list(CONTEXTS)

@@ -26,11 +26,11 @@ from PIL import Image, ImageDraw
 from ..faces.augment import AugmentConfig, make_crops, whole_photo_crop
 from ..faces.detect import Face
 from ..formats.files import atomic_save_png, atomic_write_bytes
-from ..train.recipe import build_adapters
+from ..train.recipe import plan_stage2, prepare_stage2
 from ..train.stage2 import Stage2Config, personalize
 from .artefacts import CLASS_NOUN, Artefacts
 from .judge import context_score, identity_similarity
-from .models import decode_latents, encode_crops, sample, tensor_to_pil
+from .models import decode_latents, sample, tensor_to_pil
 from .render import CONTEXTS, HELDOUT_OFFSET, Identity, context_prompt, face_box, make_identity, random_view, render
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,12 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
     host = arts.host
     prior = arts.prior if method == "meta_lora" else None
     images = training_images(item, method, seed)
-    latents = encode_crops(arts.vae, images)
     cond = arts.cond(None)  # the class caption only, as the paper trains (no context, no trigger word)
-    adapters = build_adapters(host.dims, prior, rank=config.r2, preset=arts.prior.preset or "all", seed=seed)
+    s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, rank=config.r2, seed=seed,
+                      preset=arts.prior.preset or "all")
+    # the recipe's adapters and items (both orientations of every image), trained by the recipe's
+    # trainer; only the per-checkpoint snapshots below are this experiment's own
+    adapters, latents = prepare_stage2(host, plan_stage2(host, images, cond, prior, s2))
     snaps: dict[int, dict[str, torch.Tensor]] = {}
     marks = set(config.checkpoints)
 
@@ -157,7 +160,6 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
         if step in marks:
             snaps[step] = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
 
-    s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, rank=config.r2, seed=seed)
     result = personalize(host, adapters, latents, cond, s2, keep)
     scores, kept = {}, {}
     for step in config.checkpoints:

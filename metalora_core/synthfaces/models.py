@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hosts.diffusers_flux import FluxTextCond, DiffusersFluxHost, encode_images, pil_to_tensor
+from ..hosts.diffusers_flux import FluxTextCond, DiffusersFluxHost, encode_images, pil_to_tensor, tensor_to_pil
 from ..lora.flow import add_noise, flow_loss, sample_sigmas, velocity_target
 
 log = logging.getLogger(__name__)
@@ -214,14 +214,4 @@ def sample(host: DiffusersFluxHost, cond: FluxTextCond, *, n: int, generator: to
     return x
 
 
-def tensor_to_pil(x: torch.Tensor):
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    from PIL import Image
 
-    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a)
-
-
-def encode_crops(vae, images) -> list[torch.Tensor]:
-    """The project's own Stage-2 encoder (posterior mean, shift, scale), one image at a time."""
-    return encode_images(vae, images)

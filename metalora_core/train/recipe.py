@@ -298,6 +298,22 @@ def plan_stage2(host: FlowHost, images: FaceCrops | Sequence[Image.Image], cond:
     return Stage2Plan(images=pics, cond=cond, prior=prior, config=config, provenance=prov)
 
 
+def prepare_stage2(host: FlowHost, plan: Stage2Plan, *, prior_source: str = "prior") -> tuple[AdapterSet, list]:
+    """The untrained adapters of a plan and its training items, ready for ``personalize``.
+
+    Returns:
+        (adapters, items): adapters on the prior (or plain LoRA), and one (plain, mirrored) latent
+        pair per image: Stage-2 draws one orientation per step (paper Sec. 3, random flips).
+
+    Raises:
+        ValueError: the prior does not fit the host's model (naming ``prior_source``).
+    """
+    config = plan.config
+    adapters = build_adapters(host.dims, plan.prior, rank=config.rank, preset=config.preset, seed=config.seed,
+                              source=prior_source)
+    return adapters, encode_flip_pairs(host.encode_images, plan.images)
+
+
 def execute_stage2(host: FlowHost, plan: Stage2Plan, callback: StepCallback | None = None, *,
                    prior_source: str = "prior") -> Stage2Run:
     """Encodes the plan's images with the host, builds the adapters and trains them (Algorithm 2).
@@ -306,12 +322,8 @@ def execute_stage2(host: FlowHost, plan: Stage2Plan, callback: StepCallback | No
         ValueError: the prior does not fit the host's model (naming ``prior_source``).
         RuntimeError: the loss became NaN or inf.
     """
-    config = plan.config
-    adapters = build_adapters(host.dims, plan.prior, rank=config.rank, preset=config.preset, seed=config.seed,
-                              source=prior_source)
-    # both orientations of every crop: Stage-2 draws one per step (paper Sec. 3, random flips)
-    latents = encode_flip_pairs(host.encode_images, plan.images)
-    result = personalize(host, adapters, latents, plan.cond, config, callback)
+    adapters, latents = prepare_stage2(host, plan, prior_source=prior_source)
+    result = personalize(host, adapters, latents, plan.cond, plan.config, callback)
     return Stage2Run(adapters=result.adapters, losses=result.losses, provenance=plan.provenance,
                      seconds=result.seconds)
 
