@@ -632,3 +632,26 @@ def random_meta_adapters(pack_module, dims, preset: str, seed: int = 0):
         for _, a in ad.items():
             a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)
     return ad
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # the pack's root folder
+
+
+def pack(module: str) -> types.ModuleType:
+    """A module of the pack as ComfyUI imported it (package name = the pack's path)."""
+    import importlib
+
+    return importlib.import_module(f"{REPO}.{module}")
+
+
+def pack_env(base: pathlib.Path, *, photo: pathlib.Path | None = None, seed: int = 0) -> ComfyInProcess:
+    """Tiny FLUX model files in ``base/models``, ComfyUI loaded in process with the pack, and
+    ``photo`` (if given) as ``input/obama.jpg``; ``state.names`` are the model file names."""
+    import shutil
+
+    names = write_tiny_flux_models(base / "models", seed=seed)
+    state = load_comfy_in_process(base, custom_node_paths=[REPO])
+    if photo is not None:
+        shutil.copy(photo, base / "input" / "obama.jpg")
+    state.names = names
+    return state

@@ -9,22 +9,15 @@ Needs ``COMFYUI_PATH``.
 from __future__ import annotations
 
 import copy
-import importlib
-import pathlib
 
 import pytest
 import torch
 
-from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, random_meta_adapters,
+from comfy_fixtures import (REPO, SKIP_REASON, comfyui_path, load_comfy_in_process, pack, random_meta_adapters,
                             write_tiny_flux_models)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
-
-
-def pack(module: str):
-    return importlib.import_module(f"{REPO}.{module}")
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,21 @@ from __future__ import annotations
 import pathlib
 import random
 import shutil
-import sys
 
 import pytest
 import torch
 
-from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, new_executor, object_info,
-                            run_prompt, write_tiny_flux_models)
+from comfy_fixtures import (SKIP_REASON, comfyui_path, new_executor, object_info, pack, pack_env,
+                            run_prompt)
 from hub_server import LoopbackHub
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
 
 
-def pack(module: str):
-    return sys.modules[f"{REPO}.{module}"]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, sample):
-    base = tmp_path_factory.mktemp("comfy_native")
-    names = write_tiny_flux_models(base / "models", seed=0)
-    state = load_comfy_in_process(base, custom_node_paths=[REPO])
-    shutil.copy(sample("obama"), base / "input" / "obama.jpg")
-    state.names = names
-    return state
+    return pack_env(tmp_path_factory.mktemp("comfy_native"), photo=sample("obama"))
 
 
 def base_graph(env, *, train_seed: int = 0, augment_seed: int = 0, steps: int = 2) -> dict:

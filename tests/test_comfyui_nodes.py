@@ -7,27 +7,19 @@ from __future__ import annotations
 
 import math
 import pathlib
-import shutil
-import sys
 import time
 
 import pytest
 import torch
 
-from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, new_executor, output_files,
-                            random_meta_adapters, run_prompt, write_tiny_flux_models)
+from comfy_fixtures import (REPO, SKIP_REASON, comfyui_path, new_executor, output_files, pack, pack_env,
+                            random_meta_adapters, run_prompt)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
 
 NODE_IDS = ["MetaLoRAPriorLoader", "MetaLoRAFaceAugment", "MetaLoRATrain", "MetaLoRAApply", "MetaLoRASave"]
 TRAIN_CAPTION = "a photo of a man"
-
-
-def pack(module: str):
-    """A module of the pack as ComfyUI imported it (package name = the pack's path)."""
-    return sys.modules[f"{REPO}.{module}"]
 
 
 def stage2_config(**kw):
@@ -37,12 +29,7 @@ def stage2_config(**kw):
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory, sample):
-    base = tmp_path_factory.mktemp("comfy_base")
-    names = write_tiny_flux_models(base / "models", seed=0)
-    state = load_comfy_in_process(base, custom_node_paths=[REPO])
-    shutil.copy(sample("obama"), base / "input" / "obama.jpg")
-    state.names = names
-    return state
+    return pack_env(tmp_path_factory.mktemp("comfy_base"), photo=sample("obama"))
 
 
 @pytest.fixture(scope="session")

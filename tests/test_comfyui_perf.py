@@ -2,31 +2,19 @@
 bytes saved for backward, float8 weights through backward, fused factors once per step."""
 from __future__ import annotations
 
-import importlib
-import pathlib
-import sys
 
 import pytest
 import torch
 
-from comfy_fixtures import SKIP_REASON, comfyui_path, load_comfy_in_process, random_meta_adapters, write_tiny_flux_models
+from comfy_fixtures import SKIP_REASON, comfyui_path, pack, pack_env, random_meta_adapters
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
 
 
-def pack(module: str):
-    return importlib.import_module(f"{REPO}.{module}")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_perf")
-    names = write_tiny_flux_models(base / "models", seed=0)
-    state = load_comfy_in_process(base, custom_node_paths=[REPO])
-    state.names = names
-    return state
+    return pack_env(tmp_path_factory.mktemp("comfy_perf"))
 
 
 @pytest.fixture(scope="module")

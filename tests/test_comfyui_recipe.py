@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, new_executor, random_meta_adapters,
-                            run_prompt, write_tiny_flux_models)
+from comfy_fixtures import (REPO, SKIP_REASON, comfyui_path, load_comfy_in_process, new_executor, pack,
+                            random_meta_adapters, run_prompt, write_tiny_flux_models)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
-
-
-def pack(module: str):
-    """A module of the pack as ComfyUI imported it (package name = the pack's path)."""
-    return sys.modules[f"{REPO}.{module}"]
 
 
 @pytest.fixture(scope="module")
