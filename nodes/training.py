@@ -26,7 +26,8 @@ from ..metalora_core.formats.prior import Prior, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.flow import add_noise
-from ..metalora_core.train.recipe import FaceCrops, Provenance, Stage2Plan, execute_stage2, plan_stage2
+from ..metalora_core.faces.crops import FaceCrops
+from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2, plan_stage2
 from ..metalora_core.train.stage2 import Stage2Config
 from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder

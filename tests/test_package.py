@@ -69,3 +69,35 @@ def test_faces_lazy_exports_all_resolve():
     assert sorted(faces.__all__) == sorted(faces._EXPORTS)
     for name in faces.__all__:
         assert getattr(faces, name) is getattr(importlib.import_module(faces._EXPORTS[name], faces.__name__), name)
+
+
+# The core's layers, lowest first: a package may import only packages of lower layers (or its own).
+CORE_LAYERS = (("lora",), ("formats",), ("draw",), ("faces", "hosts"), ("data",), ("eval", "train"),
+               ("synthfaces",), ("cli",))
+
+
+def _package_imports(package: pathlib.Path) -> set[str]:
+    """The core's other subpackages that the modules of ``package`` import (relative imports)."""
+    core = REPO / "metalora_core"
+    out = set()
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(core).parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = parts[: len(parts) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+                if target and target[0] != package.name:
+                    out.add(target[0])
+    return out
+
+
+def test_core_packages_import_only_lower_layers():
+    """cli -> train -> lora: no package imports one of its own layer or above (so there are no cycles)."""
+    layer = {name: i for i, names in enumerate(CORE_LAYERS) for name in names}
+    core = REPO / "metalora_core"
+    packages = sorted(p for p in core.iterdir() if (p / "__init__.py").is_file())
+    assert {p.name for p in packages} == set(layer), "a core package is missing from CORE_LAYERS"
+    for package in packages:
+        for target in _package_imports(package):
+            if target in layer:  # (top-level modules such as __init__'s __version__ are fine)
+                assert layer[target] < layer[package.name], f"metalora_core.{package.name} imports {target}"

@@ -94,7 +94,7 @@ def test_bad_arguments():
 
 
 def test_cut_again_at_another_resolution_keeps_other_faces_hidden(group):
-    from metalora_core.train.recipe import FaceCrops
+    from metalora_core.faces.crops import FaceCrops
 
     drop, _ = _crops(group, "drop")
     again = drop.at_resolution(96)

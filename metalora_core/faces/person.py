@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .augment import AugmentConfig, Crop, make_crops, whole_photo_crop
-from .detect import Face, get_detector
+from .detect import get_detector
 from .image import contact_sheet, load_image
-from ..train.recipe import FaceCrops
+from .crops import FaceCrops
 
 log = logging.getLogger(__name__)
 
