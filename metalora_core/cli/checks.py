@@ -231,15 +231,21 @@ DEMO_OUTPUTS = ("prior.safetensors", "crops.png", "lora.safetensors", "samples.p
                 "report.json")
 
 
+def check_results_folder(args: argparse.Namespace, names: tuple[str, ...], what: str) -> None:
+    """``--out`` is a folder this command may write its ``names`` into: refuses earlier results there
+    unless ``--overwrite``, and removes stale temp files of those names."""
+    out = check_output_folder(args.out)
+    used = used_by(out, names)
+    if used and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"--out {out} already holds {what} ({', '.join(used)}); pass --overwrite to "
+                              "replace them, or choose another folder")
+    for name in names:
+        remove_stale_temps(out / name)
+
+
 def check_demo(args: argparse.Namespace) -> None:
     check_positive_int("--steps", args.steps)
-    out = check_output_folder(args.out)
-    used = used_by(out, DEMO_OUTPUTS)
-    if used and not getattr(args, "overwrite", False):
-        raise FileExistsError(f"--out {out} already holds demo outputs ({', '.join(used)}); pass --overwrite to "
-                              "replace them, or choose another folder")
-    for name in DEMO_OUTPUTS:
-        remove_stale_temps(out / name)
+    check_results_folder(args, DEMO_OUTPUTS, "demo outputs")
 
 
 EVAL_OUTPUTS = ("scores.csv", "summary.json", "scatter.png")
@@ -247,10 +253,4 @@ EVAL_OUTPUTS = ("scores.csv", "summary.json", "scatter.png")
 
 def check_eval(args: argparse.Namespace) -> None:
     check_device(getattr(args, "device", None))
-    out = check_output_folder(args.out)
-    used = used_by(out, EVAL_OUTPUTS)
-    if used and not getattr(args, "overwrite", False):
-        raise FileExistsError(f"--out {out} already holds eval results ({', '.join(used)}); pass --overwrite to "
-                              "replace them, or choose another folder")
-    for name in EVAL_OUTPUTS:
-        remove_stale_temps(out / name)
+    check_results_folder(args, EVAL_OUTPUTS, "eval results")
