@@ -11,7 +11,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..metalora_core.draw.eval_figures import draw_score_grid
+from ..metalora_core.draw.sheets import labelled_sheet
 from ..metalora_core.eval.metrics import CLIP_T_MODEL_HINT, MISSING_FACE_POLICIES, clip_t, face_sim, r_face_sim
 from ..metalora_core.faces import DETECTOR_NAMES, EMBEDDER_NAMES, get_detector, get_embedder
 from ..metalora_core.draw.sheets import draw_labelled_grid
@@ -74,7 +74,7 @@ class MetaLoRAClipT(io.ComfyNode):
             raise ValueError("prompts is empty; give one prompt per line (or one line for every image)")
         pils = image_to_pils(images)
         result = clip_t(pils, texts, clip_model_path(clip_model))
-        grid = draw_score_grid(pils, result.labels())
+        grid = labelled_sheet(pils, result.labels())
         table = result.table()
         return io.NodeOutput(result.mean, table, pils_to_image([grid]), ui={"text": [table]})
 
@@ -124,7 +124,7 @@ class MetaLoRAFaceSim(io.ComfyNode):
                   + ("" if p.face_sim is None else f" F {p.face_sim:.3f}") for p in res.pairs]
         labels += [f"held-out {t.index}" + ("" if t.faces_found else ": no face") for t in res.test_photos]
         boxes = [p.box for p in res.pairs] + [t.box for t in res.test_photos]
-        grid = draw_score_grid(gens + tests, labels, boxes)
+        grid = labelled_sheet(gens + tests, labels, boxes)
         return io.NodeOutput(_nan(res.score), _nan(res.face_sim), table, pils_to_image([grid]), ui={"text": [table]})
 
 

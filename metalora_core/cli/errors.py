@@ -61,18 +61,14 @@ def run_command(args: argparse.Namespace) -> tuple[int, Any]:
     terminate_on_sigterm()
     try:
         return EXIT_OK, args.func(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         if debug:
             traceback.print_exc()
-        print(f"{name}: interrupted (Ctrl-C); files already finished are complete and nothing half-written "
+        how, code = (("interrupted (Ctrl-C)", EXIT_INTERRUPTED) if isinstance(e, KeyboardInterrupt)
+                     else ("terminated (SIGTERM)", EXIT_TERMINATED))
+        print(f"{name}: {how}; files already finished are complete and nothing half-written "
               f"was left{_RESUME_HINT.get(cmd, '')}", file=sys.stderr)
-        return EXIT_INTERRUPTED, None
-    except Terminated:
-        if debug:
-            traceback.print_exc()
-        print(f"{name}: terminated (SIGTERM); files already finished are complete and nothing half-written "
-              f"was left{_RESUME_HINT.get(cmd, '')}", file=sys.stderr)
-        return EXIT_TERMINATED, None
+        return code, None
     except EXPECTED as e:
         if debug:
             traceback.print_exc()

@@ -8,27 +8,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .sheets import labelled_sheet
-
-Box = tuple[float, float, float, float]
-
 # Colour-blind-safe palette (Okabe-Ito), one colour per series.
 _PALETTE = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0))
-
-
-def draw_score_grid(
-    images: Sequence[Image.Image],
-    labels: Sequence[str],
-    boxes: Sequence[Box | None] | None = None,
-    tile: int = 256,
-    columns: int = 4,
-) -> Image.Image:
-    """The annotated IMAGE of an evaluation: each image with its face box and score label.
-
-    Pair it with a result's ``labels()`` and ``boxes`` (``FaceSimResult``, ``ClipTResult``,
-    ``RFaceSimResult.pairs``); see ``sheets.labelled_sheet`` for the arguments.
-    """
-    return labelled_sheet(images, labels, boxes, tile, columns)
 
 
 @dataclass(frozen=True)
@@ -139,4 +120,4 @@ def draw_scatter(
     return img
 
 
-__all__ = ["ScatterPoint", "draw_scatter", "draw_score_grid"]
+__all__ = ["ScatterPoint", "draw_scatter"]

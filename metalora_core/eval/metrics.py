@@ -138,7 +138,7 @@ class FaceSimResult:
         return _counted_mean([(s, s is None) for s in self.scores], self.missing_face)[1]
 
     def labels(self) -> list[str]:
-        """One short label per generated image, for ``eval_plots.draw_score_grid``."""
+        """One short label per generated image, for ``draw.sheets.labelled_sheet``."""
         return ["no face" if s is None else f"FaceSim {s:.3f}" for s in self.scores]
 
     def table(self) -> str:
@@ -300,7 +300,7 @@ class RFaceSimResult:
         return {k: _counted_mean(v, self.missing_face)[0] for k, v in out.items()}
 
     def labels(self) -> list[str]:
-        """One short label per pair, for ``eval_plots.draw_score_grid``."""
+        """One short label per pair, for ``draw.sheets.labelled_sheet``."""
         out = []
         for p in self.pairs:
             head = f"{p.identity} #{p.prompt_index}"
@@ -577,7 +577,7 @@ class ClipTResult:
     model: str  # CLIP model name (folder name or hub id from its config)
 
     def labels(self) -> list[str]:
-        """One short label per image, for ``eval_plots.draw_score_grid``."""
+        """One short label per image, for ``draw.sheets.labelled_sheet``."""
         return [f"CLIP-T {s:.3f}" for s in self.scores]
 
     def table(self) -> str:
