@@ -144,6 +144,8 @@ def test_configs_refuse_bad_values():
         BuildConfig(base_steps=0)
     with pytest.raises(ValueError, match="context_dropout"):
         BuildConfig(context_dropout=1.0)
+    with pytest.raises(ValueError, match="meta_lr"):
+        BuildConfig(meta_lr=0.0)
     with pytest.raises(ValueError, match="identities"):
         ReproConfig(identities=0)
     with pytest.raises(ValueError, match="r2"):
@@ -183,3 +185,32 @@ def test_demo_without_artefacts_names_the_rebuild_command(tmp_path, capsys):
 
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2", "--artefacts", str(tmp_path / "none")]) == 2
     assert "build_artefacts.py" in capsys.readouterr().err
+
+
+def test_calibration_smoke_chooses_a_rate_on_identities_the_comparison_never_scores(tmp_path, capsys):
+    from metalora_core.synthfaces.experiment import SMOKE_CALIBRATION
+
+    out = tmp_path / "cal"
+    assert _load_script("calibrate").main(["--out", str(out), "--smoke"]) == 0
+    res = json.loads((out / "calibration.json").read_text())
+    assert res["chosen_lr"] in res["lrs"] == [float(x) for x in SMOKE_CALIBRATION["lrs"]]
+    last = str(res["config"]["checkpoints"][-1])
+    best = max(res["lrs"], key=lambda lr: res["table"][repr(lr)][last]["photo"]["mean"])
+    assert res["chosen_lr"] == best
+    scored = {x.identity.index for s in range(3) for x in held_out(ReproConfig(seed=s, identities=8))}
+    assert res["identities"] and scored.isdisjoint(res["identities"])
+    assert f"lr = {res['chosen_lr']:g}" in (out / "table.md").read_text() and "chosen lr" in capsys.readouterr().out
+
+
+def test_committed_artefacts_and_calibration_use_the_domains_one_learning_rate():
+    from metalora_core.synthfaces.artefacts import DOMAIN_LR
+
+    from metalora_core.synthfaces.artefacts import BuildConfig
+
+    manifest = json.loads((ROOT / "experiments" / "artefacts" / "manifest.json").read_text())
+    assert BuildConfig().meta_lr == DOMAIN_LR == ReproConfig().lr
+    assert manifest["build"].get("meta_lr", 4e-4) == DOMAIN_LR  # the committed prior: Stage-1 at MetaTrainConfig's 4e-4
+    cal = json.loads((ROOT / "experiments" / "results" / "calibration" / "calibration.json").read_text())
+    assert cal["label"] == "full" and cal["chosen_lr"] == DOMAIN_LR
+    results = json.loads((ROOT / "experiments" / "results" / "results.json").read_text())
+    assert results["config"]["lr"] == DOMAIN_LR and results["artefacts"]["prior"]["sha256"] == manifest["prior"]["sha256"]

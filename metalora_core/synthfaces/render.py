@@ -30,6 +30,7 @@ SUPERSAMPLE = 4
 BASE_OFFSET = 0
 TRAIN_OFFSET = 10_000_000
 HELDOUT_OFFSET = 20_000_000
+CALIBRATION_OFFSET = 30_000_000  # identities that only choose the learning rate; never scored
 
 
 @dataclass(frozen=True)
