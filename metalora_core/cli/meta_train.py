@@ -2,6 +2,11 @@
 
 ``--tiny`` runs the whole thing on CPU in about a minute on the demo's tiny FLUX; ``make meta-train-tiny``
 gives it a small multi-identity folder of real sample photos (obama x3, biden, astronaut).
+
+Under ``torchrun`` (``torchrun --nproc_per_node 8 -m metalora_core meta-train ...``) every process
+runs this command data-parallel (see ``train.stage1``): each trains on ``cuda:LOCAL_RANK`` (or the
+CPU), rank 0 alone checks the ``--out`` folder, fills the latent cache first, prints the progress
+and log lines and writes the checkpoint, prior, plot and summary.
 """
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, help="q_warm-up (default 1000; --tiny 40)")
     p.add_argument("--identities-per-bucket", type=int,
                    help="N (default auto: each photo of a bucket is used ~10x per bucket visit, paper Sec. 3)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="items per step (default 4, the paper's); under torchrun the global batch, split across "
+                        "the processes (at least one item each)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
@@ -100,8 +107,32 @@ def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     return TINY[key] if tiny else default
 
 
-def run_meta_train(args: argparse.Namespace) -> str:
-    """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary."""
+def run_meta_train(args: argparse.Namespace) -> str | None:
+    """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary.
+
+    Under torchrun: joins the process group (NCCL on CUDA, gloo on the CPU) and trains
+    data-parallel; rank 0 returns the report, the other ranks None.
+    """
+    import logging
+
+    from ..train.distributed import from_env, init_process_group, launch_device
+    from ..train.stage1 import check_world_size
+
+    launch = from_env()
+    if launch is None:
+        return _run(args, None)
+    check_world_size(args.batch_size, launch.world_size)  # before waiting for the other processes
+    if not launch.is_root:  # log lines and progress come from rank 0 only; errors from every rank
+        logging.getLogger().setLevel(logging.ERROR)
+    device = "cpu" if args.tiny else launch_device(launch, args.device)
+    group = init_process_group(launch, device)
+    try:
+        return _run(args, group)
+    finally:
+        group.close()
+
+
+def _run(args: argparse.Namespace, group: Any) -> str | None:
     import torch
 
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
@@ -114,7 +145,11 @@ def run_meta_train(args: argparse.Namespace) -> str:
     from ..train.recipe import class_caption
     from .checks import check_meta_train
 
-    check_meta_train(args)  # --out usable and not silently a previous run's; before any work
+    root = group is None or group.is_root
+    if group is None:
+        check_meta_train(args)  # --out usable and not silently a previous run's; before any work
+    else:  # rank 0's --out is the run's; its refusal stops every rank
+        group.root_only(lambda: check_meta_train(args))
     tiny = bool(args.tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +169,8 @@ def run_meta_train(args: argparse.Namespace) -> str:
     else:
         if not args.data or not args.model:
             raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers FLUX folder), or --tiny")
-        pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device)
+        pipe = load_flux_pipeline(args.model, dtype=args.dtype,
+                                  device=str(group.device) if group is not None else args.device)
         data_dir, max_len, base_model = Path(args.data), args.max_sequence_length, "flux.1-dev"
 
     resolution = _pick(args.resolution, tiny, "resolution", 512)
@@ -153,14 +189,19 @@ def run_meta_train(args: argparse.Namespace) -> str:
     )
     every = _pick(args.checkpoint_every, tiny, "checkpoint_every", 500)
 
-    data = prepare_dataset(
-        data_dir,
-        encode=lambda ims: encode_images(pipe.vae, ims),
-        encoder_id=vae_fingerprint(pipe.vae),
-        encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len, guidance=args.guidance),
-        config=dcfg,
-        cache_dir=Path(args.cache) if args.cache else out / "latent_cache",
-    )
+    def prepare() -> Any:
+        return prepare_dataset(
+            data_dir,
+            encode=lambda ims: encode_images(pipe.vae, ims),
+            encoder_id=vae_fingerprint(pipe.vae),
+            encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len, guidance=args.guidance),
+            config=dcfg,
+            cache_dir=Path(args.cache) if args.cache else out / "latent_cache",
+        )
+
+    # Data-parallel: rank 0 encodes and fills the cache, then the other ranks read it (a cache on
+    # another node's disk is filled there the same way; the trainer checks all ranks hold the same data).
+    data = prepare() if group is None else group.root_first(prepare)
     # Latents and captions are cached: the VAE and text encoders are not needed while training.
     for name in ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
@@ -169,8 +210,11 @@ def run_meta_train(args: argparse.Namespace) -> str:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=args.gradient_checkpointing)
-    result = meta_train(host, data, config, callback=Progress(), checkpoint_path=out / "checkpoint.safetensors",
-                        checkpoint_every=every, resume=args.resume)
+    result = meta_train(host, data, config, callback=Progress() if root else None,
+                        checkpoint_path=out / "checkpoint.safetensors", checkpoint_every=every, resume=args.resume,
+                        group=group)
+    if not root:
+        return None
 
     data_summary = {k: v for k, v in data.summary.items() if not k.startswith("cache_")}
     prior = to_prior(result, domain=args.domain, base_model=base_model, data_summary=data_summary)
@@ -199,10 +243,13 @@ def run_meta_train(args: argparse.Namespace) -> str:
         "base_model": base_model,
         "tiny": tiny,
     }
+    if group is not None:
+        summary["data_parallel"] = {"world_size": group.world_size, "backend": group.backend}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     plan = result.plan
     return (f"meta-train finished: {result.steps} steps in {summary['total_seconds']} s, loss "
             f"{summary['first_loss']:.4f} -> {summary['last_loss_mean50']:.4f} (mean of last {len(tail)})\n"
             f"  trained  {plan.identities_visited} of {plan.identities} identities ({plan.buckets} buckets of "
             f"<= {plan.identities_per_bucket})\n"
-            f"  prior    {prior_path}\n  plot     {out / 'loss.png'}\n  summary  {out / 'summary.json'}")
+            f"  prior    {prior_path}\n  plot     {out / 'loss.png'}\n  summary  {out / 'summary.json'}"
+            + (f"\n  ranks    {group.world_size} processes ({group.backend})" if group is not None else ""))

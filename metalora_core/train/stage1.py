@@ -27,6 +27,24 @@ schedule position). ``state_dict()`` / ``load_state_dict()`` are what checkpoint
 (``save_checkpoint`` / ``load_checkpoint``); resuming from one reproduces an uninterrupted run bit
 for bit on the CPU. Every random draw comes from the trainer's own generators; the process's
 global RNG is never read or set.
+
+Data-parallel (``torchrun``, a ``ProcessGroup`` passed as ``group``): every rank holds the same
+Down, draws the same global batch from the same generator (queue order, flips, noise and sigmas
+of all of its items) and computes the loss of its share of the batch's rows (``split_rows``),
+weighted by share/batch so that the ranks' losses sum to the single-process batch mean. The
+gradients of Down and of the Mid/Up of the batch's identities are summed over the ranks in one
+all-reduce, so every rank holds the single-process batch gradient and applies the same clipping
+and AdamW update: Down and the live bucket stay identical on all ranks, and the run equals a
+single process with the same global batch and seed up to float summation order.
+
+The identity bank is sharded by identity: identity ``i`` is kept (Mid/Up and AdamW moments, on
+the CPU) by rank ``i % world_size`` only. On a bucket change the owners hand the bucket's
+identities to every rank (the live bucket is replicated, so the batch can be split by rows and
+balanced whatever identities it holds; routing rows to their identity's owner instead would
+leave ranks idle whenever a batch holds one or two identities), and on leaving it each rank
+keeps its own identities. A checkpoint gathers the shards onto rank 0, which alone writes it;
+its contents do not depend on the world size, so a run can resume with another one (rank 0
+reads it and hands each rank its shard).
 """
 from __future__ import annotations
 
@@ -51,6 +69,7 @@ from ..formats.prior import Prior
 from ..lora.adapter import AdapterSet
 from ..lora.flow import SIGMA_MODES
 from ..lora.layers import DEFAULT_PRESET, PRESETS, resolve_targets
+from .distributed import ProcessGroup, split_rows
 from .stage2 import FlowHost, flow_step_loss
 
 log = logging.getLogger(__name__)
@@ -71,7 +90,7 @@ class MetaTrainConfig:
     warmup_steps: int = 1_000  # q_warm-up: first iterations of a bucket that update only Mid/Up (0.4 q_bucket)
     identities_per_bucket: int = 0  # N; 0 = auto: each photo of a bucket is used ~uses_per_example times
     uses_per_example: int = 10  # the paper sizes buckets so each example is used 10 times (Sec. 3)
-    batch_size: int = 4  # Stage-1 batch (appendix A); a batch mixes the bucket's identities
+    batch_size: int = 4  # Stage-1 batch (appendix A), mixing the bucket's identities; data-parallel: the global batch
     lr: float = 4e-4  # AdamW learning rate (Down and Mid/Up)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (the paper states none)
     r1: int = 16  # LoMD output rank (rows of each Down); the paper does not state its value
@@ -107,6 +126,19 @@ class MetaTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_world_size(batch_size: int, world_size: int) -> None:
+    """A data-parallel run splits each global batch of ``batch_size`` items across its processes.
+
+    Raises:
+        ValueError: fewer items per batch than processes (names both and the fix).
+    """
+    if isinstance(batch_size, int) and batch_size < world_size:
+        raise ValueError(
+            f"--batch-size {batch_size} is smaller than the number of processes ({world_size}): the global "
+            f"batch is split across the processes, so each needs at least one item; raise --batch-size to "
+            f"{world_size} or a multiple of it, or launch fewer processes (torchrun --nproc_per_node / --nnodes)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,12 +309,29 @@ class IdentityBank:
     Keys: ``(identity, layer, "mid" | "up")`` -> tensor; ``adam[(identity, layer, part)]`` ->
     {"step", "exp_avg", "exp_avg_sq"}. An identity is created on first use with a Mid drawn from
     its own generator (so its init does not depend on the visiting order) and a zero Up.
+
+    ``shard=(rank, world_size)``: a data-parallel rank's bank keeps only the identities it owns
+    (``owner``); the default (0, 1) keeps all.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], *, r1: int, r2: int, seed: int) -> None:
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], *, r1: int, r2: int, seed: int,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.shapes, self.r1, self.r2, self.seed = dict(shapes), r1, r2, seed
+        self.rank, self.world_size = shard  # this bank keeps the identities i with i % world_size == rank
         self.params: dict[BankKey, torch.Tensor] = {}
         self.adam: dict[BankKey, dict[str, torch.Tensor]] = {}
+
+    def owner(self, identity: int) -> int:
+        """The rank whose bank keeps ``identity``."""
+        return identity % self.world_size
+
+    def owns(self, identity: int) -> bool:
+        return self.owner(identity) == self.rank
+
+    def entries(self, identities: Sequence[int]) -> dict[BankKey, tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+        """(Mid or Up, its AdamW moments or None) of the given identities that this bank keeps."""
+        wanted = set(identities)
+        return {k: (v, self.adam.get(k)) for k, v in self.params.items() if k[0] in wanted}
 
     def ensure(self, identity: int) -> None:
         if (identity, next(iter(self.shapes)), "mid") in self.params:
@@ -308,6 +357,25 @@ class IdentityBank:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.params = {tuple(k): v.clone() for k, v in state["params"].items()}  # type: ignore[misc]
         self.adam = {tuple(k): _cpu(v) for k, v in state["adam"].items()}  # type: ignore[misc]
+
+
+def split_bank_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """A whole bank's ``state_dict`` cut into the shards of a ``world_size`` run (identity i goes to
+    rank i % world_size, ``IdentityBank.owner``)."""
+    shards: list[dict[str, Any]] = [{"params": {}, "adam": {}} for _ in range(world_size)]
+    for part in ("params", "adam"):
+        for k, v in state[part].items():
+            shards[k[0] % world_size][part][k] = v
+    return shards
+
+
+def merge_bank_states(shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The shards of a sharded bank (rank order) as one bank ``state_dict``, identities in order."""
+    merged: dict[str, Any] = {"params": {}, "adam": {}}
+    for part in ("params", "adam"):
+        items = [(k, v) for shard in shards for k, v in shard[part].items()]
+        merged[part] = dict(sorted(items, key=lambda kv: kv[0][0]))  # stable: layer order kept per identity
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,22 +482,36 @@ class MetaTrainer:
         config: schedule, ranks, optimizer settings, seed.
         collate: joins the conditioning of a batch whose items have different captions
             (default: the host's ``collate_conds``).
+        group: the data-parallel process group of a ``torchrun`` launch (None: one process);
+            every rank builds its trainer with the same data and config (see the module docstring).
+
+    Raises:
+        ValueError: bad data, a batch smaller than the world size, or ranks that disagree on the
+            config or the data.
     """
 
     def __init__(self, host: FlowHost, data: MetaTrainData, config: MetaTrainConfig = MetaTrainConfig(), *,
-                 collate: Callable[[Sequence[Any]], Any] | None = None) -> None:
+                 collate: Callable[[Sequence[Any]], Any] | None = None, group: ProcessGroup | None = None) -> None:
         data.validate()
+        self.group = group
+        if group is not None:
+            check_world_size(config.batch_size, group.world_size)
         self.host, self.data, self.config = host, data, config
         self.collate = collate or host.collate
         self.shapes = resolve_targets(config.preset, host.dims)
         self.data_fingerprint = data.fingerprint()
+        if group is not None:
+            group.check_same("the Stage-1 settings", config.to_dict(), "launch every process with the same arguments")
+            group.check_same("the training data (fingerprint)", self.data_fingerprint,
+                             "give every process the same --data (and --cache) folder, e.g. on a shared file system")
         self.plan = plan_buckets(config, data.photos_per_identity())
         self.buckets = make_buckets(len(data.identities), self.plan.identities_per_bucket, config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)  # data order, flips, noise, sigmas
         dev = host.device
         self.downs = {n: nn.Parameter(t.to(dev, torch.float32)) for n, t in initial_downs(config, self.shapes).items()}
         self.down_opt = torch.optim.AdamW(list(self.downs.values()), lr=config.lr, weight_decay=config.weight_decay)
-        self.bank = IdentityBank(self.shapes, r1=config.r1, r2=config.r2, seed=config.seed)
+        self.bank = IdentityBank(self.shapes, r1=config.r1, r2=config.r2, seed=config.seed,
+                                 shard=(group.rank, group.world_size) if group is not None else (0, 1))
         self.losses: list[float] = []
         self.step = 0  # i_curr: steps done
         self.resumed_from = 0
@@ -438,10 +520,24 @@ class MetaTrainer:
         self._resume_queue: tuple[int, list[int]] = (-1, [])  # (visit, queue) from a checkpoint
         self._items_of = {k: [i for i, j in enumerate(data.item_identity) if j == k] for k in range(len(data.identities))}
         self._shapes_of = [latent_shape(z) for z in data.latents]
-        self._log_plan()
+        if group is None or group.is_root:
+            self._log_plan()
+
+    @property
+    def is_root(self) -> bool:
+        """True in a single process and on rank 0 of a data-parallel run (the one that writes)."""
+        return self.group is None or self.group.is_root
 
     def _log_plan(self) -> None:
         p, c = self.plan, self.config
+        if self.group is not None:
+            log.info("meta-train: data-parallel on %d processes (%s), global batch %d = about %.1f item(s) per "
+                     "process per step", self.group.world_size, self.group.backend, c.batch_size,
+                     c.batch_size / self.group.world_size)
+            if c.batch_size % self.group.world_size:
+                log.warning("meta-train: batch size %d is not a multiple of the %d processes; the result is the same, "
+                            "but some processes wait on every step; use a multiple of %d for the full speed",
+                            c.batch_size, self.group.world_size, self.group.world_size)
         log.info("meta-train: %d identities, %d items, %d buckets of <= %d identities, %d steps (bucket %d, "
                  "warm-up %d): %d of %d identities trained", p.identities, len(self.data.latents), p.buckets,
                  p.identities_per_bucket, c.steps, c.bucket_steps, c.warmup_steps, p.identities_visited, p.identities)
@@ -491,12 +587,15 @@ class MetaTrainer:
             for p in self.downs.values():
                 p.requires_grad_(False)
         seconds = time.perf_counter() - t0
-        log.info("Stage-1: steps %d..%d in %.1fs, loss %.4f -> %.4f", start, len(self.losses), seconds,
-                 self.losses[0] if self.losses else float("nan"), self.losses[-1] if self.losses else float("nan"))
+        if self.is_root:
+            log.info("Stage-1: steps %d..%d in %.1fs, loss %.4f -> %.4f", start, len(self.losses), seconds,
+                     self.losses[0] if self.losses else float("nan"),
+                     self.losses[-1] if self.losses else float("nan"))
+        bank_bytes = self.bank.nbytes() if self.group is None else sum(self.group.all_gather(self.bank.nbytes()))
         return MetaTrainResult(downs={n: p.detach().to("cpu", torch.float32).clone() for n, p in self.downs.items()},
                                losses=list(self.losses), buckets=[list(b) for b in self.buckets],
                                identities=list(self.data.identities), config=c, seconds=seconds,
-                               resumed_from=self.resumed_from, bank_bytes=self.bank.nbytes(), plan=self.plan)
+                               resumed_from=self.resumed_from, bank_bytes=bank_bytes, plan=self.plan)
 
     def _train_step(self, pt: SchedulePoint, *, update_down: bool) -> tuple[float, tuple[int, ...], tuple[bool, ...]]:
         """One iteration on the live bucket: Mid/Up always, Down only when ``update_down``."""
@@ -507,6 +606,8 @@ class MetaTrainer:
         batch = live.queue.take(c.batch_size, gen)
         idents = tuple(data.item_identity[i] for i in batch)
         picked = [pick_orientation(data.latents[i], gen) for i in batch]  # the per-step random flip
+        if self.group is not None:
+            return self._train_step_shared(pt, batch, idents, picked, update_down=update_down)
         self._router.slots = [live.slot[k] for k in idents]
         cond = self.collate([data.conds[data.item_caption[i]] for i in batch])
         loss = flow_step_loss(self.host, [z for z, _ in picked], cond, gen, sigma_mode=c.sigma_mode,
@@ -532,6 +633,51 @@ class MetaTrainer:
         self.losses.append(value)
         return value, idents, tuple(m for _, m in picked)
 
+    def _train_step_shared(self, pt: SchedulePoint, batch: list[int], idents: tuple[int, ...],
+                           picked: list[tuple[torch.Tensor, bool]], *, update_down: bool
+                           ) -> tuple[float, tuple[int, ...], tuple[bool, ...]]:
+        """``_train_step`` of one rank of a data-parallel run: this rank's rows of the global batch,
+        then one all-reduce of the loss and of the gradients of everything the batch updates."""
+        live, data, c, gen, group = self._live, self.data, self.config, self.generator, self.group
+        assert live is not None and group is not None
+        rows = split_rows(len(batch), group.world_size, group.rank)
+        self._router.slots = [live.slot[idents[r]] for r in rows]
+        cond = self.collate([data.conds[data.item_caption[batch[r]]] for r in rows]) if rows else None
+        live.opt.zero_grad(set_to_none=True)
+        self.down_opt.zero_grad(set_to_none=True)
+        loss = flow_step_loss(self.host, [z for z, _ in picked], cond, gen, sigma_mode=c.sigma_mode,
+                              use_shift=c.resolution_shift, rows=rows)
+        dev = self.host.device
+        if loss is not None:
+            loss = loss * (len(rows) / len(batch))  # the ranks' shares sum to the batch mean
+            loss.backward()
+        in_batch = set(idents)
+        # The same parameters in the same order on every rank: those the single-process step updates.
+        updated = [p for ident, _, _, p in live.pairs() if ident in in_batch]
+        if update_down:
+            updated += list(self.downs.values())
+        for p in updated:
+            if p.grad is None:  # this rank had no row of the identity (or no row at all)
+                p.grad = torch.zeros_like(p)
+        total = (loss.detach() if loss is not None else torch.zeros((), device=dev)).reshape(1).to(dev, torch.float32)
+        group.all_reduce_sum_([total, *(p.grad for p in updated)])
+        value = float(total)
+        where = f"step {pt.step + 1} (bucket {pt.bucket}, {pt.phase})"
+        if not math.isfinite(value):
+            raise RuntimeError(
+                f"Stage-1 loss became {value} at {where}; lower the learning rate (now {c.lr}), check the "
+                "latents, or use bf16/fp32 instead of fp16; resume from the last checkpoint after fixing it"
+            )
+        norm = torch.nn.utils.clip_grad_norm_(updated, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            raise RuntimeError(f"Stage-1 gradients became {float(norm)} at {where}; lower the learning rate "
+                               f"(now {c.lr}) or use bf16/fp32 instead of fp16")
+        live.opt.step()
+        if update_down:
+            self.down_opt.step()
+        self.losses.append(value)
+        return value, idents, tuple(m for _, m in picked)
+
     # -- moving identity layers between the bank and the device -------------------------------
 
     def _enter_bucket(self, pt: SchedulePoint) -> None:
@@ -539,10 +685,19 @@ class MetaTrainer:
         dev, c = self.host.device, self.config
         idents = self.buckets[pt.bucket]
         for ident in idents:
-            self.bank.ensure(ident)
+            if self.bank.owns(ident):
+                self.bank.ensure(ident)
+        params, moments = self.bank.params, self.bank.adam
+        if self.group is not None:  # every rank gets the bucket's identities from their owners
+            params, moments = {}, {}
+            for shard in self.group.all_gather(self.bank.entries(idents)):
+                for k, (v, s) in shard.items():
+                    params[k] = v
+                    if s is not None:
+                        moments[k] = s
         adapters = {
-            n: BucketAdapter(self.downs[n], [self.bank.params[(i, n, "mid")].to(dev).clone() for i in idents],
-                             [self.bank.params[(i, n, "up")].to(dev).clone() for i in idents], self._router)
+            n: BucketAdapter(self.downs[n], [params[(i, n, "mid")].to(dev).clone() for i in idents],
+                             [params[(i, n, "up")].to(dev).clone() for i in idents], self._router)
             for n in self.shapes
         }
         params = [p for a in adapters.values() for p in (*a.mids, *a.ups)]
@@ -554,17 +709,19 @@ class MetaTrainer:
                            slot={ident: s for s, ident in enumerate(idents)}, queue=queue,
                            handle=self.host.attach(AdapterSet(adapters, mode="meta", preset=c.preset)))
         for ident, n, part, p in live.pairs():
-            if (ident, n, part) in self.bank.adam:
-                opt.state[p] = _to_device(self.bank.adam[(ident, n, part)], dev)
+            if (ident, n, part) in moments:
+                opt.state[p] = _to_device(moments[(ident, n, part)], dev)
         self._live = live
         log.debug("bucket %d (visit %d): identities %s", pt.bucket, pt.visit, [self.data.identities[i] for i in idents])
 
     def _sync_bank(self) -> None:
-        """Copies the live bucket's Mid/Up and AdamW moments back into the bank."""
+        """Copies the live bucket's Mid/Up and AdamW moments back into the bank (its own identities)."""
         if self._live is None:
             return
         opt = self._live.opt
         for ident, n, part, p in self._live.pairs():
+            if not self.bank.owns(ident):
+                continue
             self.bank.params[(ident, n, part)] = p.detach().to("cpu").clone()
             if opt.state.get(p):
                 self.bank.adam[(ident, n, part)] = _cpu(opt.state[p])
@@ -579,11 +736,22 @@ class MetaTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, on the CPU (the live bucket is synced into the bank first)."""
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything a resume needs, on the CPU (the live bucket is synced into the bank first).
+
+        Data-parallel: a collective (every rank calls it); the bank shards are gathered onto rank
+        0, which gets the whole state (the same as a single process's); the other ranks get None.
+        """
         self._sync_bank()
         live = self._live
         queue_visit, queue = (live.visit, list(live.queue.queue)) if live is not None else self._resume_queue
+        if self.group is not None:
+            shards = self.group.gather_to_root(self.bank.state_dict())
+            if shards is None:
+                return None
+            bank = merge_bank_states(shards)
+        else:
+            bank = self.bank.state_dict()
         return {
             "step": self.step,
             "config": self.config.to_dict(),
@@ -591,19 +759,25 @@ class MetaTrainer:
             "buckets": [list(b) for b in self.buckets],
             "downs": {n: p.detach().to("cpu").clone() for n, p in self.downs.items()},
             "down_adam": {n: _cpu(self.down_opt.state[p]) for n, p in self.downs.items() if self.down_opt.state.get(p)},
-            "bank": self.bank.state_dict(),
+            "bank": bank,
             "generator": self.generator.get_state(),
             "queue": list(queue),
             "queue_visit": queue_visit,
             "losses": list(self.losses),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | None, *, source: str = "checkpoint") -> None:
         """Restores a ``state_dict`` made with the same config (``steps`` may grow) and data.
+
+        Data-parallel: a collective; rank 0 passes the state (of any world size's run, or of a
+        single process), the others None; each rank receives its shard of the bank.
 
         Raises:
             ValueError: another config or other data (names the field), or a step beyond ``steps``.
         """
+        if self.group is not None:
+            state = self._share_state(state)
+        assert state is not None
         saved = _config_for_compare(MetaTrainConfig(**state["config"]))
         now = _config_for_compare(self.config)
         for k in now:
@@ -639,6 +813,17 @@ class MetaTrainer:
         self._resume_queue = (int(state["queue_visit"]), list(state["queue"]))
 
 
+    def _share_state(self, state: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Rank 0's ``state`` on every rank, each with only its own shard of the bank."""
+        group = self.group
+        assert group is not None
+        if group.is_root and state is None:
+            raise ValueError("rank 0 of a data-parallel run must pass the state to load")
+        head = group.broadcast({k: v for k, v in state.items() if k != "bank"} if group.is_root else None)
+        shard = group.scatter(split_bank_state(state["bank"], group.world_size) if group.is_root else None)
+        return {**head, "bank": shard}
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files
 
@@ -657,9 +842,15 @@ def _split_adam(tensors: Mapping[str, torch.Tensor], key: str) -> dict[str, torc
     return {k: tensors[f"{key}.adam.{k}"] for k in _ADAM_KEYS if f"{key}.adam.{k}" in tensors}
 
 
-def save_checkpoint(path: str | os.PathLike, trainer: MetaTrainer | Mapping[str, Any]) -> Path:
-    """Writes a trainer's ``state_dict`` atomically as a safetensors file (tensors + JSON metadata)."""
+def save_checkpoint(path: str | os.PathLike, trainer: MetaTrainer | Mapping[str, Any]) -> Path | None:
+    """Writes a trainer's ``state_dict`` atomically as a safetensors file (tensors + JSON metadata).
+
+    Data-parallel: every rank calls it with its trainer; rank 0 writes the whole (gathered) state
+    and returns the path, the other ranks write nothing and get None.
+    """
     state = trainer.state_dict() if isinstance(trainer, MetaTrainer) else trainer
+    if state is None:
+        return None
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state["downs"].items():
         tensors[f"down.{name}"] = t
@@ -739,6 +930,7 @@ def meta_train(
     checkpoint_every: int = 0,
     resume: bool = False,
     collate: Callable[[Sequence[Any]], Any] | None = None,
+    group: ProcessGroup | None = None,
 ) -> MetaTrainResult:
     """Runs Stage-1 meta-training (Algorithm 1) and returns the learned Down matrices.
 
@@ -753,6 +945,9 @@ def meta_train(
         checkpoint_every: write a checkpoint every this many steps (0: only at the end).
         resume: continue from ``checkpoint_path``; the result equals an uninterrupted run.
         collate: joins the conditioning of a batch whose items have different captions.
+        group: the process group of a data-parallel ``torchrun`` launch (None: one process). Every
+            rank calls ``meta_train`` alike; rank 0 alone reads and writes the checkpoint (give
+            ``callback`` on rank 0 only for progress lines).
 
     Returns:
         MetaTrainResult with Down per canonical layer ((r1, in), CPU float32) and per-step losses.
@@ -766,10 +961,15 @@ def meta_train(
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_path")
-    trainer = MetaTrainer(host, data, config, collate=collate)
+    trainer = MetaTrainer(host, data, config, collate=collate, group=group)
     if resume:
-        trainer.load_state_dict(load_checkpoint(checkpoint_path), source=str(checkpoint_path))  # type: ignore[arg-type]
-        log.info("meta-train: resuming at step %d of %d from %s", trainer.step, config.steps, checkpoint_path)
+        if group is None:
+            state = load_checkpoint(checkpoint_path)  # type: ignore[arg-type]
+        else:  # rank 0 reads it (its failure is raised on every rank) and hands it out
+            state = group.root_only(lambda: load_checkpoint(checkpoint_path))  # type: ignore[arg-type]
+        trainer.load_state_dict(state, source=str(checkpoint_path))
+        if trainer.is_root:
+            log.info("meta-train: resuming at step %d of %d from %s", trainer.step, config.steps, checkpoint_path)
     return trainer.run(callback=callback, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
 
 

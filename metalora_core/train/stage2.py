@@ -114,15 +114,32 @@ def flow_step_loss(
     sigma_mode: str,
     use_shift: bool,
     noise_generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    rows: Sequence[int] | None = None,
+) -> torch.Tensor | None:
     """The rectified-flow loss of one batch of same-size latents (B, C, h, w).
 
     Noise and sigmas come from ``noise_generator`` (made on its device) or, when None, from
     ``generator`` on the CPU and are copied to the host's device.
+
+    ``rows`` (data-parallel training): the loss of only these rows of the batch (their mean;
+    ``cond`` holds their conditioning). Noise and sigmas are still drawn for the whole batch, so
+    the random stream and each row's draws do not depend on how the batch is split. With no
+    rows the draws are made and None is returned.
     """
     dev = host.device
-    x0 = torch.stack(list(latents)).to(dev, torch.float32)  # (B, C, h, w); a no-op copy when already there
     gen = generator if noise_generator is None else noise_generator
+    if rows is not None:
+        shape = (len(latents), *latents[0].shape)
+        noise = torch.randn(shape, generator=gen, device=gen.device)
+        shift = resolution_shift(shape[-1] * shape[-2] // 4) if use_shift else None
+        sigma = sample_sigmas(shape[0], generator=gen, mode=sigma_mode, shift=shift)
+        if not rows:
+            return None
+        x0 = torch.stack([latents[r] for r in rows]).to(dev, torch.float32)
+        noise, sigma = noise[list(rows)].to(dev), sigma[list(rows)].to(dev)
+        pred = host.predict(add_noise(x0, noise, sigma), sigma, cond)
+        return flow_loss(pred, velocity_target(x0, noise))
+    x0 = torch.stack(list(latents)).to(dev, torch.float32)  # (B, C, h, w); a no-op copy when already there
     noise = torch.randn(x0.shape, generator=gen, device=gen.device)
     shift = resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if use_shift else None
     sigma = sample_sigmas(x0.shape[0], generator=gen, mode=sigma_mode, shift=shift)
