@@ -114,3 +114,27 @@ def test_committed_subspace_results_are_of_the_committed_prior():
 
     prior = load_prior(ROOT / "experiments" / "artefacts" / "prior.safetensors")
     assert res["label"] == "full" and res["prior_sha256"] == prior.sha256 and res["r1"] == prior.r1
+
+
+def test_stage1_length_smoke_tracks_down_along_one_run_and_compares_snapshots(tmp_path, capsys):
+    from metalora_core.synthfaces.stage1_length import SMOKE_LENGTH, LengthConfig
+
+    spec = importlib.util.spec_from_file_location("stage1_length", ROOT / "experiments" / "stage1_length.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "len"
+    assert mod.main(["--out", str(out), "--smoke"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [p["step"] for p in res["curve"]] == list(SMOKE_LENGTH.snapshots)
+    assert res["curve"][0]["stage1_loss_since_last_snapshot"] is None
+    assert all(p["stage1_loss_since_last_snapshot"]["n"] == b - a
+               for p, a, b in zip(res["curve"][1:], SMOKE_LENGTH.snapshots, SMOKE_LENGTH.snapshots[1:]))
+    # Down moves between snapshots: each snapshot is its own matrix, not a reference to the live one
+    shares = [p["prior_share"]["mean"] for p in res["curve"]]
+    assert len(set(shares)) == len(shares)
+    assert set(res["identity"]) == {"lora"} | {f"meta_lora@{s}" for s in SMOKE_LENGTH.compared}
+    assert "Stage-1 length" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="snapshots"):
+        LengthConfig(steps=10, snapshots=(0, 5))
+    with pytest.raises(ValueError, match="compared"):
+        LengthConfig(compared=(123,))

@@ -118,7 +118,7 @@ def _render_random(g: np.random.Generator, index: int, size: tuple[int, int]):
 
 def build_artefacts(out: str | Path, config: BuildConfig = BuildConfig()) -> Artefacts:
     """Trains autoencoder, base model, embedder and prior; writes them and a manifest to ``out``."""
-    from ..train.stage1 import MetaTrainConfig, MetaTrainData, meta_train, to_prior
+    from ..train.stage1 import MetaTrainConfig, meta_train, to_prior
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,16 +199,7 @@ def build_artefacts(out: str | Path, config: BuildConfig = BuildConfig()) -> Art
     # 4. Stage-1 prior: Algorithm 1 on the training identities' photos (one latent per photo)
     t = time.perf_counter()
     host = DiffusersFluxHost(transformer)
-    lat, item_id = [], []
-    for k, ident in enumerate(train_ids):
-        photos = [render(ident, random_view(g, scale=(0.6, 1.25)), (32, 32)) for _ in range(config.photos_per_identity)]
-        lat.extend(encode_images(vae, photos))
-        item_id.extend([k] * len(photos))
-    caption = context_prompt(None, CLASS_NOUN)
-    data = MetaTrainData(identities=[f"id{ident.index}" for ident in train_ids], latents=lat, item_identity=item_id,
-                         item_caption=[caption] * len(lat), conds={caption: conds[None]},
-                         summary={"identities": len(train_ids), "images": len(lat), "items": len(lat),
-                                  "class_caption": caption, "augment": False, "domain": "synthfaces"})
+    data = stage1_data(vae, conds[None], train_ids, config.photos_per_identity, g)
     mcfg = MetaTrainConfig(steps=config.meta_steps, bucket_steps=config.meta_bucket_steps,
                            warmup_steps=config.meta_warmup_steps, batch_size=config.meta_batch, r1=config.r1,
                            r2=1, preset=config.preset, lr=config.meta_lr, seed=config.seed)
@@ -239,6 +230,23 @@ def build_artefacts(out: str | Path, config: BuildConfig = BuildConfig()) -> Art
     }
     save_artefacts(out, vae, transformer, embedder, prior, manifest)
     return load_artefacts(out)
+
+
+def stage1_data(vae, class_cond, identities: list, photos_per_identity: int, g: np.random.Generator):
+    """Stage-1's data: ``photos_per_identity`` fresh 32x32 photos of each identity (views drawn
+    from ``g``), one latent each, all with the class caption."""
+    from ..train.stage1 import MetaTrainData
+
+    lat, item_id = [], []
+    for k, ident in enumerate(identities):
+        photos = [render(ident, random_view(g, scale=(0.6, 1.25)), (32, 32)) for _ in range(photos_per_identity)]
+        lat.extend(encode_images(vae, photos))
+        item_id.extend([k] * len(photos))
+    caption = context_prompt(None, CLASS_NOUN)
+    return MetaTrainData(identities=[f"id{ident.index}" for ident in identities], latents=lat, item_identity=item_id,
+                         item_caption=[caption] * len(lat), conds={caption: class_cond},
+                         summary={"identities": len(identities), "images": len(lat), "items": len(lat),
+                                  "class_caption": caption, "augment": False, "domain": "synthfaces"})
 
 
 def save_artefacts(out: Path, vae, transformer, embedder: IdentityEmbedder, prior: Prior, manifest: dict) -> None:
