@@ -169,6 +169,11 @@ class CoreBench:
         """Makes ``host`` run the frozen model; returns what to remove afterwards (or None)."""
         return None
 
+    def adapters(self):
+        """Meta-LoRA adapters on a random prior (Down frozen), as the Stage-2 recipe builds them."""
+        prior = make_prior(self.dims, r1=self.args.r1, preset=self.args.preset, generator=torch.Generator().manual_seed(0))
+        return build_adapters(self.dims, prior, rank=self.args.r2)
+
 
 class ComfyBench(CoreBench):
     """The ComfyUI host (nodes/comfy_host.py) on ComfyUI's own FLUX built from the same weights."""
@@ -199,7 +204,11 @@ class ComfyBench(CoreBench):
         spec.loader.exec_module(pack)
         from metalora_pack.nodes import comfy_host
 
+        from metalora_pack.metalora_core.formats.prior import make_prior as pack_make_prior
+        from metalora_pack.metalora_core.train.recipe import build_adapters as pack_build_adapters
+
         self.comfy_host = comfy_host
+        self._make_prior, self._build_adapters = pack_make_prior, pack_build_adapters  # the pack's own classes
         dtype = torch.float8_e4m3fn if weights == "fp8" else torch.bfloat16
         sd = transformer.state_dict()  # diffusers keys: ComfyUI converts them itself
         self.model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
@@ -228,11 +237,14 @@ class ComfyBench(CoreBench):
 
     def bare(self, host):
         """The host's out-of-place blocks with the adapters switched off (ComfyUI's own math)."""
-        prior = make_prior(self.dims, r1=self.args.r1, preset=self.args.preset,
-                           generator=torch.Generator().manual_seed(0))
-        handle = host.attach(build_adapters(self.dims, prior, rank=self.args.r2))
+        handle = host.attach(self.adapters())
         host._blocks.adapters_on = False
         return handle
+
+    def adapters(self):
+        prior = self._make_prior(self.dims, r1=self.args.r1, preset=self.args.preset,
+                                 generator=torch.Generator().manual_seed(0))
+        return self._build_adapters(self.dims, prior, rank=self.args.r2)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -267,12 +279,16 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
                 from torch.profiler import ProfilerActivity, profile
 
                 step()  # warm (allocator, cuBLAS handles)
+                clear_grads(adapters)  # the trainer starts each step with no gradients
                 saved = SavedTensors(exclude=saved_exclude(bench, adapters))
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     step()
                     sync(device)
                 kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
             elif count_kernels:
+                step()  # warm, as on CUDA: what is built once per run (cached Downs) is not a per-step cost
+                clear_grads(adapters)
+                saved = SavedTensors(exclude=saved_exclude(bench, adapters))
                 counter = OpCounter()
                 with counter:
                     step()
@@ -284,9 +300,14 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
             handle.remove()
         if adapters is not None:
             adapters.to("cpu")
-            for p in adapters.parameters():
-                p.grad = None
+            clear_grads(adapters)
     return saved.nbytes, kernels
+
+
+def clear_grads(adapters) -> None:
+    if adapters is not None:
+        for p in adapters.parameters():
+            p.grad = None
 
 
 def saved_exclude(bench, adapters):
@@ -402,8 +423,7 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     flops = flop_model(shape, img_tokens, args.text_tokens, checkpointed(n_blocks, ck))
     adapters = None
     if mode == "metalora":
-        prior = make_prior(bench.dims, r1=args.r1, preset=args.preset, generator=torch.Generator().manual_seed(0))
-        adapters = build_adapters(bench.dims, prior, rank=args.r2)
+        adapters = bench.adapters()
     saved, kernels = measure_step(bench, host, adapters, latents, cond, device,
                                   count_kernels=not (comp and device.type != "cuda"))
     if device.type == "cuda":

@@ -34,7 +34,8 @@ from PIL import Image
 
 from ..metalora_core.formats.files import sha256_tensors
 from ..metalora_core.formats.store import weights_identity
-from ..metalora_core.lora.adapter import AdapterSet, LoRAAdapter, add_low_rank, down_project
+from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, add_low_rank, add_rows,
+                                           down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
 from .images import pils_to_image
@@ -150,7 +151,10 @@ class _Blocks:
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
         self._step_factors: dict[tuple, tuple] = {}
-        self._frozen_downs: dict[str, tuple] = {}
+        self._frozen_downs: dict[tuple, tuple] = {}
+        # Stage-2 Meta-LoRA modules (every adapter with a frozen Down and a Mid): one addmm per call
+        self.fast = {name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)}
+        self.step_factors = StepFactors([x.adapter for name in self.fast for x in slots[name]])
 
     def new_step(self, dtype: torch.dtype) -> None:
         """Builds the fused factors of every adapted module for one forward (and its backward).
@@ -158,33 +162,56 @@ class _Blocks:
         Built here, before the blocks run, so none of it happens inside a checkpointed block.
         """
         self._step_factors.clear()
+        self.step_factors.new_step()
+        if not self.adapters_on:
+            return
         for name, slots in self.slots.items():
             self._factors(name, slots, self.dm.get_submodule(name).out_features, dtype)
 
-    def _fused_down(self, name: str, slots: list[_Slot]) -> torch.Tensor:
-        """The Down matrices of one fused module stacked (R1, in); built once while they stay frozen."""
+    def _fused_down(self, name: str, slots: list[_Slot], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The Down matrices of one fused module stacked (R1, in), in ``dtype`` (None: their own);
+        built once while they stay frozen."""
         downs = [s.adapter.down for s in slots]
         if any(d.requires_grad for d in downs):  # plain LoRA: Down trains, so it is rebuilt every step
             return downs[0] if len(downs) == 1 else torch.cat(downs)
-        key = tuple((id(d), d._version, d.device, d.dtype) for d in downs)
-        hit = self._frozen_downs.get(name)
+        key = tuple((id(d), d._version, d.data_ptr(), d.device) for d in downs) + (dtype,)
+        hit = self._frozen_downs.get((name, dtype))
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = (key, downs[0] if len(downs) == 1 else torch.cat(downs))
-            self._frozen_downs[name] = hit
+                d = downs[0] if len(downs) == 1 else torch.cat(downs)
+                hit = (key, d if dtype is None else d.to(dtype))
+            self._frozen_downs[(name, dtype)] = hit
         return hit[1]
 
-    def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype):
-        """(Down (R1, in), Mid (R2, R1) or None, B (out, R2) in ``dtype``) of one fused module.
+    def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype, fast: bool = True):
+        """The factors of one fused module for this step (ComfyUI fuses q/k/v into ``qkv`` and
+        q/k/v/mlp into ``linear1``: all its adapters act as one low-rank delta). Built once per step
+        (``new_step``) and reused by every call in it, checkpoint recompute included.
 
-        All adapters of a fused module (ComfyUI fuses q/k/v into ``qkv`` and q/k/v/mlp into
-        ``linear1``) as one three-factor LoRA: Downs stacked, Mids block-diagonal, each B padded to
-        its own row slice (padding the small B matrices, not the (tokens, out) activations). Built
-        once per step (``new_step``) and reused by every call in it, checkpoint recompute included.
+        Stage-2 modules: (Down (R1, in), B (out, R1)) in ``dtype``: Downs stacked, and the adapters'
+        ``scale * Up @ Mid`` (``StepFactors``) placed block-diagonally in their row slices, so a
+        call is one addmm. Otherwise (a trainable Down): (Down, Mid block-diagonal (R2, R1) or
+        None, B (out, R2)): each ``scale * Up`` padded to its own row slice (the small B matrices,
+        not the (tokens, out) activations).
         """
-        key = (name, dtype, torch.is_grad_enabled())
+        fast = fast and name in self.fast and not any(x.adapter.down.requires_grad for x in slots)
+        key = (name, dtype, torch.is_grad_enabled(), fast)
         hit = self._step_factors.get(key)
         if hit is not None:
+            return hit
+        if fast:
+            order = sorted(slots, key=lambda x: x.start)
+            down = self._fused_down(name, order, dtype)
+            parts, row = [], 0
+            for x in order:
+                if x.start > row:  # rows no adapter writes
+                    parts.append(torch.zeros(x.start - row, 0, dtype=dtype, device=down.device))
+                parts.append(self.step_factors.get(x.adapter, dtype))
+                row = x.start + x.size
+            if row < out_features:
+                parts.append(torch.zeros(out_features - row, 0, dtype=dtype, device=down.device))
+            b = parts[0] if len(parts) == 1 else torch.block_diag(*parts)
+            self._step_factors[key] = hit = (down, b)
             return hit
         down = self._fused_down(name, slots)
         mids = [s.adapter.mid for s in slots]
@@ -211,11 +238,20 @@ class _Blocks:
         return module(x)
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = self._base(module, x)  # (..., out): base output, never modified
         slots = self.slots.get(name) if self.adapters_on else None
+        if slots and name in self.fast and x.is_floating_point() and not any(
+                x_.adapter.down.requires_grad for x_ in slots):
+            down, b = self._factors(name, slots, module.out_features, x.dtype)
+            if down.device == x.device:
+                x_lin, u = shared_down(x, down)  # (..., R1); backward adds the low-rank input gradient to x's
+                y = self._base(module, x_lin)  # (..., out): base output, never modified
+                if y.dtype == x.dtype:
+                    return add_rows(y, u, b)
+                return add_low_rank(y, u, b)
+        y = self._base(module, x)  # (..., out): base output, never modified
         if not slots:
             return y
-        down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype)
+        down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype, fast=False)
         h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
         if mid is not None:
             h = F.linear(h, mid)  # (..., R2)
@@ -297,12 +333,12 @@ class _Blocks:
         with torch.no_grad():
             # ComfyUI's blocks add residuals in place: give them copies of the inputs
             ref = original({k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()})
-            self.adapters_on = False
+            adapters_on, self.adapters_on = self.adapters_on, False
             try:
                 mine = (dict(zip(("img", "txt"), self.double(i, args["img"], args["txt"], *rest))) if kind == "double"
                         else {"img": self.single(i, args["img"], *rest)})
             finally:
-                self.adapters_on = True
+                self.adapters_on = adapters_on
         for key, m in mine.items():
             r = ref[key].float()
             worst = float((m.float() - r).abs().max())

@@ -1,6 +1,7 @@
 """The one Stage-2 recipe: cache key over the whole config, provenance, hosts, crops at a resolution."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -179,3 +180,108 @@ def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, 
     adapters, _ = load_adapter_state(state)
     old = save_adapter_state(adapters, tmp_path / "old.safetensors", steps="2")
     assert main(["export", str(old), "--out", str(tmp_path / "y.safetensors")]) == 2
+
+
+def _noise_images(n: int, size: int = 32):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(11)
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_stage2_recipe_trains_with_the_pipeline_encoders_off_the_device(pipe, monkeypatch):
+    """run_stage2 on a pipeline's host: every step runs inside ``encoders_off_device(pipe, host.device)``,
+    left afterwards, also when the run raises. (The move itself: the tests below; on a CPU host the
+    context moves nothing, so here its entry and exit are what is observed.)"""
+    from metalora_core.hosts import diffusers_flux
+
+    real = diffusers_flux.encoders_off_device
+    calls, active = [], []
+
+    @contextlib.contextmanager
+    def spy(p, device):
+        calls.append((p, device))
+        active.append(True)
+        try:
+            with real(p, device):
+                yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(diffusers_flux, "encoders_off_device", spy)
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    seen = []
+
+    def callback(step, loss):
+        seen.append(bool(active))
+
+    run_stage2(host, _noise_images(2), cond, None, Stage2Config(steps=2, preset="attn"), callback)
+    assert seen == [True, True] and not active
+    assert calls == [(pipe, host.device)]
+
+    def cancel(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(host, _noise_images(2), cond, None, Stage2Config(steps=2, preset="attn"), cancel)
+    assert not active and len(calls) == 2
+    # a host without a pipeline keeps its own VAE off the device the same way
+    with DiffusersFluxHost(pipe.transformer, vae=pipe.vae).training():
+        assert calls[-1][0].vae is pipe.vae and active
+
+
+class _Placed(torch.nn.Module):
+    """A module that changes device without data (``to_empty``): meta has none to copy."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(3, 4, device=device))
+
+    def to(self, device):  # noqa: D102 - the move encoders_off_device asks for
+        return self.to_empty(device=device)
+
+
+def test_encoders_off_device_moves_the_encoders_to_the_cpu_and_back():
+    """The VAE and both text encoders on the training device ('meta' here, the CPU being the only real
+    device) are on the CPU inside, back afterwards, also after an exception; modules elsewhere and the
+    transformer stay where they are."""
+    import types
+
+    from metalora_core.hosts.diffusers_flux import encoders_off_device
+
+    pipe = types.SimpleNamespace(vae=_Placed("meta"), text_encoder=_Placed("meta"), text_encoder_2=_Placed("cpu"),
+                                 transformer=_Placed("meta"))
+
+    def where():
+        return {n: m.w.device.type for n, m in vars(pipe).items()}
+
+    before = {"vae": "meta", "text_encoder": "meta", "text_encoder_2": "cpu", "transformer": "meta"}
+    assert where() == before
+    with encoders_off_device(pipe, torch.device("meta")):
+        assert where() == {"vae": "cpu", "text_encoder": "cpu", "text_encoder_2": "cpu", "transformer": "meta"}
+    assert where() == before
+    with pytest.raises(RuntimeError, match="stop"):
+        with encoders_off_device(pipe, torch.device("meta")):
+            assert where()["vae"] == "cpu"
+            raise RuntimeError("stop")
+    assert where() == before
+    with encoders_off_device(types.SimpleNamespace(vae=None), torch.device("meta")):
+        pass  # a host without a VAE: nothing to move
+    with encoders_off_device(pipe, torch.device("cpu")):
+        assert where() == before  # training on the CPU: nothing to gain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encoders_off_device_on_cuda(pipe):
+    from metalora_core.hosts.diffusers_flux import encoders_off_device
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    pipe.to(dev)
+    try:
+        with encoders_off_device(pipe, dev):
+            assert {next(m.parameters()).device.type for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {"cpu"}
+            assert next(pipe.transformer.parameters()).device == dev
+        assert {next(m.parameters()).device for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {dev}
+    finally:
+        pipe.to("cpu")

@@ -94,6 +94,9 @@ class DiffusersFluxHost:
     Args:
         transformer: a ``FluxTransformer2DModel`` (frozen here).
         vae: the FLUX VAE that ``encode_images`` uses (None: a host that only trains on latents).
+        pipe: the ``FluxPipeline`` the transformer belongs to (``from_pipeline`` sets it): while
+            training, its VAE and text encoders wait on the CPU (``encoders_off_device``); without
+            it, ``vae`` does.
         gradient_checkpointing: recompute block activations in backward to save memory.
         checkpoint_every: with checkpointing on, recompute only every k-th block (counting
             double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
@@ -102,12 +105,13 @@ class DiffusersFluxHost:
     The distilled-guidance input comes from the conditioning (``FluxTextCond.guidance``).
     """
 
-    def __init__(self, transformer: torch.nn.Module, *, vae: torch.nn.Module | None = None,
+    def __init__(self, transformer: torch.nn.Module, *, vae: torch.nn.Module | None = None, pipe: Any = None,
                  gradient_checkpointing: bool = False, checkpoint_every: int = 1, compile_blocks: bool = False):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
         self.transformer = transformer
         self.vae = vae
+        self.pipe = pipe
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.checkpoint_every = int(checkpoint_every)
         self.compile_blocks = bool(compile_blocks)
@@ -147,8 +151,9 @@ class DiffusersFluxHost:
 
     @classmethod
     def from_pipeline(cls, pipe: Any, *, gradient_checkpointing: bool = False) -> "DiffusersFluxHost":
-        """The host of a ``FluxPipeline``: its transformer, with its VAE for ``encode_images``."""
-        return cls(pipe.transformer, vae=pipe.vae, gradient_checkpointing=gradient_checkpointing)
+        """The host of a ``FluxPipeline``: its transformer, with its VAE for ``encode_images``; the VAE
+        and the text encoders leave the device while training."""
+        return cls(pipe.transformer, vae=pipe.vae, pipe=pipe, gradient_checkpointing=gradient_checkpointing)
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +183,18 @@ class DiffusersFluxHost:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """Freezes the base model (and turns on checkpointing) for the duration of a training run."""
+        """Freezes the base model (and turns on checkpointing) for the duration of a training run.
+
+        The VAE and text encoders on the training device wait on the CPU meanwhile (the latents and
+        the conditioning are cached before training starts) and come back afterwards, also when
+        the run raises or is interrupted.
+        """
+        with encoders_off_device(self.pipe if self.pipe is not None else _VaeOnly(self.vae), self.device):
+            with self._frozen():
+                yield
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
         flags = [p.requires_grad for p in self.transformer.parameters()]
         self.transformer.requires_grad_(False)
         if self.gradient_checkpointing:
@@ -299,6 +315,13 @@ def load_flux_pipeline(model: str | os.PathLike, *, dtype: str = "bfloat16", dev
             local_files_only=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return FluxPipeline.from_pretrained(str(model), torch_dtype=torch_dtype, local_files_only=True, **kw).to(device)
+
+
+@dataclass
+class _VaeOnly:
+    """``encoders_off_device``'s view of a host built without a pipeline: its VAE only."""
+
+    vae: torch.nn.Module | None
 
 
 @contextlib.contextmanager

@@ -4,15 +4,21 @@ Paper eq. (1): ``h = W0 x + L_up L_mid L_meta-down x``. Down (r1 x in) is the
 meta-learned prior, frozen in Stage-2; Mid (r2 x r1) and Up (out x r2) are
 identity-specific, Up zero-initialised so training starts from the base model.
 A plain-LoRA mode (trainable Down, no Mid) serves the paper's LoRA baselines.
+
+Stage-2 adapters (frozen Down) run as ``base + (x @ Down^T) @ B^T`` with ``B = scale * Up @ Mid``
+built once per step (``StepFactors``); Linears that read one input share one Down projection
+(``shared_down``). Everything else takes the general three-factor path (``LoRAAdapter.add_to``).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import shared_input_groups
 
 
 def _kaiming_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -241,63 +247,261 @@ class AdapterSet(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-class SharedCast:
-    """One dtype cast per input tensor shared by several adapted Linears (q, k and v read the same x).
+class _SharedDown(torch.autograd.Function):
+    """``(x, x @ down^T)`` for a frozen ``down`` already in x's dtype: one matmul for every adapter
+    that reads ``x`` (q, k and v read the same input; ``down`` stacks their Down matrices).
 
-    Holds the last input and its cast; a different tensor (or an in-place change) replaces them.
+    The first output is ``x`` itself (a view) for the Linears to read, so backward receives their
+    input gradient and adds the low-rank one to it in the same addmm (``grad_x + grad_u @ down``).
+    Keeps nothing of ``x`` for backward. ``down`` is a frozen cache that outlives the step (like a
+    weight), so it is held rather than saved: saved-tensor hooks (offloading, checkpointing) leave
+    it alone. Not twice differentiable.
     """
 
-    def __init__(self) -> None:
-        self._src: torch.Tensor | None = None
-        self._version = -1
-        self._out: torch.Tensor | None = None
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.down = down
+        return x.view_as(x), F.linear(x, down)
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if x.dtype == dtype:
-            return x
-        if torch.compiler.is_compiling():  # a compiled graph shares the cast itself; no Python state
-            return x.to(dtype)
-        out = self._out
-        if (out is not None and self._src is x and self._version == x._version and out.dtype == dtype
-                and (out.grad_fn is not None) == (torch.is_grad_enabled() and x.requires_grad)):
-            return out
-        out = x.to(dtype)
-        self._src, self._version, self._out = x, x._version, out
-        return out
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx: torch.Tensor | None, gu: torch.Tensor | None):
+        down = ctx.down
+        if gu is None:
+            return gx, None
+        gu2 = gu.reshape(-1, gu.shape[-1])
+        if gx is None:
+            return (gu2 @ down).view(*gu.shape[:-1], down.shape[1]), None
+        return torch.addmm(gx.reshape(-1, gx.shape[-1]), gu2, down).view(gx.shape), None
 
-    def clear(self) -> None:
-        self._src = self._out = None
+
+def shared_down(x: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x for the Linears, x @ down^T)`` with a frozen ``down`` in x's dtype (see ``_SharedDown``).
+
+    When x needs no gradient it comes back as it is, next to a plain matmul.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SharedDown.apply(x, down)
+    return x, F.linear(x, down)
+
+
+def add_rows(base: torch.Tensor, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``base + u @ b^T`` out of place in one addmm. base: (..., out); u: (..., r1); b: (out, r1);
+    one dtype."""
+    flat = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]), b.T)
+    return flat.view(base.shape)
+
+
+def frozen_meta(adapter: object) -> bool:
+    """A Stage-2 Meta-LoRA adapter (frozen Down, trained Mid and Up): ``StepFactors`` runs it."""
+    return isinstance(adapter, LoRAAdapter) and adapter.mid is not None and not adapter.down.requires_grad
+
+
+class _UpMid(torch.autograd.Function):
+    """``scale * Up @ Mid`` of n adapters of one shape, in ``dtype``: (out, r1) for one, stacked
+    (n, out, r1) for more (one stack of the Ups, one of the Mids, one batched matmul).
+
+    The parameters are held, not saved: nothing here is redone under checkpointing and no stacked
+    copy of the Ups is kept (backward restacks them). A parameter changed in place before
+    backward raises, as autograd does for saved tensors. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, scales: tuple[float, ...] | None, n: int, *params: torch.Tensor) -> torch.Tensor:
+        ups, mids = params[:n], params[n:]
+        if n == 1:
+            mid = mids[0]
+            b = ups[0] @ mid
+            scale = None if scales is None else scales[0]
+        else:
+            mid = torch.stack(mids)  # (n, r2, r1)
+            b = torch.bmm(torch.stack(ups), mid)
+            scale = None if scales is None else torch.tensor(scales, dtype=b.dtype).to(b.device).view(-1, 1, 1)
+        if scale is not None:
+            b.mul_(scale)
+        ctx.n, ctx.scale, ctx.mid, ctx.params = n, scale, mid, params
+        ctx.versions = [p._version for p in params]
+        return b.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        if any(p._version != v for p, v in zip(ctx.params, ctx.versions)):
+            raise RuntimeError("an adapter's Mid or Up was modified in place between the forward and the backward "
+                               "that needs it; run backward before the optimizer step")
+        n, mid, ups = ctx.n, ctx.mid, ctx.params[: ctx.n]
+        g = grad.to(mid.dtype)
+        if ctx.scale is not None:
+            g = g * ctx.scale
+        if n == 1:
+            return None, None, None, g @ mid.T, ups[0].T @ g
+        g_up = torch.bmm(g, mid.transpose(1, 2))  # (n, out, r2)
+        g_mid = torch.bmm(torch.stack(ups).transpose(1, 2), g)  # (n, r2, r1)
+        return None, None, None, *g_up.unbind(0), *g_mid.unbind(0)
+
+
+class StepFactors:
+    """Per-step factors ``B = scale * Up @ Mid`` (out, r1) of frozen-Down adapters: a call is then
+    ``base + (x @ Down^T) @ B^T``, one addmm, and two matmuls in its backward.
+
+    Adapters whose Up and Mid have the same shapes are built together: one stack of their Ups, one
+    of their Mids, one batched matmul and one cast for all of them (backward: one stack, one cast,
+    two batched matmuls) instead of matmuls and casts per adapter and per call. Built at the first
+    call of a step and reused by every call in it (checkpoint recompute included); ``new_step``
+    starts the next. A changed Mid or Up (``_version`` or storage), another dtype or grad mode, or a
+    backward through the factors rebuilds them too.
+    """
+
+    def __init__(self, adapters: list[LoRAAdapter]) -> None:
+        classes: dict[tuple, list[LoRAAdapter]] = {}
+        for a in adapters:
+            classes.setdefault((tuple(a.up.shape), tuple(a.mid.shape)), []).append(a)
+        self._class = {id(a): tuple(members) for members in classes.values() for a in members}
+        self._built: dict[int, tuple] = {}  # id(first member) -> ((dtype, grad, states), {id(adapter): B})
+
+    def new_step(self) -> None:
+        self._built.clear()
+
+    @staticmethod
+    def _state(a: LoRAAdapter) -> tuple:
+        return (a.mid._version, a.mid.data_ptr(), a.up._version, a.up.data_ptr())
+
+    def get(self, adapter: LoRAAdapter, dtype: torch.dtype) -> torch.Tensor:
+        """``adapter``'s (out, r1) factor in ``dtype`` for this step."""
+        members = self._class[id(adapter)]
+        key = id(members[0])
+        grad = torch.is_grad_enabled()
+        hit = self._built.get(key)
+        if hit is not None:
+            (h_dtype, h_grad, states), factors, _ = hit
+            if h_dtype == dtype and h_grad == grad and states[id(adapter)] == self._state(adapter):
+                return factors[id(adapter)]
+        token = object()
+        factors = self._build(key, token, members, dtype)
+        self._built[key] = ((dtype, grad, {id(a): self._state(a) for a in members}), factors, token)
+        return factors[id(adapter)]
+
+    def _build(self, key: int, token: object, members: tuple[LoRAAdapter, ...],
+               dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        scales = tuple(a.scale for a in members)
+        b = _UpMid.apply(dtype, None if all(x == 1.0 for x in scales) else scales, len(members),
+                         *[a.up for a in members], *[a.mid for a in members])
+        if b.requires_grad:  # a backward through them spends their graph: rebuild at the next call
+            b.register_hook(lambda g: self._spent(key, token))
+        parts = (b,) if len(members) == 1 else b.unbind(0)
+        return {id(a): p for a, p in zip(members, parts)}
+
+    def _spent(self, key: int, token: object) -> None:
+        hit = self._built.get(key)
+        if hit is not None and hit[2] is token:
+            del self._built[key]
+
+
+class _Plan:
+    """The frozen-Down adapters of one ``attach_adapters``: shared-input groups, their stacked
+    Downs (cached per dtype and device while the Downs stay unchanged) and the step factors.
+
+    ``slot`` holds the shared Down projection of the latest input; a new input replaces it, the
+    end of the root module's forward drops it.
+    """
+
+    def __init__(self, adapters: Mapping[str, LoRAAdapter], groups: Iterable[tuple[str, ...]]) -> None:
+        self.adapters = dict(adapters)
+        self.group: dict[str, tuple[str, ...]] = {}
+        for g in groups:
+            g = tuple(n for n in g if n in self.adapters)
+            widths = {(self.adapters[n].in_features, self.adapters[n].down.device) for n in g}
+            if len(g) > 1 and len(widths) == 1:
+                for n in g:
+                    self.group[n] = g
+        for n in self.adapters:
+            self.group.setdefault(n, (n,))
+        self.factors = StepFactors(list(self.adapters.values()))
+        self._downs: dict[tuple[str, ...], tuple] = {}
+        self.slot: tuple | None = None  # (x, x._version, alias or None, {member: x @ Down^T})
+
+    def new_step(self) -> None:
+        self.factors.new_step()
+        self.slot = None
+
+    def release(self) -> None:
+        self.new_step()
+        self._downs.clear()
+
+    def down(self, group: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The group's Down matrices stacked, (sum r1, in), in ``dtype`` on ``device``."""
+        downs = [self.adapters[n].down for n in group]
+        key = tuple((id(d), d._version, d.data_ptr()) for d in downs) + (dtype, device)
+        hit = self._downs.get(group)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                d = downs[0] if len(downs) == 1 else torch.cat(downs)
+                hit = (key, d.to(device, dtype))
+            self._downs[group] = hit
+        return hit[1]
+
+    def project(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x for the Linear, {member: x @ Down^T}) of ``name``'s group, shared while x is the same."""
+        s = self.slot
+        if s is not None and (x is s[0] or x is s[2]) and x._version == s[1] and name in s[3]:
+            return (x if s[2] is None else s[2]), s[3]
+        group = self.group[name]
+        alias, u = shared_down(x, self.down(group, x.dtype, x.device))
+        sizes = [self.adapters[n].down.shape[0] for n in group]
+        parts = dict(zip(group, u.split(sizes, dim=-1) if len(group) > 1 else (u,)))
+        self.slot = (x, x._version, alias if alias is not x else None, parts)
+        return alias, parts
+
+
+def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
+    """The step-factor path applies (a compiled graph, another device or a Down made trainable
+    after attaching take the general path)."""
+    return (x.is_floating_point() and not adapter.down.requires_grad and x.device == adapter.up.device
+            and not torch.compiler.is_compiling())
+
+
+def _bypass_pre_hook(name: str, plan: _Plan):
+    def hook(module: nn.Module, args: tuple):
+        x = args[0]
+        if not (torch.is_grad_enabled() and x.requires_grad and _fast(x, plan.adapters[name])):
+            return None
+        alias, _ = plan.project(name, x)  # the Linear reads the alias: backward adds the low-rank input gradient
+        return (alias, *args[1:])
+
+    return hook
+
+
+def _bypass_hook(name: str, adapter: nn.Module, plan: _Plan | None):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Out-of-place: base weights and base output tensors are never modified.
+        x = args[0]
+        if plan is not None and output.dtype == x.dtype and _fast(x, adapter):
+            _, parts = plan.project(name, x)
+            return add_rows(output, parts[name], plan.factors.get(adapter, output.dtype))
+        return adapter.add_to(output, x)
+
+    return hook
 
 
 class AttachHandle:
     """Removes attached adapters; usable as a context manager."""
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], cast: SharedCast | None = None) -> None:
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], plan: _Plan | None = None) -> None:
         self._handles = handles
-        self._cast = cast
+        self._plan = plan
 
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
-        if self._cast is not None:
-            self._cast.clear()
+        if self._plan is not None:
+            self._plan.release()
 
     def __enter__(self) -> "AttachHandle":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def _bypass_hook(adapter: LoRAAdapter, cast: SharedCast):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        # Out-of-place: base weights and base output tensors are never modified.
-        x = args[0]
-        if isinstance(adapter, LoRAAdapter) and not adapter.down.requires_grad:
-            x = cast(x, adapter.down.dtype)  # frozen Down: the cast is not kept for backward, so share it
-        return adapter.add_to(output, x)
-
-    return hook
 
 
 def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
@@ -311,7 +515,8 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
             of the adapter's shape.
     """
     handles = []
-    cast = SharedCast()
+    fast = {n: a for n, a in adapters.items() if frozen_meta(a)}
+    plan = _Plan(fast, shared_input_groups(fast)) if fast else None
     try:
         for name, adapter in adapters.items():
             try:
@@ -327,9 +532,14 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
                     f"layer {name!r}: model has {type(mod).__name__} {got}, adapter expects Linear "
                     f"({adapter.in_features}, {adapter.out_features})"
                 )
-            handles.append(mod.register_forward_hook(_bypass_hook(adapter, cast)))
+            if name in fast:
+                handles.append(mod.register_forward_pre_hook(_bypass_pre_hook(name, plan)))
+            handles.append(mod.register_forward_hook(_bypass_hook(name, adapter, plan if name in fast else None)))
+        if plan is not None:  # each forward of the root is a step: new factors, no stale projection kept
+            handles.append(root.register_forward_pre_hook(lambda m, a: plan.new_step()))
+            handles.append(root.register_forward_hook(lambda m, a, o: setattr(plan, "slot", None)))
     except Exception:
         for h in handles:
             h.remove()
         raise
-    return AttachHandle(handles, cast)
+    return AttachHandle(handles, plan)

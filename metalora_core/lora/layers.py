@@ -6,6 +6,7 @@ Prior files and exported LoRAs use them; each host maps them onto its own module
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,25 @@ PRESETS: dict[str, tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str,
     "all": (_DOUBLE_ATTN + _DOUBLE_MLP + _DOUBLE_MOD, _SINGLE_ATTN + _SINGLE_MLP + _SINGLE_MOD),
 }
 DEFAULT_PRESET = "all"  # FLUX.1-dev: 494 layers (attn_mlp: 418)
+
+# Layers of one block that read the same input tensor in diffusers' FLUX blocks (q, k and v of
+# each stream; in a single block proj_mlp too): their Down projections can run as one matmul.
+SHARED_INPUT_SUFFIXES = (
+    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+)
+
+
+def shared_input_groups(names: Iterable[str]) -> list[tuple[str, ...]]:
+    """Groups of canonical layer names that read one input (``SHARED_INPUT_SUFFIXES``), 2+ each."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        for i, suffixes in enumerate(SHARED_INPUT_SUFFIXES):
+            hit = next((s for s in suffixes if name.endswith("." + s)), None)
+            if hit is not None:
+                groups.setdefault((name[: -len(hit)], i), []).append(name)
+                break
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 @dataclass(frozen=True)
