@@ -6,7 +6,11 @@ device (meta-device init, ``to_empty``, in-place init: seconds, nothing download
 config it measures the Stage-2 trainer (``train.stage2.personalize`` on the diffusers host; with
 ``COMFYUI_PATH`` set, also on the ComfyUI host) and the bare frozen forward+backward:
 
-- ``s_per_step``: median of CUDA-synchronised step times after warm-up; ``projected_375_s``.
+- ``s_per_step``: median of CUDA-synchronised step times after warm-up; ``projected_375_s``;
+  ``projected_stage1_h``: the paper's Stage-1 (q_total 50,000 steps of batch 4) on one device at
+  this per-step figure, counting a batch-4 step as four batch-1 steps (an upper bound: a larger
+  batch uses the device better) and leaving out Down's own gradient (r1 x in per layer, well
+  under 1 % of the work); under torchrun with P devices divide by P (batch 4 allows P <= 4).
 - ``max_memory_allocated`` (CUDA), ``saved_bytes``: bytes autograd keeps for backward in one
   step (``saved_tensors_hooks``; weights and adapter parameters excluded).
 - ``kernels``: CUDA kernels per step (torch.profiler); on the CPU, aten ops that compute
@@ -412,6 +416,9 @@ def run_host(host_name, args, device, peak, emit):
             emit(rec)
 
 
+STAGE1_ITEMS = 50_000 * 4  # the paper's Stage-1: q_total 50,000 steps, batch 4
+
+
 def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     side = res // 8  # VAE latent side; FLUX packs 2x2 latent pixels per token
     img_tokens = (side // 2) ** 2
@@ -446,6 +453,7 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
            "checkpointed_blocks": checkpointed(n_blocks, ck), "repeats": len(times[args.warmup:] or times),
            "s_per_step": None if med is None else round(med, 5),
            "projected_375_s": None if med is None else round(375 * med, 1),
+           "projected_stage1_h": None if med is None else _sig(STAGE1_ITEMS * med / 3600, 4),
            "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
            "saved_bytes": saved, "saved_gib": round(saved / GIB, 4), "kernels": kernels,
            "tflop": _sig(flops["tflop"]), "tflops": None if med is None else _sig(flops["tflop"] / med),

@@ -179,6 +179,7 @@ def test_gpu_bench_tiny_runs_on_cpu_and_prints_json_lines(capsys):
     for r in rows:
         assert r["s_per_step"] > 0 and r["saved_bytes"] > 0 and r["kernels"] > 0 and r["tflop"] > 0
         assert r["projected_375_s"] == pytest.approx(375 * r["s_per_step"], abs=0.1)
+        assert r["projected_stage1_h"] == pytest.approx(200_000 * r["s_per_step"] / 3600, rel=1e-3)
     by = {(r["weights"], r["mode"], r["checkpoint"]): r for r in rows}
     meta = by[("bf16", "metalora", "off")]
     assert meta["saved_bytes_ratio_to_bare"] < 1.25  # was 2.3 with a float32 input copy per Linear
