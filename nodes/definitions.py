@@ -8,6 +8,7 @@ from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
 from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
 from ..metalora_core.formats.store import save_lora_new
+from ..metalora_core.lora.layers import DEFAULT_PRESET, PRESETS
 from ..metalora_core.train.stage2 import Stage2Config
 from . import interop, training
 from .folders import PRIOR_FOLDER, insightface_root, prior_names
@@ -131,6 +132,12 @@ class MetaLoRATrain(io.ComfyNode):
                                        "besides the weights). low: recompute every block (about a third slower, "
                                        "activations under 1 GB). auto: fast if it fits the card's free memory, else "
                                        "recompute only as many blocks as needed. gradient_checkpointing on means low."),
+                io.Combo.Input("layers", options=list(PRESETS), default=DEFAULT_PRESET, optional=True,
+                               tooltip="The Linears a plain LoRA (no prior) trains. all: every Linear of the blocks, "
+                                       "modulation included (ai-toolkit's FLUX default, which the paper's "
+                                       "implementation used); attn_mlp: without the modulation (about a fifth less "
+                                       "activation memory at 512 px); attn: attention only. With a prior, the "
+                                       "prior's own layers are trained whatever this says."),
             ],
             outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve"),
                      io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA for core Save LoRA Weights / Load LoRA Model."),
@@ -141,8 +148,8 @@ class MetaLoRATrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
                 resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
-                prior=None, memory: str = "auto") -> io.NodeOutput:
-        config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed)
+                prior=None, memory: str = "auto", layers: str = DEFAULT_PRESET) -> io.NodeOutput:
+        config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed, preset=layers)
         settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                                           preview_every=preview_every, force_retrain=force_retrain, memory=memory)
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))

@@ -128,8 +128,10 @@ def test_pack_loads_and_nodes_are_listed(env):
     train = env.nodes.NODE_CLASS_MAPPINGS["MetaLoRATrain"].GET_NODE_INFO_V1()["input"]
     assert set(train["required"]) == {"model", "vae", "crops", "positive", "steps", "rank", "learning_rate", "seed",
                                       "resolution", "gradient_checkpointing", "preview_every", "force_retrain"}
-    assert set(train["optional"]) == {"prior", "memory"}
+    assert set(train["optional"]) == {"prior", "memory", "layers"}
     assert train["optional"]["memory"][1]["default"] == "auto"
+    assert train["optional"]["layers"][1]["default"] == "all" and set(train["optional"]["layers"][1]["options"]) == {
+        "all", "attn_mlp", "attn"}
     assert train["required"]["steps"][1]["default"] == 375 and train["required"]["rank"][1]["default"] == 1
     assert "meta_lora" in env.folder_paths.folder_names_and_paths
 
@@ -406,6 +408,28 @@ def _loss64(host, ad) -> float:
             return float(((pred.double() - (noise - x0).double()) ** 2).mean())
     finally:
         handle.remove()
+
+
+def test_layers_choose_what_a_plain_lora_trains_and_a_prior_keeps_its_own(env, loaded, tmp_path):
+    model, vae, crops, cond = loaded
+    node = env.nodes.NODE_CLASS_MAPPINGS["MetaLoRATrain"]
+    prior_mod, layers = pack("metalora_core.formats.prior"), pack("metalora_core.lora.layers")
+    dims = pack("nodes.comfy_host").flux_dims(model)
+
+    def trained(layers_choice, prior=None):
+        with torch.inference_mode():
+            out = node.execute(model, vae, crops, cond, steps=1, rank=1, learning_rate=4e-4, seed=0, resolution=64,
+                               gradient_checkpointing=False, preview_every=0, force_retrain=True, prior=prior,
+                               layers=layers_choice)
+        return set(out.result[0].adapters.names)
+
+    for choice in ("attn", "attn_mlp", "all"):
+        assert trained(choice) == set(layers.resolve_targets(choice, dims)), choice
+    assert len(trained("attn")) < len(trained("attn_mlp")) < len(trained("all"))
+    prior = prior_mod.load_prior(prior_mod.save_prior(
+        prior_mod.make_prior(dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0)),
+        tmp_path / "attn_prior.safetensors"))
+    assert trained("all", prior) == set(layers.resolve_targets("attn", dims))  # the prior's layers win
 
 
 def test_train_validates_the_prior_before_encoding_and_names_the_file(env, loaded, tmp_path):
