@@ -8,6 +8,9 @@
 - anything else is a bug: its traceback, then one line saying so, exit 1.
 
 ``--debug`` prints the traceback in every case (the exit code stays the same).
+
+The Ctrl-C handler installed here also records the Ctrl-C (``cli.interrupt``), so one that Python
+drops inside a destructor still stops the run at its next step.
 """
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ import argparse
 import errno
 import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
 from ..formats.files import Terminated, terminate_on_sigterm
+from .interrupt import CTRL_C, on_ctrl_c
 
 EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -58,6 +63,10 @@ def run_command(args: argparse.Namespace) -> tuple[int, Any]:
     debug = bool(getattr(args, "debug", False))
     name = f"metalora {cmd}".strip()
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = None
+    if threading.current_thread() is threading.main_thread():
+        previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
+    CTRL_C.clear()
     terminate_on_sigterm()
     try:
         return EXIT_OK, args.func(args)
@@ -80,6 +89,9 @@ def run_command(args: argparse.Namespace) -> tuple[int, Any]:
               "please report it with the traceback above", file=sys.stderr)
         return EXIT_BUG, None
     finally:
+        CTRL_C.clear()
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
         if previous is not None:
             try:
                 signal.signal(signal.SIGTERM, previous)

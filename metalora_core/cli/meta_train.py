@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .interrupt import raise_if_interrupted
+
 # --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
 TINY = {"steps": 600, "bucket_steps": 100, "warmup_steps": 40, "identities_per_bucket": 2, "r1": 8,
         "resolution": 64, "checkpoint_every": 100}
@@ -80,6 +82,7 @@ class Progress:
         self.recent: list[float] = []
 
     def __call__(self, info: Any) -> None:
+        raise_if_interrupted()  # a Ctrl-C that Python dropped (see cli.interrupt) stops the run here
         if self.first_step is None:
             self.first_step = info.step - 1
         self.recent = (self.recent + [info.loss])[-50:]

@@ -5,6 +5,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from .interrupt import raise_if_interrupted
+
 
 class StepLog:
     """Callback ``(step, loss)`` that logs ``step i/n loss x`` at the first and last step, every
@@ -17,6 +19,7 @@ class StepLog:
         self.last = clock()
 
     def __call__(self, step: int, loss: float) -> None:
+        raise_if_interrupted()  # a Ctrl-C that Python dropped (see cli.interrupt) stops the run here
         now = self.clock()
         if step in (1, self.total) or step % self.every == 0 or now - self.last >= self.every_s:
             self.last = now
