@@ -361,11 +361,14 @@ def test_ctrl_c_in_meta_train_is_one_line_exit_130_nothing_half_written(tmp_path
     out, data = tmp_path / "run", identity_folders(tmp_path / "identities")
     # PYTHONFAULTHANDLER: a run that does not stop is aborted below and prints where each thread was
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    # preexec_fn: Ctrl-C as in a terminal, also when these tests run as a background job (where a
+    # shell starts every child with SIGINT ignored, and Python then leaves it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "metalora_core", "meta-train", "--tiny", "--data", str(data),
                              "--out", str(out),
                              "--steps", "100000", "--bucket-steps", "50", "--warmup-steps", "2",
                              "--checkpoint-every", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out / "checkpoint.safetensors").is_file():
         assert proc.poll() is None, proc.stderr.read()
@@ -606,7 +609,28 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_next_step(ca
             log(step, 0.5)
         return "finished"
 
-    code, result = run_command(argparse.Namespace(func=train, command="personalize"))
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see above)
+    try:
+        code, result = run_command(argparse.Namespace(func=train, command="personalize"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert (code, result) == (130, None) and steps == [1]
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_ctrl_c_that_is_ignored_stays_ignored():
+    """A background job (SIGINT ignored) or a host with its own handler keeps it: the CLI installs
+    its Ctrl-C handler only over Python's default one."""
+    import argparse
+
+    from metalora_core.cli.errors import run_command
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen = []
+        code, _ = run_command(argparse.Namespace(func=lambda a: seen.append(signal.getsignal(signal.SIGINT)),
+                                                 command="personalize"))
+        assert code == 0 and seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)

@@ -63,8 +63,8 @@ def run_command(args: argparse.Namespace) -> tuple[int, Any]:
     debug = bool(getattr(args, "debug", False))
     name = f"metalora {cmd}".strip()
     previous = signal.getsignal(signal.SIGTERM)
-    previous_int = None
-    if threading.current_thread() is threading.main_thread():
+    previous_int = None  # Ctrl-C left alone where it is ignored (a background job) or handled by a host
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
     CTRL_C.clear()
     terminate_on_sigterm()
