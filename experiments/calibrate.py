@@ -11,37 +11,20 @@ used by Stage-1, Stage-2 and the demo). ``--smoke`` builds throw-away artefacts 
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experiment_cli import run_script  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from metalora_core.synthfaces.artefacts import SMOKE_BUILD, build_artefacts, load_artefacts
     from metalora_core.synthfaces.experiment import SMOKE_CALIBRATION, run_calibration
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--smoke", action="store_true", help="seconds: tiny artefacts, one identity, two rates")
-    p.add_argument("--artefacts", default=str(HERE / "artefacts"), help="artefact folder (the base model is what counts)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    if args.smoke:
-        arts = build_artefacts(out / "artefacts", SMOKE_BUILD)
-        results = run_calibration(arts, out, SMOKE_CALIBRATION["lrs"], SMOKE_CALIBRATION["config"], label="smoke")
-    else:
-        results = run_calibration(load_artefacts(args.artefacts), out)
-    print((out / "table.md").read_text())
-    print(f"chosen lr {results['chosen_lr']:g} ({results['seconds']} s)")
-    return 0
+    return run_script(__doc__, argv, full=lambda arts, out: run_calibration(arts, out),
+                      smoke=lambda arts, out: run_calibration(arts, out, SMOKE_CALIBRATION["lrs"],
+                                                              SMOKE_CALIBRATION["config"], label="smoke"),
+                      smoke_help="seconds: tiny artefacts, one identity, two rates")
 
 
 if __name__ == "__main__":

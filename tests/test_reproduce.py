@@ -199,7 +199,8 @@ def test_calibration_smoke_chooses_a_rate_on_identities_the_comparison_never_sco
     assert res["chosen_lr"] == best
     scored = {x.identity.index for s in range(3) for x in held_out(ReproConfig(seed=s, identities=8))}
     assert res["identities"] and scored.isdisjoint(res["identities"])
-    assert f"lr = {res['chosen_lr']:g}" in (out / "table.md").read_text() and "chosen lr" in capsys.readouterr().out
+    chosen = f"lr = {res['chosen_lr']:g}"
+    assert chosen in (out / "table.md").read_text() and chosen in capsys.readouterr().out
 
 
 def test_committed_artefacts_and_calibration_use_the_domains_one_learning_rate():

@@ -613,24 +613,12 @@ class MetaTrainer:
         loss = flow_step_loss(self.host, [z for z, _ in picked], cond, gen, sigma_mode=c.sigma_mode,
                               use_shift=c.resolution_shift)
         value = float(loss.detach())  # a device sync point, needed for the guard
-        where = f"step {pt.step + 1} (bucket {pt.bucket}, {pt.phase})"
-        if not math.isfinite(value):
-            raise RuntimeError(
-                f"Stage-1 loss became {value} at {where}; lower the learning rate (now {c.lr}), check the "
-                "latents, or use bf16/fp32 instead of fp16; resume from the last checkpoint after fixing it"
-            )
+        where = self._check_loss(value, pt)
         live.opt.zero_grad(set_to_none=True)
         self.down_opt.zero_grad(set_to_none=True)
         loss.backward()
         updated = [p for p in live.params if p.grad is not None] + (list(self.downs.values()) if update_down else [])
-        norm = torch.nn.utils.clip_grad_norm_(updated, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(norm):
-            raise RuntimeError(f"Stage-1 gradients became {float(norm)} at {where}; lower the learning rate "
-                               f"(now {c.lr}) or use bf16/fp32 instead of fp16")
-        live.opt.step()
-        if update_down:
-            self.down_opt.step()
-        self.losses.append(value)
+        self._update(live, updated, value, where, update_down=update_down)
         return value, idents, tuple(m for _, m in picked)
 
     def _train_step_shared(self, pt: SchedulePoint, batch: list[int], idents: tuple[int, ...],
@@ -662,12 +650,24 @@ class MetaTrainer:
         total = (loss.detach() if loss is not None else torch.zeros((), device=dev)).reshape(1).to(dev, torch.float32)
         group.all_reduce_sum_([total, *(p.grad for p in updated)])
         value = float(total)
+        where = self._check_loss(value, pt)
+        self._update(live, updated, value, where, update_down=update_down)
+        return value, idents, tuple(m for _, m in picked)
+
+    def _check_loss(self, value: float, pt: SchedulePoint) -> str:
+        """Stops on a NaN/inf loss (naming the step and the fix); returns where the step is."""
         where = f"step {pt.step + 1} (bucket {pt.bucket}, {pt.phase})"
         if not math.isfinite(value):
             raise RuntimeError(
-                f"Stage-1 loss became {value} at {where}; lower the learning rate (now {c.lr}), check the "
-                "latents, or use bf16/fp32 instead of fp16; resume from the last checkpoint after fixing it"
+                f"Stage-1 loss became {value} at {where}; lower the learning rate (now {self.config.lr}), check "
+                "the latents, or use bf16/fp32 instead of fp16; resume from the last checkpoint after fixing it"
             )
+        return where
+
+    def _update(self, live: "_LiveBucket", updated: list[torch.Tensor], value: float, where: str, *,
+                update_down: bool) -> None:
+        """Clips the gradients of ``updated`` (stopping on NaN/inf), steps the optimizers, records the loss."""
+        c = self.config
         norm = torch.nn.utils.clip_grad_norm_(updated, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
         if not torch.isfinite(norm):
             raise RuntimeError(f"Stage-1 gradients became {float(norm)} at {where}; lower the learning rate "
@@ -676,7 +676,6 @@ class MetaTrainer:
         if update_down:
             self.down_opt.step()
         self.losses.append(value)
-        return value, idents, tuple(m for _, m in picked)
 
     # -- moving identity layers between the bank and the device -------------------------------
 
