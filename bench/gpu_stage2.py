@@ -364,7 +364,9 @@ def configs(args) -> list[tuple[str, str, str, bool]]:
                 out.append((weights, "metalora", ck, False))
             if weights == "bf16" and True in args.compile:
                 out.append((weights, "metalora", "off", True))
-    return [c for c in out if c[3] in args.compile or c[1] == "bare"]
+    keep = {"off": "off", "k": every, "all": "all"}
+    chosen = {keep[c] for c in args.checkpoints} if args.checkpoints else set(keep.values())
+    return [c for c in out if (c[3] in args.compile and c[2] in chosen) or c[1] == "bare"]
 
 
 def run_host(host_name, args, device, peak, emit):
@@ -472,15 +474,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: a smoke run in seconds")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--width", type=int, default=3072, help="hidden width, a multiple of 128 (heads x 128)")
-    ap.add_argument("--depth", type=int, default=19, help="double blocks; single blocks: --single-depth")
+    ap.add_argument("--width", type=int, default=None,
+                    help="hidden width, a multiple of 128 (heads x 128); default 3072 (--tiny: 256)")
+    ap.add_argument("--depth", type=int, default=None, help="double blocks; default 19 (--tiny: 1)")
     ap.add_argument("--single-depth", type=int, default=None, help="default: 2 x --depth (FLUX: 38)")
-    ap.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024])
-    ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="default 512,1024 (--tiny: 128)")
+    ap.add_argument("--text-tokens", type=int, default=None, help="default 512 (--tiny: 16)")
     ap.add_argument("--weights", type=lambda s: s.split(","), default=["bf16", "fp8"])
     ap.add_argument("--compile", type=lambda s: [x == "on" for x in s.split(",")], default=[False, True],
                     help="off,on")
     ap.add_argument("--checkpoint-every", type=int, default=2, help="k of the every-k-th-block config")
+    ap.add_argument("--checkpoints", type=lambda s: s.split(","), default=None,
+                    help="checkpointing configs to run, of off,k,all (default: all three)")
     ap.add_argument("--matrix", choices=["quick", "full"], default="quick")
     ap.add_argument("--hosts", type=lambda s: s.split(","), default=None, help="core,comfy (comfy needs COMFYUI_PATH)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -492,11 +498,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seconds", type=float, default=240,
                     help="per host: configs not started after this many seconds are reported as skipped")
     args = ap.parse_args(argv)
+    # what is not given explicitly: FLUX.1-dev's shape, or with --tiny a smoke-run shape
+    for name, flux, tiny in (("width", 3072, 256), ("depth", 19, 1), ("resolutions", [512, 1024], [128]),
+                             ("text_tokens", 512, 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else flux)
     if args.tiny:
         args.device = args.device or "cpu"
-        args.width, args.depth = (256 if args.width == 3072 else args.width), (1 if args.depth == 19 else args.depth)
-        args.resolutions = [128] if args.resolutions == [512, 1024] else args.resolutions
-        args.text_tokens = 16 if args.text_tokens == 512 else args.text_tokens
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
         args.r1 = min(args.r1, 4)
         args.max_seconds = 1e9 if args.max_seconds == 240 else args.max_seconds  # a smoke run does all
@@ -505,6 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.width % 128:
         raise SystemExit(f"--width must be a multiple of 128 (FLUX heads are 128 wide), got {args.width}")
+    if args.checkpoints and not set(args.checkpoints) <= {"off", "k", "all"}:
+        raise SystemExit(f"--checkpoints takes off,k,all; got {args.checkpoints}")
     if args.weights and not set(args.weights) <= {"bf16", "fp8"}:
         raise SystemExit(f"--weights takes bf16,fp8; got {args.weights}")
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)

@@ -38,6 +38,7 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
+from ..metalora_core.lora.modulation import modulated_norm
 from .images import pils_to_image
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class ComfyFluxCond:
         if self.y is not None:
             t["y"] = self.y
         return sha256_tensors(t)
+
+
+MODULATION_SUFFIXES = ("_mod.lin", ".modulation.lin")  # ComfyUI's FLUX: img_mod, txt_mod; single blocks' modulation
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class _Blocks:
         # Stage-2 Meta-LoRA modules (every adapter with a frozen Down and a Mid): one addmm per call
         self.fast = {name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)}
         self.step_factors = StepFactors([x.adapter for name in self.fast for x in slots[name]])
+        # every block's modulation Linear reads silu(vec): one silu and one Down projection per step
+        self.mod_fast = [n for n in sorted(self.fast) if n.endswith(MODULATION_SUFFIXES)]
+        self._silu: tuple | None = None  # (vec, vec._version, grad mode, silu(vec)) of this step
+        self._mod_u: tuple | None = None  # (x, x._version, {module: x @ Down^T})
 
     def new_step(self, dtype: torch.dtype) -> None:
         """Builds the fused factors of every adapted module for one forward (and its backward).
@@ -163,6 +171,7 @@ class _Blocks:
         """
         self._step_factors.clear()
         self.step_factors.new_step()
+        self._silu = self._mod_u = None
         if not self.adapters_on:
             return
         for name, slots in self.slots.items():
@@ -243,7 +252,10 @@ class _Blocks:
                 x_.adapter.down.requires_grad for x_ in slots):
             down, b = self._factors(name, slots, module.out_features, x.dtype)
             if down.device == x.device:
-                x_lin, u = shared_down(x, down)  # (..., R1); backward adds the low-rank input gradient to x's
+                if name in self.mod_fast and self._silu is not None and x is self._silu[3] and not x.requires_grad:
+                    x_lin, u = x, self._modulation_projection(name, x)
+                else:
+                    x_lin, u = shared_down(x, down)  # (..., R1); backward adds the low-rank input gradient to x's
                 y = self._base(module, x_lin)  # (..., out): base output, never modified
                 if y.dtype == x.dtype:
                     return add_rows(y, u, b)
@@ -264,10 +276,30 @@ class _Blocks:
             x = self._linear(f"{name}.{i}", m, x) if hasattr(m, "in_features") else m(x)
         return x
 
+    def _modulation_projection(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Down^T`` of the modulation Linear ``name``: one matmul against the stacked Downs of
+        all of them (they read the same ``silu(vec)``, which needs no gradient), once per step."""
+        hit = self._mod_u
+        if hit is None or hit[0] is not x or hit[1] != x._version:
+            slots = [s for n in self.mod_fast for s in sorted(self.slots[n], key=lambda s: s.start)]
+            u = F.linear(x, self._fused_down("<modulation>", slots, x.dtype))
+            sizes = [sum(s.adapter.down.shape[0] for s in self.slots[n]) for n in self.mod_fast]
+            self._mod_u = hit = (x, x._version, dict(zip(self.mod_fast, u.split(sizes, dim=-1))))
+        return hit[2][name]
+
+    def _silu_vec(self, vec: torch.Tensor) -> torch.Tensor:
+        """``silu(vec)`` (B, 1, width), computed once per step for every block's modulation. With the
+        adapters off, once per block, as ComfyUI's own blocks do (the bare step it is measured against)."""
+        v = vec[:, None, :] if vec.ndim == 2 else vec
+        if not self.adapters_on:
+            return F.silu(v)
+        hit = self._silu
+        if hit is None or hit[0] is not vec or hit[1] != vec._version or hit[2] != torch.is_grad_enabled():
+            self._silu = hit = (vec, vec._version, torch.is_grad_enabled(), F.silu(v))
+        return hit[3]
+
     def _mod(self, name: str, mod: nn.Module, vec: torch.Tensor) -> list[torch.Tensor]:
-        if vec.ndim == 2:
-            vec = vec[:, None, :]
-        return self._linear(f"{name}.lin", mod.lin, F.silu(vec)).chunk(mod.multiplier, dim=-1)
+        return self._linear(f"{name}.lin", mod.lin, self._silu_vec(vec)).chunk(mod.multiplier, dim=-1)
 
     @staticmethod
     def _pe(pe: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -287,18 +319,18 @@ class _Blocks:
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self._mod(f"{p}.img_mod", b.img_mod, vec)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self._mod(f"{p}.txt_mod", b.txt_mod, vec)
         iq, ik, iv = self._qkv(self._linear(f"{p}.img_attn.qkv", b.img_attn.qkv,
-                                            torch.addcmul(i_sh1, b.img_norm1(img), 1 + i_sc1)), b.num_heads)
+                                            modulated_norm(b.img_norm1, img, i_sh1, i_sc1)), b.num_heads)
         iq, ik = b.img_attn.norm(iq, ik, iv)
         tq, tk, tv = self._qkv(self._linear(f"{p}.txt_attn.qkv", b.txt_attn.qkv,
-                                            torch.addcmul(t_sh1, b.txt_norm1(txt), 1 + t_sc1)), b.num_heads)
+                                            modulated_norm(b.txt_norm1, txt, t_sh1, t_sc1)), b.num_heads)
         tq, tk = b.txt_attn.norm(tq, tk, tv)
         q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
         attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
         t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
         img = img + i_g1 * self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn)
-        img = img + i_g2 * self._seq(f"{p}.img_mlp", b.img_mlp, torch.addcmul(i_sh2, b.img_norm2(img), 1 + i_sc2))
+        img = img + i_g2 * self._seq(f"{p}.img_mlp", b.img_mlp, modulated_norm(b.img_norm2, img, i_sh2, i_sc2))
         txt = txt + t_g1 * self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn)
-        txt = txt + t_g2 * self._seq(f"{p}.txt_mlp", b.txt_mlp, torch.addcmul(t_sh2, b.txt_norm2(txt), 1 + t_sc2))
+        txt = txt + t_g2 * self._seq(f"{p}.txt_mlp", b.txt_mlp, modulated_norm(b.txt_norm2, txt, t_sh2, t_sc2))
         return img, txt
 
     def single(self, i: int, x, vec, pe, attn_mask, transformer_options):
@@ -308,7 +340,7 @@ class _Blocks:
         if b.modulation is None or b.yak_mlp or b.mlp_hidden_dim_first != b.mlp_hidden_dim:
             raise ValueError("only FLUX.1-style single blocks are supported for training")
         shift, scale, gate = self._mod(f"{p}.modulation", b.modulation, vec)
-        h = self._linear(f"{p}.linear1", b.linear1, torch.addcmul(shift, b.pre_norm(x), 1 + scale))
+        h = self._linear(f"{p}.linear1", b.linear1, modulated_norm(b.pre_norm, x, shift, scale))
         qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
         q, k, v = self._qkv(qkv, b.num_heads)
         q, k = b.norm(q, k, v)

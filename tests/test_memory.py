@@ -263,3 +263,69 @@ def test_down_project_gradients_match_autograd():
     assert gx.dtype == torch.bfloat16
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gd, rd)
+
+
+def _plain_modulated_norm(norm, x, shift, scale):
+    return torch.addcmul(shift, norm(x), 1 + scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modulated_norm_keeps_no_normalised_copy_and_computes_the_same(dtype):
+    """Trained modulation (preset "all"): the normalised x is recomputed in backward, not kept.
+    Same forward bits and gradients as the plain ops; saves exactly one (tokens x width) less."""
+    from metalora_core.lora.modulation import modulated_norm
+
+    g = torch.Generator().manual_seed(0)
+    norm = nn.LayerNorm(32, elementwise_affine=False, eps=1e-6)
+    base = (torch.randn(2, 10, 32, generator=g) * 3 + 1).to(dtype)
+    mod = torch.randn(2, 1, 64, generator=g).to(dtype)
+    upstream = torch.randn(2, 10, 32, generator=g).to(dtype)
+    results = {}
+    for name, fn in (("fused", modulated_norm), ("plain", _plain_modulated_norm)):
+        x = base.clone().requires_grad_(True)
+        m = mod.clone().requires_grad_(True)
+        shift, scale = m.chunk(2, dim=-1)  # views of one modulation output, as in FLUX blocks
+        saved = SavedTensors()
+        with saved:
+            y = fn(norm, x * 1, shift, scale)  # x * 1: an activation, as a block's residual stream is
+        y.backward(upstream)
+        results[name] = (y.detach(), x.grad, m.grad, saved.nbytes)
+    (y, gx, gm, nbytes), (y0, gx0, gm0, nbytes0) = results["fused"], results["plain"]
+    assert torch.equal(y, y0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx0, **tol)
+    torch.testing.assert_close(gm, gm0, **tol)
+    assert nbytes0 - nbytes == base.numel() * base.element_size(), (nbytes0, nbytes)
+
+
+def test_modulated_norm_gradients_match_finite_differences():
+    from metalora_core.lora.modulation import modulated_norm
+
+    g = torch.Generator().manual_seed(1)
+    norm = nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(2, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: modulated_norm(norm, a, b, c), (x, shift, scale))
+    # only some inputs needing gradients (the bare step's modulation, a frozen stream)
+    assert torch.autograd.gradcheck(lambda a, c: modulated_norm(norm, a, shift.detach(), c), (x, scale))
+
+
+def test_modulated_norm_falls_back_to_the_plain_ops():
+    """A norm with weights, or an x or scale that needs no gradient, runs the plain ops (nothing to save)."""
+    from metalora_core.lora import modulation
+
+    x, shift, scale = torch.randn(1, 4, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8, requires_grad=True)
+    affine = nn.LayerNorm(8)
+    assert modulation.plain_layer_norm(affine) is None
+    assert modulation.plain_layer_norm(nn.LayerNorm(8, elementwise_affine=False)) == 1e-5
+    with torch.no_grad():
+        affine.weight.mul_(2.0)
+    out = modulation.modulated_norm(affine, x, shift, scale)
+    assert out.grad_fn.name() == "AddcmulBackward0"
+    torch.testing.assert_close(out, torch.addcmul(shift, affine(x), 1 + scale))
+    plain = nn.LayerNorm(8, elementwise_affine=False)
+    assert modulation.modulated_norm(plain, x, shift, scale.detach()).grad_fn is None
+    assert modulation.modulated_norm(plain, x, shift, scale).grad_fn.name() == "AddcmulBackward0"  # x: no grad
+    fused = modulation.modulated_norm(plain, x.clone().requires_grad_(True), shift, scale)
+    assert fused.grad_fn.name() == "_ModulatedNormBackward"

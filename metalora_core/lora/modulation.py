@@ -1,0 +1,65 @@
+"""FLUX's modulated LayerNorm, ``LayerNorm(x) * (1 + scale) + shift``, for trained modulation.
+
+When the modulation Linears are adapted (preset ``all``), ``shift`` and ``scale`` need gradients;
+plain autograd then keeps the normalised ``x`` (one activation as large as ``x``) for ``scale``'s
+gradient, on top of what LayerNorm keeps for its own backward (``x`` and two per-token
+statistics). ``modulated_norm`` keeps only those and the (batch, 1, width) ``1 + scale``, and
+recomputes the normalised ``x`` in backward with the same LayerNorm kernel (bit-identical).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _ModulatedNorm(torch.autograd.Function):
+    """``addcmul(shift, layer_norm(x), 1 + scale)`` (LayerNorm without weights). Not twice
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        width = (x.shape[-1],)
+        n, mean, rstd = torch.ops.aten.native_layer_norm(x, width, None, None, eps)
+        scale1 = 1 + scale
+        ctx.save_for_backward(x, mean, rstd, scale1)
+        ctx.eps, ctx.shift_shape, ctx.scale_shape = eps, shift.shape, scale.shape
+        return torch.addcmul(shift, n, scale1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, mean, rstd, scale1 = ctx.saved_tensors
+        gx = g_shift = g_scale = None
+        if ctx.needs_input_grad[2]:
+            n = torch.ops.aten.native_layer_norm(x, (x.shape[-1],), None, None, ctx.eps)[0]
+            g_scale = (g * n).sum_to_size(ctx.scale_shape)
+        if ctx.needs_input_grad[1]:
+            g_shift = g.sum_to_size(ctx.shift_shape)
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.native_layer_norm_backward(g * scale1, x, (x.shape[-1],), mean, rstd, None, None,
+                                                  [True, False, False])[0]
+        return gx, g_shift, g_scale, None
+
+
+def plain_layer_norm(norm: nn.Module) -> float | None:
+    """The eps of a LayerNorm over the last dimension without weights (FLUX's block norms), else None."""
+    shape = getattr(norm, "normalized_shape", None)
+    if (isinstance(norm, nn.LayerNorm) and getattr(norm, "weight", None) is None
+            and getattr(norm, "bias", None) is None and shape is not None and len(shape) == 1):
+        return float(norm.eps)
+    return None
+
+
+def modulated_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift``, as ``torch.addcmul(shift, norm(x), 1 + scale)`` computes it.
+
+    With ``x`` and ``scale`` needing gradients and ``norm`` a plain LayerNorm
+    (``plain_layer_norm``), the normalised ``x`` is recomputed in backward instead of kept (see the
+    module docstring). Otherwise the plain ops run: an ``x`` that needs no gradient (the first
+    block's input) is kept by nobody else, so keeping it would save nothing over its normalised copy.
+    """
+    eps = plain_layer_norm(norm)
+    if (eps is not None and torch.is_grad_enabled() and x.requires_grad and scale.requires_grad
+            and x.shape[-1] == norm.normalized_shape[0] and x.dtype == shift.dtype == scale.dtype):
+        return _ModulatedNorm.apply(x, shift, scale, eps)
+    return torch.addcmul(shift, norm(x), 1 + scale)
