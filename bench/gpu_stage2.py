@@ -485,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", type=lambda s: [x == "on" for x in s.split(",")], default=[False, True],
                     help="off,on")
     ap.add_argument("--checkpoint-every", type=int, default=2, help="k of the every-k-th-block config")
+    ap.add_argument("--compose", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                    metavar="DOUBLE,SINGLE", help="measure 1+2, 2+2 and 1+3 blocks and compose the figures at "
+                    "DOUBLE+SINGLE blocks (e.g. 19,38: FLUX.1-dev at a width whose whole depth does not fit)")
     ap.add_argument("--checkpoints", type=lambda s: s.split(","), default=None,
                     help="checkpointing configs to run, of off,k,all (default: all three)")
     ap.add_argument("--matrix", choices=["quick", "full"], default="quick")
@@ -537,8 +540,65 @@ def main(argv: list[str] | None = None) -> None:
     emit({"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
           "torch": torch.__version__, "width": args.width, "double": args.depth, "single": args.single_depth,
           "dtype": args.dtype, "hosts": hosts, "peak_tflops": peak, "threads": torch.get_num_threads()})
-    for h in hosts:
-        run_host(h, args, device, peak, emit)
+    if args.compose is not None and (len(args.compose) != 2 or args.compose[0] < 1 or args.compose[1] < 2):
+        raise SystemExit(f"--compose takes DOUBLE,SINGLE with at least 1 double and 2 single blocks; got {args.compose}")
+    if args.compose is None:
+        for h in hosts:
+            run_host(h, args, device, peak, emit)
+        return
+    measured: dict[tuple, dict] = {}
+
+    def collect(rec: dict) -> None:
+        rec["shape"] = [args.depth, args.single_depth]
+        emit(rec)
+        if "error" not in rec and "skipped" not in rec:
+            measured[(rec["host"], rec["weights"], rec["mode"], rec["checkpoint"], rec["compile"], rec["resolution"],
+                      args.depth, args.single_depth)] = rec
+
+    for d, s in COMPOSE_SHAPES:
+        args.depth, args.single_depth = d, s
+        for h in hosts:
+            run_host(h, args, device, peak, collect)
+    for rec in compose(measured, *args.compose):
+        emit(rec)
+
+
+# (double, single) shapes measured for --compose. The first block is unlike the others (with
+# adapters its input needs no gradient, unlike the bare step's) and so are the first and the last
+# single block: the shapes vary a double block and a single block in the middle.
+COMPOSE_SHAPES = ((1, 2), (2, 2), (1, 3))
+COMPOSED = ("saved_bytes", "kernels", "s_per_step")
+
+
+def compose(measured: dict[tuple, dict], double: int, single: int) -> list[dict]:
+    """Figures at ``double`` + ``single`` blocks (double >= 1, single >= 2) from the ``COMPOSE_SHAPES``
+    runs, per config: f(1,2) + (double - 1) * [f(2,2) - f(1,2)] + (single - 2) * [f(1,3) - f(1,2)].
+    Only without checkpointing or with every block checkpointed (every k-th block does not compose)."""
+    out, bare = [], {}
+    keys = sorted({k[:6] for k in measured}, key=lambda k: (k[2] != "bare", str(k)))
+    for key in keys:
+        host, weights, mode, ck, comp, res = key
+        runs = [measured.get(key + shape) for shape in COMPOSE_SHAPES]
+        if None in runs or ck not in ("off", "all"):
+            continue
+        one, two_double, two_single = runs
+        rec = {"host": host, "mode": mode, "resolution": res, "weights": weights, "checkpoint": ck, "compile": comp,
+               "composed": [double, single], "from_shapes": [list(s) for s in COMPOSE_SHAPES]}
+        for f in COMPOSED:
+            if all(r.get(f) is not None for r in runs):
+                value = one[f] + (double - 1) * (two_double[f] - one[f]) + (single - 2) * (two_single[f] - one[f])
+                rec[f] = _sig(value) if f == "s_per_step" else int(value)
+        if mode == "bare":
+            bare[(host, weights, res)] = rec
+        base = bare.get((host, weights, res))
+        if base is not None and mode != "bare":
+            for f in COMPOSED:
+                if rec.get(f) is not None and base.get(f):
+                    rec[f"{f}_ratio_to_bare"] = round(rec[f] / base[f], 4)
+        if rec.get("saved_bytes") is not None:
+            rec["saved_gib"] = round(rec["saved_bytes"] / GIB, 4)
+        out.append(rec)
+    return out
 
 
 if __name__ == "__main__":
