@@ -193,8 +193,8 @@ class ComfyBench(CoreBench):
 
             comfy.options.enable_args_parsing()
             argv, sys.argv = sys.argv, [str(comfy_path / "main.py"), "--disable-api-nodes"]
-            if device.type == "cpu":
-                sys.argv.append("--cpu")
+            if device.type == "cpu":  # and the attention ComfyUI runs on an NVIDIA GPU (its CPU default differs)
+                sys.argv += ["--cpu", "--use-pytorch-cross-attention"]
             try:
                 import comfy.cli_args  # noqa: F401
             finally:

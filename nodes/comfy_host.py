@@ -38,7 +38,7 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
-from ..metalora_core.lora.modulation import modulated_norm
+from ..metalora_core.lora.modulation import gated_residual, modulated_norm
 from .images import pils_to_image
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,12 @@ class _Blocks:
             self._silu = hit = (vec, vec._version, torch.is_grad_enabled(), F.silu(v))
         return hit[3]
 
+    def _gated(self, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``residual + gate * out`` out of place: one op forward, three backward while training
+        (``gated_residual``); with the adapters off, as ComfyUI's own blocks compute it (the bare
+        step measured against)."""
+        return gated_residual(residual, gate, out) if self.adapters_on else residual + gate * out
+
     def _mod(self, name: str, mod: nn.Module, vec: torch.Tensor) -> list[torch.Tensor]:
         return self._linear(f"{name}.lin", mod.lin, self._silu_vec(vec)).chunk(mod.multiplier, dim=-1)
 
@@ -327,10 +333,12 @@ class _Blocks:
         q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
         attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
         t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-        img = img + i_g1 * self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn)
-        img = img + i_g2 * self._seq(f"{p}.img_mlp", b.img_mlp, modulated_norm(b.img_norm2, img, i_sh2, i_sc2))
-        txt = txt + t_g1 * self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn)
-        txt = txt + t_g2 * self._seq(f"{p}.txt_mlp", b.txt_mlp, modulated_norm(b.txt_norm2, txt, t_sh2, t_sc2))
+        img = self._gated(img, i_g1, self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn))
+        img = self._gated(img, i_g2, self._seq(f"{p}.img_mlp", b.img_mlp,
+                                               modulated_norm(b.img_norm2, img, i_sh2, i_sc2)))
+        txt = self._gated(txt, t_g1, self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn))
+        txt = self._gated(txt, t_g2, self._seq(f"{p}.txt_mlp", b.txt_mlp,
+                                               modulated_norm(b.txt_norm2, txt, t_sh2, t_sc2)))
         return img, txt
 
     def single(self, i: int, x, vec, pe, attn_mask, transformer_options):
@@ -346,7 +354,7 @@ class _Blocks:
         q, k = b.norm(q, k, v)
         attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
         out = self._linear(f"{p}.linear2", b.linear2, torch.cat((attn, b.mlp_act(mlp)), 2))
-        return x + gate * out
+        return self._gated(x, gate, out)
 
     def _run(self, index: int, fn, *args):
         """Runs block ``index`` (double blocks first, then single), checkpointed every k-th block."""

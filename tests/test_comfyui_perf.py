@@ -145,7 +145,7 @@ def _kernels(model, preset: str, *, adapters_on: bool) -> int:
 
 def test_adapted_step_issues_few_kernels_more_than_the_bare_step(models):
     """One addmm per adapted module, its factors once per step (measured on this 2+2-block model:
-    1.19x attn_mlp, 1.33x every layer); with matmuls and casts per adapter and call 1.43x and 1.60x."""
+    1.18x attn_mlp, 1.32x every layer); with matmuls and casts per adapter and call 1.43x and 1.60x."""
     bare = _kernels(models["fp32"], "attn_mlp", adapters_on=False)
     assert _kernels(models["fp32"], "attn_mlp", adapters_on=True) <= 1.25 * bare
     assert _kernels(models["fp32"], "all", adapters_on=True) <= 1.4 * bare
@@ -185,9 +185,10 @@ def test_checkpoint_every_must_be_positive(models):
 @pytest.mark.parametrize("preset", ["attn_mlp", "all"])
 def test_adapted_step_kernels_within_a_quarter_of_comfyuis_at_flux_depth(preset):
     """The GPU benchmark's kernel count on the ComfyUI host at FLUX.1-dev's depth (19 double + 38
-    single blocks; counts do not depend on the width), bf16, no checkpointing, over the bare step's
-    (the same blocks with the adapters off: ComfyUI's own ops). Preset "all" meets it with one
-    silu(vec) and one modulation Down projection per step (measured 1.25x; 1.28x without them)."""
+    single blocks; counts do not depend on the width), bf16, no checkpointing, PyTorch attention (what
+    ComfyUI runs on an NVIDIA GPU), over the bare step's (the same blocks with the adapters off:
+    ComfyUI's own ops). Preset "all" meets it with one silu(vec) and one modulation Down projection
+    per step and the gated residuals' 3-op backward (measured 1.247x; attn_mlp 1.139x)."""
     import json
     import os
     import subprocess

@@ -329,3 +329,22 @@ def test_modulated_norm_falls_back_to_the_plain_ops():
     assert modulation.modulated_norm(plain, x, shift, scale).grad_fn.name() == "AddcmulBackward0"  # x: no grad
     fused = modulation.modulated_norm(plain, x.clone().requires_grad_(True), shift, scale)
     assert fused.grad_fn.name() == "_ModulatedNormBackward"
+
+
+def test_gated_residual_matches_autograd_in_fewer_ops():
+    from metalora_core.lora.modulation import gated_residual
+
+    g = torch.Generator().manual_seed(2)
+    r, gate, out = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 6, 8), (2, 1, 8), (2, 6, 8)))
+    for needs in ((True, True, True), (False, True, True), (True, False, True), (False, True, False)):
+        args = [t.clone().requires_grad_(n) for t, n in zip((r, gate, out), needs)]
+        assert torch.autograd.gradcheck(gated_residual, args), needs
+    torch.testing.assert_close(gated_residual(r, gate, out), r + gate * out)
+    counts = {}
+    for name, fn in (("fused", gated_residual), ("plain", lambda a, b, c: a + b * c)):
+        a, b, c = (t.float().requires_grad_(True) for t in (r, gate, out))
+        ops = OpCounter()
+        with ops:
+            fn(a * 1, b * 1, c * 1).backward(torch.ones(2, 6, 8))
+        counts[name] = ops.kernels
+    assert counts["fused"] < counts["plain"], counts  # 1 + 3 ops against 2 + 3
