@@ -67,11 +67,12 @@ class TrainSettings:
 
 
 MEMORY_CHOICES = ("auto", "fast", "low")
-# Bytes autograd keeps per token, per block and per unit of hidden width in one Stage-2 step
-# (measured with bench/gpu_stage2.py: ~15 activations of the hidden width per token and block,
-# adapters included); a checkpointed block keeps only its input (1 per token and width).
-_SAVED_PER_TOKEN_WIDTH = 15
-_CKPT_PER_TOKEN_WIDTH = 1
+# Bytes autograd keeps per token, per block and per unit of hidden width (in the compute dtype) in
+# one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py (bf16,
+# PyTorch attention) at ~31 (FLUX width, 512 px) and 30.2 (tiny width, 57 blocks; a test holds it
+# there), partly because ComfyUI's rope works in float32; with every block checkpointed 2.1.
+_SAVED_PER_TOKEN_WIDTH = 32
+_CKPT_PER_TOKEN_WIDTH = 3
 
 
 def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, tokens: int, hidden: int,
