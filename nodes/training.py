@@ -69,8 +69,8 @@ class TrainSettings:
 MEMORY_CHOICES = ("auto", "fast", "low")
 # Bytes autograd keeps per token, per block and per unit of hidden width (in the compute dtype) in
 # one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py (bf16,
-# PyTorch attention) at ~31 (FLUX width, 512 px) and 30.2 (tiny width, 57 blocks; a test holds it
-# there), partly because ComfyUI's rope works in float32; with every block checkpointed 2.1.
+# PyTorch attention) at 26.9 (FLUX width, 512 px, composed to 57 blocks) and 30.2 (tiny width, 57
+# blocks; a test holds it there); with every block checkpointed 2.1 (tiny width).
 _SAVED_PER_TOKEN_WIDTH = 32
 _CKPT_PER_TOKEN_WIDTH = 3
 
