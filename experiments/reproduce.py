@@ -11,30 +11,23 @@ the plumbing, not the result. Writes results.json, table.md and figure.png into 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from experiment_cli import parse_common  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     from metalora_core.synthfaces.artefacts import SMOKE_BUILD, build_artefacts, load_artefacts
     from metalora_core.synthfaces.experiment import SMOKE_REPRO, ReproConfig, run_reproduction
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="changes the held-out identities and every Stage-2 run")
-    p.add_argument("--smoke", action="store_true", help="seconds: tiny artefacts, one identity, two checkpoints")
-    p.add_argument("--artefacts", default=str(HERE / "artefacts"), help="artefact folder of the full run")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)  # tiny matrices: threads only add spin-wait on a shared machine
+    args = parse_common(__doc__, argv, smoke_help="seconds: tiny artefacts, one identity, two checkpoints",
+                        extra=lambda p: p.add_argument("--seed", type=int, default=0,
+                                                       help="changes the held-out identities and every Stage-2 run"))
     out = Path(args.out)
     if args.smoke:
         arts = build_artefacts(out / "artefacts", dataclasses.replace(SMOKE_BUILD, seed=args.seed))
