@@ -14,7 +14,10 @@ config it measures the Stage-2 trainer (``train.stage2.personalize`` on the diff
 - ``max_memory_allocated`` (CUDA), ``saved_bytes``: bytes autograd keeps for backward in one
   step (``saved_tensors_hooks``; weights and adapter parameters excluded).
 - ``kernels``: CUDA kernels per step (torch.profiler); on the CPU, aten ops that compute
-  (``TorchDispatchMode``; views apart).
+  (``TorchDispatchMode``; views apart; None for a compiled step, which runs eagerly under a
+  dispatch mode). ``profiled_kernels`` (CPU, when ``--compile`` includes on): the compute events
+  in torch.profiler's trace, inductor's C++ kernels included (``train.profile.ProfiledKernels``);
+  a compiled step's ratio is to the compiled bare step.
 - ``tflop``: the FLOP model's work per step (frozen weights: input gradients only; the
   recompute of checkpointed blocks counted); ``tflops`` achieved and ``utilisation`` of
   ``--peak-tflops``; ratios to the bare step of the same resolution and weights.
@@ -52,7 +55,7 @@ from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond  
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target  # noqa: E402
 from metalora_core.lora.fp8 import store_linears_fp8  # noqa: E402
 from metalora_core.lora.layers import DEFAULT_PRESET, FluxDims  # noqa: E402
-from metalora_core.train.profile import OpCounter, SavedTensors  # noqa: E402
+from metalora_core.train.profile import OpCounter, ProfiledKernels, SavedTensors  # noqa: E402
 from metalora_core.train.recipe import build_adapters  # noqa: E402
 from metalora_core.train.stage2 import Stage2Config, flow_step_loss, personalize  # noqa: E402
 
@@ -254,11 +257,16 @@ class ComfyBench(CoreBench):
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels: bool):
-    """(saved bytes, kernels) of one step: the bare frozen step when ``adapters`` is None."""
+def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels: bool, profile_cpu: bool = False):
+    """(saved bytes, kernels, profiled kernels) of one step: the bare frozen step when ``adapters`` is None.
+
+    On the CPU ``kernels`` is ``OpCounter``'s count (None for a compiled step: under a dispatch mode
+    torch.compile runs eagerly) and, with ``profile_cpu``, ``profiled`` is ``ProfiledKernels``'
+    count (compiled graphs included); on CUDA ``kernels`` counts CUDA kernels and ``profiled`` is None.
+    """
     g = torch.Generator().manual_seed(1)
     saved: SavedTensors | None = None  # made inside training(): the host may move the weights there
-    kernels = None
+    kernels = profiled = None
 
     def step():
         if adapters is None:
@@ -289,14 +297,21 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
                     step()
                     sync(device)
                 kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-            elif count_kernels:
+            elif count_kernels or profile_cpu:
                 step()  # warm, as on CUDA: what is built once per run (cached Downs) is not a per-step cost
                 clear_grads(adapters)
                 saved = SavedTensors(exclude=saved_exclude(bench, adapters))
-                counter = OpCounter()
-                with counter:
-                    step()
-                kernels = counter.kernels
+                if profile_cpu:
+                    with ProfiledKernels() as prof:
+                        step()
+                    profiled = prof.kernels
+                    clear_grads(adapters)
+                if count_kernels:
+                    saved = SavedTensors(exclude=saved_exclude(bench, adapters))
+                    counter = OpCounter()
+                    with counter:
+                        step()
+                    kernels = counter.kernels
             else:
                 step()
     finally:
@@ -305,7 +320,7 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
         if adapters is not None:
             adapters.to("cpu")
             clear_grads(adapters)
-    return saved.nbytes, kernels
+    return saved.nbytes, kernels, profiled
 
 
 def clear_grads(adapters) -> None:
@@ -355,6 +370,8 @@ def configs(args) -> list[tuple[str, str, str, bool]]:
     every = str(args.checkpoint_every)
     for weights in args.weights:
         out.append((weights, "bare", "off", False))
+        if True in args.compile and (args.matrix == "full" or weights == "bf16"):
+            out.append((weights, "bare", "off", True))  # what a compiled step is measured against
         if args.matrix == "full":
             for ck in ("off", every, "all"):
                 for comp in args.compile:
@@ -405,10 +422,10 @@ def run_host(host_name, args, device, peak, emit):
             try:
                 rec.update(run_config(bench, args, device, shape, res, mode, ck, comp, peak))
                 if mode == "bare":
-                    baseline[(weights, res)] = rec
-                base = baseline.get((weights, res))
+                    baseline[(weights, res, comp)] = rec
+                base = baseline.get((weights, res, comp))  # the bare step with the same compile setting
                 if base is not None and mode != "bare":
-                    for k in ("s_per_step", "saved_bytes", "kernels"):
+                    for k in ("s_per_step", "saved_bytes", "kernels", "profiled_kernels"):
                         if rec.get(k) is not None and base.get(k):
                             rec[f"{k}_ratio_to_bare"] = round(rec[k] / base[k], 4)
             except Exception as e:  # noqa: BLE001
@@ -433,8 +450,9 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     adapters = None
     if mode == "metalora":
         adapters = bench.adapters()
-    saved, kernels = measure_step(bench, host, adapters, latents, cond, device,
-                                  count_kernels=not (comp and device.type != "cuda"))
+    saved, kernels, profiled = measure_step(bench, host, adapters, latents, cond, device,
+                                            count_kernels=not (comp and device.type != "cuda"),
+                                            profile_cpu=device.type == "cpu" and True in args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n = args.warmup + args.repeats
@@ -458,6 +476,7 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
            "projected_stage1_h": None if med is None else _sig(STAGE1_ITEMS * med / 3600, 4),
            "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
            "saved_bytes": saved, "saved_gib": round(saved / GIB, 4), "kernels": kernels,
+           "profiled_kernels": profiled,
            "tflop": _sig(flops["tflop"]), "tflops": None if med is None else _sig(flops["tflop"] / med),
            "utilisation": _sig(flops["tflop"] / med / peak) if peak and med else None}
     if adapters is not None:
@@ -520,6 +539,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--checkpoints takes off,k,all; got {args.checkpoints}")
     if args.weights and not set(args.weights) <= {"bf16", "fp8"}:
         raise SystemExit(f"--weights takes bf16,fp8; got {args.weights}")
+    if device.type == "cpu" and True in args.compile:  # inductor's C++ kernels show in the profiler
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
     hosts = args.hosts or (["core", "comfy"] if os.environ.get("COMFYUI_PATH") else ["core"])
     if "comfy" in hosts and not os.environ.get("COMFYUI_PATH"):
@@ -567,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
 # adapters its input needs no gradient, unlike the bare step's) and so are the first and the last
 # single block: the shapes vary a double block and a single block in the middle.
 COMPOSE_SHAPES = ((1, 2), (2, 2), (1, 3))
-COMPOSED = ("saved_bytes", "kernels", "s_per_step")
+COMPOSED = ("saved_bytes", "kernels", "profiled_kernels", "s_per_step")
 
 
 def compose(measured: dict[tuple, dict], double: int, single: int) -> list[dict]:
@@ -589,8 +612,8 @@ def compose(measured: dict[tuple, dict], double: int, single: int) -> list[dict]
                 value = one[f] + (double - 1) * (two_double[f] - one[f]) + (single - 2) * (two_single[f] - one[f])
                 rec[f] = _sig(value) if f == "s_per_step" else int(value)
         if mode == "bare":
-            bare[(host, weights, res)] = rec
-        base = bare.get((host, weights, res))
+            bare[(host, weights, res, comp)] = rec
+        base = bare.get((host, weights, res, comp))
         if base is not None and mode != "bare":
             for f in COMPOSED:
                 if rec.get(f) is not None and base.get(f):

@@ -348,3 +348,38 @@ def test_gated_residual_matches_autograd_in_fewer_ops():
             fn(a * 1, b * 1, c * 1).backward(torch.ones(2, 6, 8))
         counts[name] = ops.kernels
     assert counts["fused"] < counts["plain"], counts  # 1 + 3 ops against 2 + 3
+
+
+def test_profiled_kernels_count_the_eager_ops_and_the_kernels_of_a_compiled_graph(monkeypatch):
+    """``OpCounter`` sees nothing of a compiled graph; ``ProfiledKernels`` counts its C++ kernels."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", True)
+    from metalora_core.train.profile import ProfiledKernels
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 32, generator=g).requires_grad_(True)
+    b, c = torch.randn(32, 32, generator=g), torch.randn(32, generator=g)
+
+    def step(x):
+        return nn.functional.gelu(x @ b + c).sum()
+
+    compiled = torch.compile(step)
+    counts = {}
+    try:
+        for name, fn in (("eager", step), ("compiled", compiled)):
+            fn(a).backward()  # compiles; warm
+            with ProfiledKernels() as k:
+                fn(a).backward()
+            counts[name] = k
+    finally:
+        torch._dynamo.reset()
+    eager, comp = counts["eager"], counts["compiled"]
+    with OpCounter() as ops:
+        step(a).backward()
+    assert "<inductor>" not in eager.by_name and eager.by_name["aten::mm"] == 2  # forward and input gradient
+    assert abs(eager.kernels - ops.kernels) <= 2, (dict(eager.by_name), dict(ops.by_op))
+    # the add and gelu forward, gelu's backward: fused into inductor's kernels; the matmuls stay
+    assert comp.by_name["<inductor>"] >= 1 and comp.by_name["aten::mm"] == 2
+    assert "aten::gelu" not in comp.by_name and "aten::gelu_backward" not in comp.by_name
+    assert comp.kernels < eager.kernels, (dict(comp.by_name), dict(eager.by_name))

@@ -13,7 +13,7 @@ import torch
 
 from metalora_core.formats.prior import make_prior
 from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond, encode_prompt
-from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
+from metalora_core.hosts.tiny import TINY_T5_LEN, TinyFluxConfig, build_tiny_flux_pipeline
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
 from metalora_core.lora.fp8 import store_linears_fp8
 from metalora_core.lora.layers import FluxDims
@@ -146,6 +146,57 @@ def test_fp8_storage_stays_fp8_through_backward(pipe, prior, cond):
     assert saved[1] == saved[0]  # stored: only the (excluded) fp8 weights, nothing cast
     with pytest.raises(ValueError, match="stores float8 weights; got torch.bfloat16"):
         store_linears_fp8(rounded, dtype=torch.bfloat16)
+
+
+def _trained(host, prior, cond, latents):
+    adapters = build_adapters(host.dims, prior, rank=1, seed=0)
+    _randomize_up(adapters, scale=0.1)  # every adapter in the gradient from the first step
+    out = personalize(host, adapters, latents, cond, Stage2Config(steps=2, seed=1))
+    return torch.tensor(out.losses), torch.cat([p.detach().flatten() for p in out.adapters.trainable_parameters()])
+
+
+def _bare_step(host, cond) -> None:
+    g = torch.Generator().manual_seed(2)
+    x0, noise, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.5])
+    with host.training(), torch.enable_grad():
+        flow_loss(host.predict(add_noise(x0, noise, sigma).requires_grad_(True), sigma, cond),
+                  velocity_target(x0, noise)).backward()
+
+
+def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_the_adapters():
+    """torch.compile does not guard on module hooks: a graph traced without the adapters (a compiled
+    bare step, the caller's own compiled blocks) would run the model without them."""
+    pipe = build_tiny_flux_pipeline(seed=0, config=TinyFluxConfig(num_double=3, num_single=3))
+    cond = encode_prompt(pipe, "a photo of a woman", max_sequence_length=TINY_T5_LEN)
+    dims = FluxDims.from_diffusers_config(pipe.transformer.config)
+    prior_all = make_prior(dims, r1=8, preset="all", generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(16, 8, 8, generator=g) for _ in range(2)]
+    eager_losses, eager_params = _trained(DiffusersFluxHost(pipe.transformer), prior_all, cond, latents)
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    stats = torch._dynamo.utils.counters["stats"]
+    try:
+        _bare_step(DiffusersFluxHost(pipe.transformer, compile_blocks=True), cond)  # graphs without hooks
+        graphs = stats["unique_graphs"]
+        losses, params = _trained(DiffusersFluxHost(pipe.transformer, compile_blocks=True), prior_all, cond, latents)
+        # compiled, and blocks of one kind share graphs (the first double block's input needs no
+        # gradient; diffusers hands the single blocks after the first a strided view)
+        assert graphs < stats["unique_graphs"] < graphs + len(blocks), (graphs, stats["unique_graphs"])
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=0)
+        torch.testing.assert_close(params, eager_params, rtol=1e-4, atol=1e-6)
+        assert all("_compiled_call_impl" not in b.__dict__ for b in blocks)  # eager again afterwards
+        for b in blocks:  # the caller's own compiled blocks, traced without the adapters
+            b.compile()
+        _bare_step(DiffusersFluxHost(pipe.transformer), cond)
+        theirs = [b._compiled_call_impl for b in blocks]
+        losses, params = _trained(DiffusersFluxHost(pipe.transformer), prior_all, cond, latents)
+        torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=0)
+        torch.testing.assert_close(params, eager_params, rtol=1e-6, atol=0)
+        assert all(b._compiled_call_impl is t for b, t in zip(blocks, theirs))  # given back
+    finally:
+        for b in blocks:
+            b.__dict__.pop("_compiled_call_impl", None)
+        torch._dynamo.reset()
 
 
 def _bench_module():

@@ -5,8 +5,10 @@ Implements ``metalora_core.train.host.FlowHost``; the Stage-2 recipe lives in ``
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +102,8 @@ class DiffusersFluxHost:
         gradient_checkpointing: recompute block activations in backward to save memory.
         checkpoint_every: with checkpointing on, recompute only every k-th block (counting
             double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
-        compile_blocks: ``torch.compile`` each transformer block while training (off by default).
+        compile_blocks: ``torch.compile`` the transformer blocks while training (off by default;
+            see ``compiled_blocks``): each run compiles its own graphs.
 
     The distilled-guidance input comes from the conditioning (``FluxTextCond.guidance``).
     """
@@ -200,15 +203,10 @@ class DiffusersFluxHost:
         if self.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing(
                 None if self.checkpoint_every == 1 else self._checkpoint_func())
-        if self.compile_blocks:
-            for b in self._blocks():
-                b.compile()
         try:
-            yield
+            with compiled_blocks(self._blocks(), self.compile_blocks):
+                yield
         finally:
-            if self.compile_blocks:
-                for b in self._blocks():
-                    b._compiled_call_impl = None  # back to the eager forward
             if self.gradient_checkpointing:
                 self.transformer.disable_gradient_checkpointing()
             for p, f in zip(self.transformer.parameters(), flags):
@@ -242,6 +240,51 @@ class DiffusersFluxHost:
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+
+def _call_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What ``compiled_blocks`` compiles: a block's call, its hooks (the adapters) included."""
+    return block._call_impl(*args, **kwargs)
+
+
+_RUNS = itertools.count()
+
+
+@contextlib.contextmanager
+def compiled_blocks(blocks: Sequence[torch.nn.Module], compile_on: bool) -> Iterator[None]:
+    """Runs ``blocks`` compiled (``compile_on``) or eagerly for one training run; afterwards each
+    block calls what it called before.
+
+    torch.compile keeps its graphs per code object and does not guard on module hooks, so a graph
+    traced without this run's adapters (a compiled bare step, another run's adapters, the caller's
+    own ``Module.compile`` or diffusers' ``compile_repeated_blocks``) would run the model without
+    them, silently. Hence: each run compiles a copy of ``_call_block`` with a code object of its
+    own (the blocks of one kind share its graphs within the run), and blocks the caller compiled
+    run eagerly while training.
+    """
+    previous = [b.__dict__.get("_compiled_call_impl") for b in blocks]
+    compiled = None
+    if compile_on:
+        code = _call_block.__code__
+        fn = types.FunctionType(code.replace(co_name=f"{code.co_name}_{next(_RUNS)}"), _call_block.__globals__)
+        compiled = torch.compile(fn)
+    try:
+        for b in blocks:
+            b._compiled_call_impl = None if compiled is None else _bound(compiled, b)
+        yield
+    finally:
+        for b, impl in zip(blocks, previous):
+            if impl is None:
+                b.__dict__.pop("_compiled_call_impl", None)
+            else:
+                b._compiled_call_impl = impl
+
+
+def _bound(compiled: Any, block: torch.nn.Module) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return compiled(block, *args, **kwargs)
+
+    return call
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:

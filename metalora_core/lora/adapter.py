@@ -457,13 +457,15 @@ class _Plan:
 def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
     """The step-factor path applies (a compiled graph, another device or a Down made trainable
     after attaching take the general path)."""
-    return (x.is_floating_point() and not adapter.down.requires_grad and x.device == adapter.up.device
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and x.is_floating_point() and not adapter.down.requires_grad
+            and x.device == adapter.up.device)
 
 
 def _bypass_pre_hook(name: str, plan: _Plan):
     def hook(module: nn.Module, args: tuple):
         x = args[0]
+        if torch.compiler.is_compiling():  # the general path; nothing per layer (a name) traced
+            return None
         if not (torch.is_grad_enabled() and x.requires_grad and _fast(x, plan.adapters[name])):
             return None
         alias, _ = plan.project(name, x)  # the Linear reads the alias: backward adds the low-rank input gradient

@@ -89,3 +89,57 @@ class OpCounter(TorchDispatchMode):
         else:
             self.kernels += 1
         return func(*args, **(kwargs or {}))
+
+
+class ProfiledKernels:
+    """Context manager: the compute kernels run inside it on the CPU, from torch.profiler's events,
+    compiled graphs included (``OpCounter`` cannot see into them: under a dispatch mode
+    torch.compile runs the eager code instead).
+
+    An event counts when it computes (an aten op other than a view, an allocation or a metadata
+    op, or one of inductor's C++ kernels) and no event below it does: ``aten::linear`` counts as
+    the ``addmm`` it runs, a fused C++ kernel as one. Inductor records its C++ kernels only when
+    ``torch._inductor.config.cpp.enable_kernel_profile`` was on while it compiled them.
+
+    After the block: ``kernels`` and ``by_name`` (counts per event name; ``<inductor>`` for the
+    C++ kernels).
+    """
+
+    _NO_KERNEL = OpCounter._NO_KERNEL | {
+        "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resolve_conj", "resolve_neg",
+        "result_type", "is_nonzero", "item", "_local_scalar_dense", "lift_fresh_copy", "set_", "contiguous", "to",
+        "_to_copy", "clone", "view_as", "flatten", "numpy_T", "zeros", "ones_like", "zeros_like", "full"}
+
+    def __init__(self) -> None:
+        self.by_name: Counter[str] = Counter()
+        self._profile = None
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.by_name.values())
+
+    def __enter__(self) -> "ProfiledKernels":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._profile.__exit__(*exc)
+        below: dict[int, bool] = {}
+
+        def computes(e) -> bool:
+            if "cpp_fused" in e.name:
+                return True
+            return e.name.startswith("aten::") and e.name[6:] not in self._NO_KERNEL
+
+        def computes_below(e) -> bool:
+            key = id(e)
+            if key not in below:
+                below[key] = any(computes(c) or computes_below(c) for c in e.cpu_children)
+            return below[key]
+
+        for e in self._profile.events():
+            if computes(e) and not computes_below(e):
+                self.by_name["<inductor>" if "cpp_fused" in e.name else e.name] += 1
