@@ -304,6 +304,11 @@ class _Blocks:
         step measured against)."""
         return gated_residual(residual, gate, out) if self.adapters_on else residual + gate * out
 
+    def _norm(self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``norm(x) * (1 + scale) + shift``: ``modulated_norm`` while training; with the adapters
+        off, the plain ops (the bare step measured against)."""
+        return modulated_norm(norm, x, shift, scale) if self.adapters_on else torch.addcmul(shift, norm(x), 1 + scale)
+
     def _mod(self, name: str, mod: nn.Module, vec: torch.Tensor) -> list[torch.Tensor]:
         return self._linear(f"{name}.lin", mod.lin, self._silu_vec(vec)).chunk(mod.multiplier, dim=-1)
 
@@ -325,20 +330,20 @@ class _Blocks:
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self._mod(f"{p}.img_mod", b.img_mod, vec)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self._mod(f"{p}.txt_mod", b.txt_mod, vec)
         iq, ik, iv = self._qkv(self._linear(f"{p}.img_attn.qkv", b.img_attn.qkv,
-                                            modulated_norm(b.img_norm1, img, i_sh1, i_sc1)), b.num_heads)
+                                            self._norm(b.img_norm1, img, i_sh1, i_sc1)), b.num_heads)
         iq, ik = b.img_attn.norm(iq, ik, iv)
         tq, tk, tv = self._qkv(self._linear(f"{p}.txt_attn.qkv", b.txt_attn.qkv,
-                                            modulated_norm(b.txt_norm1, txt, t_sh1, t_sc1)), b.num_heads)
+                                            self._norm(b.txt_norm1, txt, t_sh1, t_sc1)), b.num_heads)
         tq, tk = b.txt_attn.norm(tq, tk, tv)
         q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
         attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
         t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
         img = self._gated(img, i_g1, self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn))
         img = self._gated(img, i_g2, self._seq(f"{p}.img_mlp", b.img_mlp,
-                                               modulated_norm(b.img_norm2, img, i_sh2, i_sc2)))
+                                               self._norm(b.img_norm2, img, i_sh2, i_sc2)))
         txt = self._gated(txt, t_g1, self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn))
         txt = self._gated(txt, t_g2, self._seq(f"{p}.txt_mlp", b.txt_mlp,
-                                               modulated_norm(b.txt_norm2, txt, t_sh2, t_sc2)))
+                                               self._norm(b.txt_norm2, txt, t_sh2, t_sc2)))
         return img, txt
 
     def single(self, i: int, x, vec, pe, attn_mask, transformer_options):
@@ -348,7 +353,7 @@ class _Blocks:
         if b.modulation is None or b.yak_mlp or b.mlp_hidden_dim_first != b.mlp_hidden_dim:
             raise ValueError("only FLUX.1-style single blocks are supported for training")
         shift, scale, gate = self._mod(f"{p}.modulation", b.modulation, vec)
-        h = self._linear(f"{p}.linear1", b.linear1, modulated_norm(b.pre_norm, x, shift, scale))
+        h = self._linear(f"{p}.linear1", b.linear1, self._norm(b.pre_norm, x, shift, scale))
         qkv, mlp = torch.split(h, [3 * b.hidden_size, b.mlp_hidden_dim_first], dim=-1)
         q, k, v = self._qkv(qkv, b.num_heads)
         q, k = b.norm(q, k, v)

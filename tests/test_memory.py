@@ -312,10 +312,11 @@ def test_modulated_norm_gradients_match_finite_differences():
 
 
 def test_modulated_norm_falls_back_to_the_plain_ops():
-    """A norm with weights, or an x or scale that needs no gradient, runs the plain ops (nothing to save)."""
+    """A norm with weights, or (a batch) an x or scale that needs no gradient, runs the plain ops
+    (nothing to save)."""
     from metalora_core.lora import modulation
 
-    x, shift, scale = torch.randn(1, 4, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8, requires_grad=True)
+    x, shift, scale = torch.randn(2, 4, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8, requires_grad=True)
     affine = nn.LayerNorm(8)
     assert modulation.plain_layer_norm(affine) is None
     assert modulation.plain_layer_norm(nn.LayerNorm(8, elementwise_affine=False)) == 1e-5
@@ -329,6 +330,47 @@ def test_modulated_norm_falls_back_to_the_plain_ops():
     assert modulation.modulated_norm(plain, x, shift, scale).grad_fn.name() == "AddcmulBackward0"  # x: no grad
     fused = modulation.modulated_norm(plain, x.clone().requires_grad_(True), shift, scale)
     assert fused.grad_fn.name() == "_ModulatedNormBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_samples_modulated_norm_is_one_layer_norm_each_way(dtype):
+    """One sample's modulation is a LayerNorm's weight (1 + scale) and bias (shift): one op forward
+    and one backward, their gradients its weight and bias gradients, nothing kept beyond x and
+    the per-token statistics. Holds with and without trained modulation."""
+    from metalora_core.lora import modulation
+
+    g = torch.Generator().manual_seed(3)
+    norm = nn.LayerNorm(32, elementwise_affine=False, eps=1e-6)
+    base = (torch.randn(1, 10, 32, generator=g) * 3 + 1).to(dtype)
+    mod = torch.randn(1, 1, 64, generator=g).to(dtype)
+    upstream = torch.randn(1, 10, 32, generator=g).to(dtype)
+    for trained in (True, False):
+        results = {}
+        for name, fn in (("one", modulation.modulated_norm), ("plain", _plain_modulated_norm)):
+            x, m = base.clone().requires_grad_(True), mod.clone().requires_grad_(trained)
+            shift, scale = m.chunk(2, dim=-1)
+            with OpCounter() as ops:
+                with SavedTensors() as saved:
+                    y = fn(norm, x * 1, shift, scale)
+                y.backward(upstream)
+            results[name] = (y.detach(), x.grad, m.grad, saved.nbytes, ops.by_op)
+        (y, gx, gm, nbytes, ops), (y0, gx0, gm0, nbytes0, ops0) = results["one"], results["plain"]
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+        torch.testing.assert_close(y, y0, **tol)
+        torch.testing.assert_close(gx, gx0, **tol)
+        if trained:
+            torch.testing.assert_close(gm, gm0, **tol)
+        assert ops["native_layer_norm"] == ops["native_layer_norm_backward"] == 1 and "addcmul" not in ops, ops
+        assert sum(ops.values()) < sum(ops0.values()), (ops, ops0)
+        # plain, trained: the normalised copy; here the bias, a view that keeps the modulation output
+        normalised = base.numel() * base.element_size() if trained else 0
+        assert nbytes <= nbytes0 - normalised + mod.numel() * mod.element_size(), (nbytes, nbytes0)
+    x = torch.randn(1, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    shift, scale = (torch.randn(1, 1, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    norm8 = nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    assert modulation.modulated_norm(norm8, x, shift, scale).grad_fn.name() == "NativeLayerNormBackward0"
+    assert torch.autograd.gradcheck(lambda a, b, c: modulation.modulated_norm(norm8, a, b, c), (x, shift, scale))
+    assert torch.autograd.gradcheck(lambda b, c: modulation.modulated_norm(norm8, x.detach(), b, c), (shift, scale))
 
 
 def test_gated_residual_matches_autograd_in_fewer_ops():

@@ -3,12 +3,14 @@
 When the modulation Linears are adapted (preset ``all``), ``shift`` and ``scale`` need gradients;
 plain autograd then keeps the normalised ``x`` (one activation as large as ``x``) for ``scale``'s
 gradient, on top of what LayerNorm keeps for its own backward (``x`` and two per-token
-statistics). ``modulated_norm`` keeps only those and the (batch, 1, width) ``1 + scale``, and
-recomputes the normalised ``x`` in backward with the same LayerNorm kernel (bit-identical).
+statistics). ``modulated_norm`` keeps only those: for one sample as an affine LayerNorm whose
+weight is ``1 + scale`` and bias ``shift`` (one op each way), for a batch by recomputing the
+normalised ``x`` in backward with the same LayerNorm kernel (bit-identical).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,17 +53,27 @@ def plain_layer_norm(norm: nn.Module) -> float | None:
 
 
 def modulated_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``norm(x) * (1 + scale) + shift``, as ``torch.addcmul(shift, norm(x), 1 + scale)`` computes it.
+    """``norm(x) * (1 + scale) + shift`` for a plain LayerNorm ``norm`` (``plain_layer_norm``), in
+    as few ops as autograd allows:
 
-    With ``x`` and ``scale`` needing gradients and ``norm`` a plain LayerNorm
-    (``plain_layer_norm``), the normalised ``x`` is recomputed in backward instead of kept (see the
-    module docstring). Otherwise the plain ops run: an ``x`` that needs no gradient (the first
-    block's input) is kept by nobody else, so keeping it would save nothing over its normalised copy.
+    - one sample's modulation (``shift`` and ``scale`` of ``width`` values each): a LayerNorm with
+      ``1 + scale`` as its weight and ``shift`` as its bias, one op forward and one backward, whose
+      weight and bias gradients are the scale's and shift's (sums over the tokens); it keeps ``x``
+      and two per-token statistics, as the plain LayerNorm does;
+    - a batch of them, ``x`` and ``scale`` needing gradients: ``_ModulatedNorm``, which recomputes
+      the normalised ``x`` in backward instead of keeping it (same forward bits as the plain ops);
+    - otherwise ``torch.addcmul(shift, norm(x), 1 + scale)``: an ``x`` that needs no gradient (the
+      first block's input) is kept by nobody else, so keeping it would save nothing over its
+      normalised copy.
     """
     eps = plain_layer_norm(norm)
-    if (eps is not None and torch.is_grad_enabled() and x.requires_grad and scale.requires_grad
-            and x.shape[-1] == norm.normalized_shape[0] and x.dtype == shift.dtype == scale.dtype):
-        return _ModulatedNorm.apply(x, shift, scale, eps)
+    width = x.shape[-1]
+    if (eps is not None and torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
+            and width == norm.normalized_shape[0] and x.dtype == shift.dtype == scale.dtype):
+        if shift.numel() == scale.numel() == width:
+            return F.layer_norm(x, (width,), (1 + scale).reshape(width), shift.reshape(width), eps)
+        if x.requires_grad and scale.requires_grad:
+            return _ModulatedNorm.apply(x, shift, scale, eps)
     return torch.addcmul(shift, norm(x), 1 + scale)
 
 
