@@ -6,7 +6,6 @@ import argparse
 import ast
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

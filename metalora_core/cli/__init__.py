@@ -5,7 +5,6 @@ import argparse
 import importlib
 import json
 import logging
-import sys
 from collections.abc import Sequence
 
 # Modules that add subcommands: each has ``register(subparsers)``; a subcommand sets ``func``.

@@ -26,11 +26,12 @@ from PIL import Image, ImageDraw
 from ..faces.augment import AugmentConfig, make_crops, whole_photo_crop
 from ..faces.detect import Face
 from ..formats.files import atomic_save_png, atomic_write_bytes
+from ..hosts.diffusers_flux import tensor_to_pil
 from ..train.recipe import plan_stage2, prepare_stage2
 from ..train.stage2 import Stage2Config, personalize
 from .artefacts import DOMAIN_LR, Artefacts
 from .judge import context_score, identity_similarity
-from .models import decode_latents, sample, tensor_to_pil
+from .models import decode_latents, sample
 from .render import CALIBRATION_OFFSET, CONTEXTS, HELDOUT_OFFSET, Identity, face_box, make_identity, random_view, render
 
 log = logging.getLogger(__name__)

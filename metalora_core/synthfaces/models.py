@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hosts.diffusers_flux import FluxTextCond, DiffusersFluxHost, encode_images, pil_to_tensor, tensor_to_pil
+from ..hosts.diffusers_flux import FluxTextCond, DiffusersFluxHost, pil_to_tensor
 from ..lora.flow import add_noise, flow_loss, sample_sigmas, velocity_target
 
 log = logging.getLogger(__name__)
