@@ -221,6 +221,8 @@ class ComfyBench(CoreBench):
         self.model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
         if self.model is None:
             raise RuntimeError("ComfyUI did not recognise the FLUX state dict")
+        if args.comfy_compute == "bf16":  # what ComfyUI computes in on a GPU (on a CPU it picks float32)
+            self.model.model.manual_cast_dtype = torch.bfloat16
         del sd
         self.args, self.device = args, device
         self.dims = comfy_host.flux_dims(self.model)
@@ -469,7 +471,8 @@ def run_config(bench, args, device, shape, res, mode, ck, comp, peak) -> dict:
     else:
         times = time_trainer(host, adapters, latents, cond, device, n)
     med = statistics.median(times[args.warmup:] or times) if times else None
-    out = {"image_tokens": img_tokens, "text_tokens": args.text_tokens, "blocks": n_blocks,
+    out = {"compute_dtype": str(host.dtype).replace("torch.", ""),
+           "image_tokens": img_tokens, "text_tokens": args.text_tokens, "blocks": n_blocks,
            "checkpointed_blocks": checkpointed(n_blocks, ck), "repeats": len(times[args.warmup:] or times),
            "s_per_step": None if med is None else round(med, 5),
            "projected_375_s": None if med is None else round(375 * med, 1),
@@ -511,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="checkpointing configs to run, of off,k,all (default: all three)")
     ap.add_argument("--matrix", choices=["quick", "full"], default="quick")
     ap.add_argument("--hosts", type=lambda s: s.split(","), default=None, help="core,comfy (comfy needs COMFYUI_PATH)")
+    ap.add_argument("--comfy-compute", choices=["auto", "bf16"], default="auto",
+                    help="the ComfyUI host's compute dtype: ComfyUI's choice (float32 on a CPU), or bf16 as on a GPU")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--r1", type=int, default=16)

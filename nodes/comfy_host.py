@@ -38,7 +38,7 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
-from ..metalora_core.lora.modulation import gated_residual, modulated_norm
+from ..metalora_core.lora.modulation import gated_modulated_norm, gated_residual, modulated_norm
 from .images import pils_to_image
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,15 @@ class _Blocks:
         off, the plain ops (the bare step measured against)."""
         return modulated_norm(norm, x, shift, scale) if self.adapters_on else torch.addcmul(shift, norm(x), 1 + scale)
 
+    def _gated_norm(self, norm: nn.Module, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                    shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, norm(y) * (1 + scale) + shift)`` with ``y = residual + gate * out``:
+        ``gated_modulated_norm`` while training; with the adapters off, the plain ops."""
+        if self.adapters_on:
+            return gated_modulated_norm(norm, residual, gate, out, shift, scale)
+        y = self._gated(residual, gate, out)
+        return y, self._norm(norm, y, shift, scale)
+
     def _mod(self, name: str, mod: nn.Module, vec: torch.Tensor) -> list[torch.Tensor]:
         return self._linear(f"{name}.lin", mod.lin, self._silu_vec(vec)).chunk(mod.multiplier, dim=-1)
 
@@ -338,12 +347,12 @@ class _Blocks:
         q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
         attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
         t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-        img = self._gated(img, i_g1, self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn))
-        img = self._gated(img, i_g2, self._seq(f"{p}.img_mlp", b.img_mlp,
-                                               self._norm(b.img_norm2, img, i_sh2, i_sc2)))
-        txt = self._gated(txt, t_g1, self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn))
-        txt = self._gated(txt, t_g2, self._seq(f"{p}.txt_mlp", b.txt_mlp,
-                                               self._norm(b.txt_norm2, txt, t_sh2, t_sc2)))
+        i_out = self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn)
+        img, i_n2 = self._gated_norm(b.img_norm2, img, i_g1, i_out, i_sh2, i_sc2)
+        img = self._gated(img, i_g2, self._seq(f"{p}.img_mlp", b.img_mlp, i_n2))
+        t_out = self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn)
+        txt, t_n2 = self._gated_norm(b.txt_norm2, txt, t_g1, t_out, t_sh2, t_sc2)
+        txt = self._gated(txt, t_g2, self._seq(f"{p}.txt_mlp", b.txt_mlp, t_n2))
         return img, txt
 
     def single(self, i: int, x, vec, pe, attn_mask, transformer_options):

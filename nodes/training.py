@@ -67,12 +67,13 @@ class TrainSettings:
 
 
 MEMORY_CHOICES = ("auto", "fast", "low")
-# Bytes autograd keeps per token, per block and per unit of hidden width (in the compute dtype) in
-# one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py (bf16,
-# PyTorch attention) at 26.9 (FLUX width, 512 px, composed to 57 blocks) and 30.2 (tiny width, 57
-# blocks; a test holds it there); with every block checkpointed 2.1 (tiny width).
-_SAVED_PER_TOKEN_WIDTH = 32
-_CKPT_PER_TOKEN_WIDTH = 3
+# Elements of the compute dtype autograd keeps per token, per block and per unit of hidden width in
+# one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py
+# (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny width, 57 blocks; a test holds it
+# there) at 17.8, with every block checkpointed 1.06. (Computed in float32, as ComfyUI does on a
+# CPU: 14.8 and 1.05.)
+_SAVED_PER_TOKEN_WIDTH = 20
+_CKPT_PER_TOKEN_WIDTH = 2
 
 
 def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, tokens: int, hidden: int,

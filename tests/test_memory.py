@@ -425,3 +425,53 @@ def test_profiled_kernels_count_the_eager_ops_and_the_kernels_of_a_compiled_grap
     assert comp.by_name["<inductor>"] >= 1 and comp.by_name["aten::mm"] == 2
     assert "aten::gelu" not in comp.by_name and "aten::gelu_backward" not in comp.by_name
     assert comp.kernels < eager.kernels, (dict(comp.by_name), dict(eager.by_name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_modulated_norm_keeps_no_gated_sum_and_computes_the_same(dtype):
+    """A double block between attention and MLP: y = r + gate * out, then y's modulated LayerNorm.
+    With trained gates y is recomputed in backward from r (kept by the block's first LayerNorm) and
+    out (kept for the gate's gradient): one (tokens x width) activation fewer, same forward bits."""
+    from metalora_core.lora.modulation import gated_modulated_norm, gated_residual, modulated_norm
+
+    def composed(norm, r, gate, out, shift, scale):
+        y = gated_residual(r, gate, out)
+        return y, modulated_norm(norm, y, shift, scale)
+
+    g = torch.Generator().manual_seed(4)
+    norm = nn.LayerNorm(32, elementwise_affine=False, eps=1e-6)
+    base = (torch.randn(1, 10, 32, generator=g) * 3 + 1).to(dtype)
+    mod = torch.randn(1, 1, 160, generator=g).to(dtype)
+    up_y, up_n = (torch.randn(1, 10, 32, generator=g).to(dtype) for _ in range(2))
+    for trained in (True, False):
+        results = {}
+        for name, fn in (("fused", gated_modulated_norm), ("composed", composed)):
+            x, m = base.clone().requires_grad_(True), mod.clone().requires_grad_(trained)
+            sh1, sc1, gate, sh2, sc2 = m.chunk(5, dim=-1)  # views of one modulation output
+            with SavedTensors() as saved:
+                r = x * 1  # the residual stream
+                out = modulated_norm(norm, r, sh1, sc1) * 2  # keeps r, as the block's first LayerNorm does
+                y, n = fn(norm, r, gate, out, sh2, sc2)
+            torch.autograd.backward((y, n), (up_y, up_n))
+            results[name] = (y.detach(), n.detach(), x.grad, m.grad, saved.nbytes, y.grad_fn.name())
+        (y, n, gx, gm, nbytes, node), (y0, n0, gx0, gm0, nbytes0, node0) = results["fused"], results["composed"]
+        assert torch.equal(y, y0) and torch.equal(n, n0)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+        torch.testing.assert_close(gx, gx0, **tol)
+        if trained:
+            torch.testing.assert_close(gm, gm0, **tol)
+            assert node == "_GatedNormBackward" and nbytes0 - nbytes == base.numel() * base.element_size()
+        else:  # untrained gates keep nothing of out: there is nothing to recompute y from
+            assert node == node0 and nbytes == nbytes0
+    x = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(1, 1, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = torch.randn(1, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    norm8 = nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    for r in (x.clone().requires_grad_(True), x):  # the first block's residual needs no gradient
+
+        def both(*args, r=r):
+            return torch.cat([t.flatten() for t in gated_modulated_norm(norm8, r, *args)])
+
+        assert torch.autograd.gradcheck(both, (gate, out, shift, scale))
+        assert torch.autograd.gradcheck(lambda r_, o: torch.cat([t.flatten() for t in gated_modulated_norm(
+            norm8, r_, gate, o, shift, scale)]), (x.clone().requires_grad_(True), out))

@@ -108,3 +108,48 @@ def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor
         if out.shape == residual.shape and residual.dtype == gate.dtype == out.dtype:
             return _GatedResidual.apply(residual, gate, out)
     return residual + gate * out
+
+
+class _GatedNorm(torch.autograd.Function):
+    """``(y, layer_norm(y, weight, bias))`` with ``y = residual + gate * out``, keeping ``residual``,
+    ``gate`` and ``out`` for backward, not ``y``: ``y`` is recomputed there by the same op (same
+    bits). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, residual, gate, out, weight, bias, eps: float):
+        y = torch.addcmul(residual, gate, out)
+        n, mean, rstd = torch.ops.aten.native_layer_norm(y, (y.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(residual, gate, out, weight, bias, mean, rstd)
+        return y, n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_y: torch.Tensor, g_n: torch.Tensor):
+        residual, gate, out, weight, bias, mean, rstd = ctx.saved_tensors
+        y = torch.addcmul(residual, gate, out)
+        need = ctx.needs_input_grad
+        gx, g_weight, g_bias = torch.ops.aten.native_layer_norm_backward(
+            g_n, y, (y.shape[-1],), mean, rstd, weight, bias, [True, need[3], need[4]])
+        g = gx + g_y
+        g_gate = (g * out).sum_to_size(gate.shape) if need[1] else None
+        g_out = g * gate if need[2] else None
+        return (g if need[0] else None), g_gate, g_out, g_weight, g_bias, None
+
+
+def gated_modulated_norm(norm: nn.Module, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                         shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, norm(y) * (1 + scale) + shift)`` with ``y = residual + gate * out``: a gated residual
+    followed by the next modulated LayerNorm (FLUX's double block, between attention and MLP).
+
+    With trained gates (the gate's gradient keeps ``out`` anyway, and the block's first LayerNorm
+    keeps ``residual``) and one sample's modulation, ``y`` is not kept for backward but recomputed
+    there (``_GatedNorm``): one activation fewer per stream and block, for one op more in backward.
+    Otherwise ``gated_residual`` then ``modulated_norm``; the forward bits are the same either way.
+    """
+    eps, width = plain_layer_norm(norm), residual.shape[-1]
+    if (eps is not None and torch.is_grad_enabled() and gate.requires_grad and width == norm.normalized_shape[0]
+            and out.shape == residual.shape and residual.dtype == gate.dtype == out.dtype == shift.dtype == scale.dtype
+            and shift.numel() == scale.numel() == width):
+        return _GatedNorm.apply(residual, gate, out, (1 + scale).reshape(width), shift.reshape(width), eps)
+    y = gated_residual(residual, gate, out)
+    return y, modulated_norm(norm, y, shift, scale)
