@@ -38,7 +38,8 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
-from ..metalora_core.lora.modulation import gated_modulated_norm, gated_residual, modulated_norm
+from ..metalora_core.lora.modulation import (gated_modulated_norm, gated_residual, modulated_norm,
+                                              plain_modulated_norm)
 from .images import pils_to_image
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class _Blocks:
     def _norm(self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``norm(x) * (1 + scale) + shift``: ``modulated_norm`` while training; with the adapters
         off, the plain ops (the bare step measured against)."""
-        return modulated_norm(norm, x, shift, scale) if self.adapters_on else torch.addcmul(shift, norm(x), 1 + scale)
+        return (modulated_norm if self.adapters_on else plain_modulated_norm)(norm, x, shift, scale)
 
     def _gated_norm(self, norm: nn.Module, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
                     shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

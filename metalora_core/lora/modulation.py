@@ -66,15 +66,39 @@ def modulated_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale:
       first block's input) is kept by nobody else, so keeping it would save nothing over its
       normalised copy.
     """
-    eps = plain_layer_norm(norm)
-    width = x.shape[-1]
-    if (eps is not None and torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
-            and width == norm.normalized_shape[0] and x.dtype == shift.dtype == scale.dtype):
-        if shift.numel() == scale.numel() == width:
-            return F.layer_norm(x, (width,), (1 + scale).reshape(width), shift.reshape(width), eps)
+    eps = _trainable_norm(norm, x, shift, scale)
+    if eps is not None and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        affine = _one_sample_affine(x, shift, scale)
+        if affine is not None:
+            return F.layer_norm(x, (x.shape[-1],), *affine, eps)
         if x.requires_grad and scale.requires_grad:
             return _ModulatedNorm.apply(x, shift, scale, eps)
+    return plain_modulated_norm(norm, x, shift, scale)
+
+
+def plain_modulated_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in plain ops (what autograd keeps: see the module docstring)."""
     return torch.addcmul(shift, norm(x), 1 + scale)
+
+
+def _trainable_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> float | None:
+    """``norm``'s eps where the fused forms apply (a plain LayerNorm over x's width, one dtype,
+    grad mode on), else None."""
+    eps = plain_layer_norm(norm)
+    if (eps is None or not torch.is_grad_enabled() or x.shape[-1] != norm.normalized_shape[0]
+            or not x.dtype == shift.dtype == scale.dtype):
+        return None
+    return eps
+
+
+def _one_sample_affine(x: torch.Tensor, shift: torch.Tensor,
+                       scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, bias) = (1 + scale, shift) of one sample's modulation as a LayerNorm's, or None for
+    a batch."""
+    width = x.shape[-1]
+    if shift.numel() == scale.numel() == width:
+        return (1 + scale).reshape(width), shift.reshape(width)
+    return None
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -146,10 +170,11 @@ def gated_modulated_norm(norm: nn.Module, residual: torch.Tensor, gate: torch.Te
     there (``_GatedNorm``): one activation fewer per stream and block, for one op more in backward.
     Otherwise ``gated_residual`` then ``modulated_norm``; the forward bits are the same either way.
     """
-    eps, width = plain_layer_norm(norm), residual.shape[-1]
-    if (eps is not None and torch.is_grad_enabled() and gate.requires_grad and width == norm.normalized_shape[0]
-            and out.shape == residual.shape and residual.dtype == gate.dtype == out.dtype == shift.dtype == scale.dtype
-            and shift.numel() == scale.numel() == width):
-        return _GatedNorm.apply(residual, gate, out, (1 + scale).reshape(width), shift.reshape(width), eps)
+    eps = _trainable_norm(norm, residual, shift, scale)
+    if (eps is not None and gate.requires_grad and out.shape == residual.shape
+            and residual.dtype == gate.dtype == out.dtype):
+        affine = _one_sample_affine(residual, shift, scale)
+        if affine is not None:
+            return _GatedNorm.apply(residual, gate, out, *affine, eps)
     y = gated_residual(residual, gate, out)
     return y, modulated_norm(norm, y, shift, scale)
