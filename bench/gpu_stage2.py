@@ -288,13 +288,13 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
     handle = host.attach(adapters) if adapters is not None else bench.bare(host)
     try:
         with host.training(), torch.enable_grad():
-            saved = SavedTensors(exclude=saved_exclude(bench, adapters))
+            saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
             if count_kernels and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
                 step()  # warm (allocator, cuBLAS handles)
                 clear_grads(adapters)  # the trainer starts each step with no gradients
-                saved = SavedTensors(exclude=saved_exclude(bench, adapters))
+                saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     step()
                     sync(device)
@@ -302,14 +302,14 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
             elif count_kernels or profile_cpu:
                 step()  # warm, as on CUDA: what is built once per run (cached Downs) is not a per-step cost
                 clear_grads(adapters)
-                saved = SavedTensors(exclude=saved_exclude(bench, adapters))
+                saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
                 if profile_cpu:
                     with ProfiledKernels() as prof:
                         step()
                     profiled = prof.kernels
                     clear_grads(adapters)
                 if count_kernels:
-                    saved = SavedTensors(exclude=saved_exclude(bench, adapters))
+                    saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
                     counter = OpCounter()
                     with counter:
                         step()
@@ -331,8 +331,11 @@ def clear_grads(adapters) -> None:
             p.grad = None
 
 
-def saved_exclude(bench, adapters):
-    return bench.weights() + (list(adapters.parameters()) if adapters is not None else [])
+def saved_exclude(bench, adapters, handle):
+    """What a step's saved tensors do not cost: the weights, the adapters' parameters and what the
+    attachment caches for the whole run (``cached_tensors``: the frozen Downs a compiled graph saves)."""
+    cached = getattr(handle, "cached_tensors", lambda: [])()
+    return bench.weights() + (list(adapters.parameters()) if adapters is not None else []) + cached
 
 
 def time_bare(host, latents, cond, device, n: int) -> list[float]:

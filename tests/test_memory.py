@@ -392,11 +392,10 @@ def test_gated_residual_matches_autograd_in_fewer_ops():
     assert counts["fused"] < counts["plain"], counts  # 1 + 3 ops against 2 + 3
 
 
-def test_profiled_kernels_count_the_eager_ops_and_the_kernels_of_a_compiled_graph(monkeypatch):
+def test_profiled_kernels_count_the_eager_ops_and_the_kernels_of_a_compiled_graph():
     """``OpCounter`` sees nothing of a compiled graph; ``ProfiledKernels`` counts its C++ kernels."""
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", True)
     from metalora_core.train.profile import ProfiledKernels
 
     g = torch.Generator().manual_seed(0)
@@ -408,14 +407,17 @@ def test_profiled_kernels_count_the_eager_ops_and_the_kernels_of_a_compiled_grap
 
     compiled = torch.compile(step)
     counts = {}
-    try:
-        for name, fn in (("eager", step), ("compiled", compiled)):
-            fn(a).backward()  # compiles; warm
-            with ProfiledKernels() as k:
-                fn(a).backward()
-            counts[name] = k
-    finally:
-        torch._dynamo.reset()
+    # inductor's config.patch, not monkeypatch: undoing a monkeypatch deletes the entry, and a
+    # deleted entry reads as missing in every later compile of the process
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        try:
+            for name, fn in (("eager", step), ("compiled", compiled)):
+                fn(a).backward()  # compiles; warm
+                with ProfiledKernels() as k:
+                    fn(a).backward()
+                counts[name] = k
+        finally:
+            torch._dynamo.reset()
     eager, comp = counts["eager"], counts["compiled"]
     with OpCounter() as ops:
         step(a).backward()

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from metalora_core.formats.prior import make_prior
+from metalora_core.hosts import diffusers_blocks
 from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond, encode_prompt
 from metalora_core.hosts.tiny import TINY_T5_LEN, TinyFluxConfig, build_tiny_flux_pipeline
+from metalora_core.lora.adapter import LoRAAdapter
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
 from metalora_core.lora.fp8 import store_linears_fp8
 from metalora_core.lora.layers import FluxDims
@@ -163,9 +165,10 @@ def _bare_step(host, cond) -> None:
                   velocity_target(x0, noise)).backward()
 
 
-def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_the_adapters():
+def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_the_adapters(monkeypatch):
     """torch.compile does not guard on module hooks: a graph traced without the adapters (a compiled
-    bare step, the caller's own compiled blocks) would run the model without them."""
+    bare step, the caller's own compiled blocks) would run the model without them. Compiled, the
+    frozen-Down adapters read the step's prebuilt factors, never the general three-factor path."""
     pipe = build_tiny_flux_pipeline(seed=0, config=TinyFluxConfig(num_double=3, num_single=3))
     cond = encode_prompt(pipe, "a photo of a woman", max_sequence_length=TINY_T5_LEN)
     dims = FluxDims.from_diffusers_config(pipe.transformer.config)
@@ -178,7 +181,23 @@ def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_th
     try:
         _bare_step(DiffusersFluxHost(pipe.transformer, compile_blocks=True), cond)  # graphs without hooks
         graphs = stats["unique_graphs"]
-        losses, params = _trained(DiffusersFluxHost(pipe.transformer, compile_blocks=True), prior_all, cond, latents)
+
+        def general(self, base, x):
+            raise AssertionError("a compiled Stage-2 adapter took the general path")
+
+        checked = {}
+        check = diffusers_blocks.TrainingBlocks.check
+
+        def spy(self, kind, block, args):  # runs eagerly before the compiled call, never traced
+            check(self, kind, block, args)
+            checked[kind] = self.own[kind]
+
+        with monkeypatch.context() as m:
+            m.setattr(LoRAAdapter, "add_to", general)
+            m.setattr(diffusers_blocks.TrainingBlocks, "check", spy)
+            losses, params = _trained(DiffusersFluxHost(pipe.transformer, compile_blocks=True), prior_all, cond,
+                                      latents)
+        assert checked == {"double": True, "single": True}, checked  # so the training forwards compiled
         # compiled, and blocks of one kind share graphs (the first double block's input needs no
         # gradient; diffusers hands the single blocks after the first a strided view)
         assert graphs < stats["unique_graphs"] < graphs + len(blocks), (graphs, stats["unique_graphs"])
@@ -247,8 +266,11 @@ def test_gpu_bench_at_flux_depth_kernels_and_composed_figures(capsys, preset):
     """Ops that compute (CUDA kernels on a GPU) of one Stage-2 step over the bare frozen step's, at
     FLUX.1-dev's depth (19 double + 38 single blocks; counts do not depend on the width), bf16:
     shared Down projections per input, Up @ Mid once per step per shape, one addmm per call, the
-    low-rank input gradient fused into the Linear's (attention + MLP layers: measured 1.22x; every
-    layer, modulation included, 1.34x: its gradients are work the bare step does not do)."""
+    low-rank input gradient fused into the Linear's, and the training forwards of the blocks
+    (attention + MLP layers: measured 1.16x, 1.22x with diffusers' own block code; every layer,
+    modulation included, 1.22x, 1.34x with diffusers' blocks: the modulation's gradients are work the
+    bare step does not do). Saved bytes at this width: 1.05x and 1.12x (1.25x for all with
+    diffusers' blocks)."""
     bench = _bench_module()
     common = ["--tiny", "--compile", "off", "--hosts", "core", "--weights", "bf16", "--preset", preset,
               "--repeats", "0", "--warmup", "0", "--checkpoints", "off"]
@@ -259,9 +281,8 @@ def test_gpu_bench_at_flux_depth_kernels_and_composed_figures(capsys, preset):
     assert set(by) == {("bare", "off"), ("metalora", "off")}
     meta = by[("metalora", "off")]
     assert meta["blocks"] == 57 and meta["adapted_layers"] == {"attn_mlp": 418, "all": 494}[preset]
-    if preset == "attn_mlp":
-        assert meta["kernels_ratio_to_bare"] <= 1.25, (meta["kernels"], by[("bare", "off")]["kernels"])
-        assert meta["saved_bytes_ratio_to_bare"] <= 1.1
+    assert meta["kernels_ratio_to_bare"] <= 1.25, (meta["kernels"], by[("bare", "off")]["kernels"])
+    assert meta["saved_bytes_ratio_to_bare"] <= {"attn_mlp": 1.1, "all": 1.13}[preset]
     # --compose (the full depth from 1+2, 2+2 and 1+3 blocks, for widths whose whole depth does not
     # fit) gives the figures measured at the whole depth
     bench.main(common + ["--compose", "19,38"])

@@ -7,12 +7,14 @@ A plain-LoRA mode (trainable Down, no Mid) serves the paper's LoRA baselines.
 
 Stage-2 adapters (frozen Down) run as ``base + (x @ Down^T) @ B^T`` with ``B = scale * Up @ Mid``
 built once per step (``StepFactors``); Linears that read one input share one Down projection
-(``shared_down``). Everything else takes the general three-factor path (``LoRAAdapter.add_to``).
+(``shared_down``). A compiled block reads the same factors, built eagerly at the start of the step
+(``_Prebuilt``). Everything else takes the general three-factor path (``LoRAAdapter.add_to``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -403,13 +405,17 @@ class _Plan:
     Downs (cached per dtype and device while the Downs stay unchanged) and the step factors.
 
     ``slot`` holds the shared Down projection of the latest input; a new input replaces it, the
-    end of the root module's forward drops it.
+    end of the root module's forward drops it. A ``held`` group (layers of several blocks that
+    read one small tensor, such as every block's modulation Linear reading ``silu(temb)``) keeps
+    its own slot until the end of the forward, whatever the other layers read in between.
     """
 
-    def __init__(self, adapters: Mapping[str, LoRAAdapter], groups: Iterable[tuple[str, ...]]) -> None:
+    def __init__(self, adapters: Mapping[str, LoRAAdapter], groups: Iterable[tuple[str, ...]],
+                 held: Iterable[tuple[str, ...]] = ()) -> None:
         self.adapters = dict(adapters)
         self.group: dict[str, tuple[str, ...]] = {}
-        for g in groups:
+        held = [tuple(n for n in g if n in self.adapters) for g in held]
+        for g in [*groups, *held]:
             g = tuple(n for n in g if n in self.adapters)
             widths = {(self.adapters[n].in_features, self.adapters[n].down.device) for n in g}
             if len(g) > 1 and len(widths) == 1:
@@ -420,10 +426,25 @@ class _Plan:
         self.factors = StepFactors(list(self.adapters.values()))
         self._downs: dict[tuple[str, ...], tuple] = {}
         self.slot: tuple | None = None  # (x, x._version, alias or None, {member: x @ Down^T})
+        self.held_groups = {g for g in held if len(g) > 1 and self.group[g[0]] == g}
+        self.held: dict[tuple[str, ...], tuple] = {}  # a held group's own slot
+        self.prebuilt = {n: _Prebuilt() for n in self.adapters}
 
-    def new_step(self) -> None:
+    def new_step(self, dtype: torch.dtype | None = None) -> None:
+        """Starts a step. With autograd on and the step's compute ``dtype`` known (the root's
+        input), every adapter's Down and factor in that dtype are built now, eagerly: a compiled
+        block reads them (``_Prebuilt``); the eager path gets the same tensors from the caches."""
         self.factors.new_step()
+        self.end_forward()
+        for n, a in self.adapters.items():
+            pb = self.prebuilt[n]
+            pb.down = pb.b = None
+            if dtype is not None and torch.is_grad_enabled():
+                pb.down, pb.b = self.down((n,), dtype, a.down.device), self.factors.get(a, dtype)
+
+    def end_forward(self) -> None:
         self.slot = None
+        self.held.clear()
 
     def release(self) -> None:
         self.new_step()
@@ -443,20 +464,43 @@ class _Plan:
 
     def project(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(x for the Linear, {member: x @ Down^T}) of ``name``'s group, shared while x is the same."""
-        s = self.slot
+        group = self.group[name]
+        held = group in self.held_groups
+        s = self.held.get(group) if held else self.slot
         if s is not None and (x is s[0] or x is s[2]) and x._version == s[1] and name in s[3]:
             return (x if s[2] is None else s[2]), s[3]
-        group = self.group[name]
         alias, u = shared_down(x, self.down(group, x.dtype, x.device))
         sizes = [self.adapters[n].down.shape[0] for n in group]
         parts = dict(zip(group, u.split(sizes, dim=-1) if len(group) > 1 else (u,)))
-        self.slot = (x, x._version, alias if alias is not x else None, parts)
+        s = (x, x._version, alias if alias is not x else None, parts)
+        if held:
+            self.held[group] = s
+        else:
+            self.slot = s
         return alias, parts
 
 
+class _Prebuilt:
+    """One frozen-Down adapter's ``(Down, B)`` in the step's compute dtype, built eagerly at the start
+    of the step. A compiled block reads them as graph inputs (``torch.compile`` cannot trace the
+    caches), so its call is ``base + (x @ Down^T) @ B^T`` as in eager mode."""
+
+    def __init__(self) -> None:
+        self.down: torch.Tensor | None = None  # (r1, in)
+        self.b: torch.Tensor | None = None  # (out, r1), ``scale * Up @ Mid``
+
+
+def _float_input(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor among a forward's arguments."""
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
 def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
-    """The step-factor path applies (a compiled graph, another device or a Down made trainable
-    after attaching take the general path)."""
+    """The eager step-factor path applies (another device or a Down made trainable after attaching
+    take the general path; a compiled graph reads the prebuilt factors)."""
     return (not torch.compiler.is_compiling() and x.is_floating_point() and not adapter.down.requires_grad
             and x.device == adapter.up.device)
 
@@ -464,7 +508,7 @@ def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
 def _bypass_pre_hook(name: str, plan: _Plan):
     def hook(module: nn.Module, args: tuple):
         x = args[0]
-        if torch.compiler.is_compiling():  # the general path; nothing per layer (a name) traced
+        if torch.compiler.is_compiling():  # no shared projection; nothing per layer (a name) traced
             return None
         if not (torch.is_grad_enabled() and x.requires_grad and _fast(x, plan.adapters[name])):
             return None
@@ -475,9 +519,16 @@ def _bypass_pre_hook(name: str, plan: _Plan):
 
 
 def _bypass_hook(name: str, adapter: nn.Module, plan: _Plan | None):
+    pb = plan.prebuilt[name] if plan is not None else None
+
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         # Out-of-place: base weights and base output tensors are never modified.
         x = args[0]
+        if torch.compiler.is_compiling():  # nothing per layer (a name) traced: the prebuilt factors
+            if (pb is not None and pb.b is not None and torch.is_grad_enabled()
+                    and output.dtype == x.dtype == pb.b.dtype):
+                return add_rows(output, F.linear(x, pb.down), pb.b)
+            return adapter.add_to(output, x)
         if plan is not None and output.dtype == x.dtype and _fast(x, adapter):
             _, parts = plan.project(name, x)
             return add_rows(output, parts[name], plan.factors.get(adapter, output.dtype))
@@ -493,6 +544,15 @@ class AttachHandle:
         self._handles = handles
         self._plan = plan
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """What the attachment keeps for the whole run (the frozen Downs in the compute dtype):
+        like the weights, they exist anyway, so a graph that saves them keeps nothing more."""
+        return [] if self._plan is None else [hit[1] for hit in self._plan._downs.values()]
+
+    def add(self, removable: Any) -> None:
+        """Removes ``removable`` (anything with ``.remove()``) too, before what was attached earlier."""
+        self._handles.append(removable)
+
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
@@ -506,11 +566,14 @@ class AttachHandle:
         self.remove()
 
 
-def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
+def attach_adapters(root: nn.Module, adapters: AdapterSet, *,
+                    held_groups: Iterable[tuple[str, ...]] = ()) -> AttachHandle:
     """Attaches each adapter to ``root.get_submodule(name)`` in bypass form.
 
     The model's parameters and state dict stay untouched; ``handle.remove()``
-    detaches everything.
+    detaches everything. ``held_groups``: layers of several blocks that the caller makes read one
+    tensor per forward (see ``_Plan``); the layers of one block that read one input
+    (``shared_input_groups``) share their Down projection anyway.
 
     Raises:
         ValueError: a canonical layer is missing from ``root`` or is not a Linear
@@ -518,7 +581,7 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
     """
     handles = []
     fast = {n: a for n, a in adapters.items() if frozen_meta(a)}
-    plan = _Plan(fast, shared_input_groups(fast)) if fast else None
+    plan = _Plan(fast, shared_input_groups(fast), held_groups) if fast else None
     try:
         for name, adapter in adapters.items():
             try:
@@ -538,8 +601,9 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet) -> AttachHandle:
                 handles.append(mod.register_forward_pre_hook(_bypass_pre_hook(name, plan)))
             handles.append(mod.register_forward_hook(_bypass_hook(name, adapter, plan if name in fast else None)))
         if plan is not None:  # each forward of the root is a step: new factors, no stale projection kept
-            handles.append(root.register_forward_pre_hook(lambda m, a: plan.new_step()))
-            handles.append(root.register_forward_hook(lambda m, a, o: setattr(plan, "slot", None)))
+            handles.append(root.register_forward_pre_hook(lambda m, a, kw: plan.new_step(_float_input(a, kw)),
+                                                          with_kwargs=True))
+            handles.append(root.register_forward_hook(lambda m, a, o: plan.end_forward()))
     except Exception:
         for h in handles:
             h.remove()

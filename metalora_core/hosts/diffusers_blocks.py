@@ -1,0 +1,200 @@
+"""Training forwards of diffusers' FLUX blocks for the diffusers host.
+
+While adapters are attached and autograd records, every ``FluxTransformerBlock`` and
+``FluxSingleTransformerBlock`` runs ``double_forward`` / ``single_forward`` instead of its own
+forward. They compute what diffusers' block code computes, step for step, with three changes
+that only affect what backward keeps and how many ops it takes:
+
+- FLUX's modulated LayerNorms go through ``lora.modulation.modulated_norm``: one sample's trained
+  modulation is one affine LayerNorm, and nothing keeps the normalised input;
+- the gated sum before a double block's MLP LayerNorm is recomputed in backward
+  (``gated_modulated_norm``), and gated residuals take one op forward (``gated_residual``);
+- ``silu(temb)`` is computed once per step for every block's modulation Linear, so those
+  Linears read one tensor (the adapters project it once for all of them).
+
+Without autograd (sampling) the blocks run diffusers' own forward. The first training call of
+each block kind is compared with diffusers' own forward on the same inputs; a block that
+computes differently (another diffusers version changed its code) keeps diffusers' forward for
+the rest of the run, with a warning, so training stays correct.
+"""
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..lora.modulation import gated_modulated_norm, gated_residual, modulated_norm, plain_layer_norm
+
+log = logging.getLogger(__name__)
+
+MODULATION_SUFFIXES = ("norm1.linear", "norm1_context.linear", "norm.linear")  # canonical names' endings
+
+
+def _block_kind(block: nn.Module) -> str | None:
+    """"double" / "single" for diffusers' FLUX blocks this module can run, else None."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    if "forward" in block.__dict__:  # someone else wraps this block's forward (offloading hooks, ...)
+        return None
+    if type(block) is FluxTransformerBlock:
+        norms = (block.norm1, block.norm1_context)
+        if (all(getattr(n, "emb", None) is None and isinstance(getattr(n, "linear", None), nn.Linear)
+                and plain_layer_norm(n.norm) is not None for n in norms)
+                and plain_layer_norm(block.norm2) is not None and plain_layer_norm(block.norm2_context) is not None):
+            return "double"
+    if type(block) is FluxSingleTransformerBlock:
+        if isinstance(getattr(block.norm, "linear", None), nn.Linear) and plain_layer_norm(block.norm.norm) is not None:
+            return "single"
+    return None
+
+
+class TrainingBlocks:
+    """The training forwards of one transformer's blocks while one set of adapters is attached.
+
+    ``install`` sets them on the blocks (an instance attribute; the classes are untouched),
+    ``remove`` gives every block its own forward back.
+    """
+
+    def __init__(self, blocks: list[nn.Module], own: dict[str, bool] | None = None) -> None:
+        self.blocks = [(b, _block_kind(b)) for b in blocks]
+        # block kind -> compared with diffusers' forward, and agrees; a host passes one dict to all
+        # its attachments, so each kind is compared once per host
+        self.own: dict[str, bool] = {} if own is None else own
+        self._silu: tuple | None = None  # (temb, temb._version, silu(temb)) of this step
+        self._installed: list[nn.Module] = []
+
+    @property
+    def every_block(self) -> bool:
+        """Every block runs a training forward (so all modulation Linears read one ``silu(temb)``)."""
+        return bool(self.blocks) and all(k is not None for _, k in self.blocks)
+
+    def install(self) -> "TrainingBlocks":
+        forwards = {k: _TrainingForward(self, k) for k in ("double", "single")}
+        for block, kind in self.blocks:
+            if kind is not None:
+                block.forward = types.MethodType(forwards[kind], block)
+                self._installed.append(block)
+        return self
+
+    def remove(self) -> None:
+        while self._installed:
+            self._installed.pop().__dict__.pop("forward", None)
+        self._silu = None
+
+    def end_step(self) -> None:
+        self._silu = None
+
+    def silu(self, temb: torch.Tensor) -> torch.Tensor:
+        """``silu(temb)``, one tensor for every block of this step (a compiled block computes its own)."""
+        if torch.compiler.is_compiling():
+            return F.silu(temb)
+        hit = self._silu
+        if hit is None or hit[0] is not temb or hit[1] != temb._version:
+            self._silu = hit = (temb, temb._version, F.silu(temb))
+        return hit[2]
+
+    def check(self, kind: str, block: nn.Module, args: tuple) -> None:
+        """Compares ``kind``'s training forward with diffusers' own on ``args``.
+
+        Both run on detached inputs with autograd on, as training does (the adapters and the
+        modulated norms take their training paths), under pass-through saved-tensor hooks: what
+        they keep is dropped with them and never reaches an enclosing checkpoint's (which would
+        count it in forward and miss it in the recompute).
+        """
+        fn = double_forward if kind == "double" else single_forward
+        inputs = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        silu, self._silu = self._silu, None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                ref = type(block).forward(block, *inputs)
+                mine = fn(self, block, *inputs)
+        finally:
+            self._silu = silu
+        self.own[kind] = True
+        for name, m, r in zip(("encoder_hidden_states", "hidden_states"), mine, ref):
+            r = r.detach().float()
+            worst = float((m.detach().float() - r).abs().max())
+            tol = (1e-4 if m.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(r.abs().max()))
+            if not worst <= tol:
+                self.own[kind] = False
+                log.warning("diffusers' FLUX %s block computes differently from MetaLoRA's training forward "
+                            "(largest difference %.3g in %s); training runs diffusers' own forward, with more "
+                            "memory kept for backward", kind, worst, name)
+                return
+
+
+class _TrainingForward:
+    """The forward of the blocks of one kind: the training forward where the check agreed and
+    autograd records, else diffusers' own.
+
+    ``prepare`` runs the check (once per kind, eagerly); a compiled block's caller runs it before
+    the compiled call (``diffusers_flux.compiled_blocks``), so no check is ever traced.
+    """
+
+    def __init__(self, blocks: TrainingBlocks, kind: str) -> None:
+        self.blocks, self.kind = blocks, kind
+        self.fn = double_forward if kind == "double" else single_forward
+
+    def prepare(self, block: nn.Module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                joint_attention_kwargs=None) -> None:
+        if torch.is_grad_enabled() and self.kind not in self.blocks.own:
+            self.blocks.check(self.kind, block, (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                                 joint_attention_kwargs))
+
+    def __call__(self, block: nn.Module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                 joint_attention_kwargs=None):
+        args = (hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        if not torch.compiler.is_compiling():
+            self.prepare(block, *args)
+        if torch.is_grad_enabled() and self.blocks.own.get(self.kind, False):
+            return self.fn(self.blocks, block, *args)
+        return type(block).forward(block, *args)
+
+
+def _mod(linear: nn.Module, silu: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The modulation Linear's output in ``n`` chunks, each (B, 1, width) to broadcast over tokens."""
+    return [t[:, None] for t in linear(silu).chunk(n, dim=1)]
+
+
+def double_forward(blocks: TrainingBlocks, block: nn.Module, hidden_states: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                   joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxTransformerBlock.forward`` (see the module docstring); returns (text, image) states."""
+    silu = blocks.silu(temb)
+    i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = _mod(block.norm1.linear, silu, 6)
+    t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = _mod(block.norm1_context.linear, silu, 6)
+    outs = block.attn(
+        hidden_states=modulated_norm(block.norm1.norm, hidden_states, i_sh1, i_sc1),
+        encoder_hidden_states=modulated_norm(block.norm1_context.norm, encoder_hidden_states, t_sh1, t_sc1),
+        image_rotary_emb=image_rotary_emb,
+        **(joint_attention_kwargs or {}),
+    )
+    img, i_n2 = gated_modulated_norm(block.norm2, hidden_states, i_g1, outs[0], i_sh2, i_sc2)
+    img = gated_residual(img, i_g2, block.ff(i_n2))
+    if len(outs) == 3:  # IP-Adapter attention output
+        img = img + outs[2]
+    txt, t_n2 = gated_modulated_norm(block.norm2_context, encoder_hidden_states, t_g1, outs[1], t_sh2, t_sc2)
+    txt = gated_residual(txt, t_g2, block.ff_context(t_n2))
+    if txt.dtype == torch.float16:
+        txt = txt.clip(-65504, 65504)
+    return txt, img
+
+
+def single_forward(blocks: TrainingBlocks, block: nn.Module, hidden_states: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
+                   joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FluxSingleTransformerBlock.forward`` (see the module docstring); returns (text, image) states."""
+    text_len = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    shift, scale, gate = _mod(block.norm.linear, blocks.silu(temb), 3)
+    n = modulated_norm(block.norm.norm, x, shift, scale)
+    mlp = block.act_mlp(block.proj_mlp(n))
+    attn = block.attn(hidden_states=n, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    x = gated_residual(x, gate, block.proj_out(torch.cat([attn, mlp], dim=2)))
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_len], x[:, text_len:]
