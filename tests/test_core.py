@@ -156,6 +156,18 @@ def _loss_merged_float64(transformer, adapters, x0, noise, sigma, cond):
     return torch.mean((pred - velocity_target(x0.double(), noise.double())) ** 2), ad64
 
 
+def assert_matches_float64(transformer, adapters, loss, x0, noise, sigma, cond) -> None:
+    """``loss`` and every Mid/Up gradient (relative error < 1e-4) against ``_loss_merged_float64``."""
+    ref_loss, ad64 = _loss_merged_float64(transformer, adapters, x0, noise, sigma, cond)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-7)
+    worst = 0.0
+    for (name, a), (_, r) in zip(adapters.items(), ad64.items()):
+        for p, q in ((a.mid, r.mid), (a.up, r.up)):
+            worst = max(worst, float((p.grad.double() - q.grad).norm() / q.grad.norm().clamp_min(1e-30)))
+    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_stage2_gradients_only_mid_up_and_match_float64_reference(pipe, prior, cond, checkpointing):
     host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=checkpointing)
@@ -171,15 +183,7 @@ def test_stage2_gradients_only_mid_up_and_match_float64_reference(pipe, prior, c
     for name, a in adapters.items():
         assert a.down.grad is None, f"{name}: Down must stay frozen in Stage-2"
         assert a.mid.grad is not None and a.up.grad is not None
-    ref_loss, ad64 = _loss_merged_float64(pipe.transformer, adapters, x0, noise, sigma, cond)
-    ref_loss.backward()
-    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-7)
-    worst = 0.0
-    for (name, a), (_, r) in zip(adapters.items(), ad64.items()):
-        for p, q in ((a.mid, r.mid), (a.up, r.up)):
-            err = (p.grad.double() - q.grad).norm() / q.grad.norm().clamp_min(1e-30)
-            worst = max(worst, float(err))
-    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+    assert_matches_float64(pipe.transformer, adapters, loss, x0, noise, sigma, cond)
 
 
 @pytest.mark.parametrize("preset", ["attn_mlp", "all"])
