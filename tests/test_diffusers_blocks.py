@@ -227,3 +227,20 @@ def test_each_block_kind_is_compared_once_per_host(pipe, cond, monkeypatch):
     assert sorted(calls) == ["double", "single"], calls
     _step(DiffusersFluxHost(pipe.transformer), _adapters(pipe), x0, noise, sigma, cond)
     assert sorted(calls) == ["double", "double", "single", "single"], calls
+
+
+def test_a_block_class_whose_forward_takes_other_arguments_keeps_its_forward(pipe, monkeypatch):
+    """A diffusers whose block forward takes other arguments would call the training forward with
+    them: such blocks keep their own forward."""
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    real = FluxTransformerBlock.forward
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                joint_attention_kwargs=None, modulation_cache=None):
+        return real(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+
+    monkeypatch.setattr(FluxTransformerBlock, "forward", forward)
+    with DiffusersFluxHost(pipe.transformer).attach(_adapters(pipe)):
+        assert not any("forward" in b.__dict__ for b in pipe.transformer.transformer_blocks)
+        assert all("forward" in b.__dict__ for b in pipe.transformer.single_transformer_blocks)

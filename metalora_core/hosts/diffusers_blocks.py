@@ -2,8 +2,9 @@
 
 While adapters are attached and autograd records, every ``FluxTransformerBlock`` and
 ``FluxSingleTransformerBlock`` runs ``double_forward`` / ``single_forward`` instead of its own
-forward. They compute what diffusers' block code computes, step for step, with three changes
-that only affect what backward keeps and how many ops it takes:
+forward. They compute what diffusers' block code computes, step for step, with three changes to
+what backward keeps and how many ops run (the values agree to rounding: one sample's affine
+LayerNorm rounds once where the plain ops round twice):
 
 - FLUX's modulated LayerNorms go through ``lora.modulation.modulated_norm``: one sample's trained
   modulation is one affine LayerNorm, and nothing keeps the normalised input;
@@ -12,13 +13,15 @@ that only affect what backward keeps and how many ops it takes:
 - ``silu(temb)`` is computed once per step for every block's modulation Linear, so those
   Linears read one tensor (the adapters project it once for all of them).
 
-Without autograd (sampling) the blocks run diffusers' own forward. The first training call of
-each block kind is compared with diffusers' own forward on the same inputs; a block that
-computes differently (another diffusers version changed its code) keeps diffusers' forward for
-the rest of the run, with a warning, so training stays correct.
+Without autograd (sampling) the blocks run diffusers' own forward; blocks of another class, whose
+forward takes other arguments or whose forward something else wraps keep theirs. The first
+training call of each block kind, once per host, is compared with diffusers' own forward on the
+same inputs; a kind that computes differently (another diffusers release changed its code) keeps
+diffusers' forward, with a warning, so training stays correct.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from typing import Any
@@ -34,11 +37,16 @@ log = logging.getLogger(__name__)
 MODULATION_SUFFIXES = ("norm1.linear", "norm1_context.linear", "norm.linear")  # canonical names' endings
 
 
+_PARAMETERS = ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+
+
 def _block_kind(block: nn.Module) -> str | None:
     """"double" / "single" for diffusers' FLUX blocks this module can run, else None."""
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     if "forward" in block.__dict__:  # someone else wraps this block's forward (offloading hooks, ...)
+        return None
+    if tuple(inspect.signature(type(block).forward).parameters) != _PARAMETERS:  # a diffusers that calls it otherwise
         return None
     if type(block) is FluxTransformerBlock:
         norms = (block.norm1, block.norm1_context)
