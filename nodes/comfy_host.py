@@ -38,7 +38,7 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
-from ..metalora_core.lora.modulation import (gated_modulated_norm, gated_residual, modulated_norm,
+from ..metalora_core.lora.modulation import (block_agrees, gated_modulated_norm, gated_residual, modulated_norm,
                                               plain_modulated_norm)
 from .images import pils_to_image
 
@@ -395,10 +395,8 @@ class _Blocks:
             finally:
                 self.adapters_on = adapters_on
         for key, m in mine.items():
-            r = ref[key].float()
-            worst = float((m.float() - r).abs().max())
-            tol = (1e-4 if m.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(r.abs().max()))
-            if not worst <= tol:
+            agrees, worst = block_agrees(m, ref[key])
+            if not agrees:
                 raise RuntimeError(
                     f"this ComfyUI's FLUX {kind} block computes differently from MetaLoRA's training copy "
                     f"(largest difference {worst:.3g} in '{key}'); training would optimise the wrong model, so it "

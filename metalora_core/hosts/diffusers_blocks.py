@@ -24,13 +24,14 @@ from __future__ import annotations
 import inspect
 import logging
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.modulation import gated_modulated_norm, gated_residual, modulated_norm, plain_layer_norm
+from ..lora.modulation import block_agrees, gated_modulated_norm, gated_residual, modulated_norm, plain_layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class TrainingBlocks:
         they keep is dropped with them and never reaches an enclosing checkpoint's (which would
         count it in forward and miss it in the recompute).
         """
-        fn = double_forward if kind == "double" else single_forward
+        fn = _forward_of(kind)
         inputs = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         silu, self._silu = self._silu, None
         try:
@@ -124,10 +125,8 @@ class TrainingBlocks:
             self._silu = silu
         self.own[kind] = True
         for name, m, r in zip(("encoder_hidden_states", "hidden_states"), mine, ref):
-            r = r.detach().float()
-            worst = float((m.detach().float() - r).abs().max())
-            tol = (1e-4 if m.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(r.abs().max()))
-            if not worst <= tol:
+            agrees, worst = block_agrees(m, r)
+            if not agrees:
                 self.own[kind] = False
                 log.warning("diffusers' FLUX %s block computes differently from MetaLoRA's training forward "
                             "(largest difference %.3g in %s); training runs diffusers' own forward, with more "
@@ -145,7 +144,7 @@ class _TrainingForward:
 
     def __init__(self, blocks: TrainingBlocks, kind: str) -> None:
         self.blocks, self.kind = blocks, kind
-        self.fn = double_forward if kind == "double" else single_forward
+        self.fn = _forward_of(kind)
 
     def prepare(self, block: nn.Module, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None) -> None:
@@ -161,6 +160,10 @@ class _TrainingForward:
         if torch.is_grad_enabled() and self.blocks.own.get(self.kind, False):
             return self.fn(self.blocks, block, *args)
         return type(block).forward(block, *args)
+
+
+def _forward_of(kind: str) -> Callable:
+    return double_forward if kind == "double" else single_forward
 
 
 def _mod(linear: nn.Module, silu: torch.Tensor, n: int) -> list[torch.Tensor]:

@@ -174,7 +174,7 @@ class DiffusersFluxHost:
         ``silu(temb)``, projected once for all of them."""
         blocks = TrainingBlocks(self._blocks(), own=self._own_forwards)
         held = ([n for n in adapters.names if n.endswith(MODULATION_SUFFIXES)],) if blocks.every_block else ()
-        handle = attach_adapters(self.transformer, adapters, held_groups=held)
+        handle = attach_adapters(self.transformer, adapters, held_groups=held, compiled=self.compile_blocks)
         handle.add(blocks.install())
         handle.add(self.transformer.register_forward_hook(lambda m, a, o: blocks.end_step()))
         return handle

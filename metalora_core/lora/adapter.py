@@ -411,7 +411,7 @@ class _Plan:
     """
 
     def __init__(self, adapters: Mapping[str, LoRAAdapter], groups: Iterable[tuple[str, ...]],
-                 held: Iterable[tuple[str, ...]] = ()) -> None:
+                 held: Iterable[tuple[str, ...]] = (), prebuild: bool = False) -> None:
         self.adapters = dict(adapters)
         self.group: dict[str, tuple[str, ...]] = {}
         held = [tuple(n for n in g if n in self.adapters) for g in held]
@@ -428,18 +428,19 @@ class _Plan:
         self.slot: tuple | None = None  # (x, x._version, alias or None, {member: x @ Down^T})
         self.held_groups = {g for g in held if len(g) > 1 and self.group[g[0]] == g}
         self.held: dict[tuple[str, ...], tuple] = {}  # a held group's own slot
+        self.prebuild = prebuild
         self.prebuilt = {n: _Prebuilt() for n in self.adapters}
 
     def new_step(self, dtype: torch.dtype | None = None) -> None:
-        """Starts a step. With autograd on and the step's compute ``dtype`` known (the root's
-        input), every adapter's Down and factor in that dtype are built now, eagerly: a compiled
-        block reads them (``_Prebuilt``); the eager path gets the same tensors from the caches."""
+        """Starts a step. With ``prebuild`` (compiled blocks), autograd on and the step's compute
+        ``dtype`` known (the root's input), every adapter's Down and factor in that dtype are built
+        now, eagerly, for the compiled blocks to read (``_Prebuilt``)."""
         self.factors.new_step()
         self.end_forward()
         for n, a in self.adapters.items():
             pb = self.prebuilt[n]
             pb.down = pb.b = None
-            if dtype is not None and torch.is_grad_enabled():
+            if self.prebuild and dtype is not None and torch.is_grad_enabled():
                 pb.down, pb.b = self.down((n,), dtype, a.down.device), self.factors.get(a, dtype)
 
     def end_forward(self) -> None:
@@ -566,14 +567,16 @@ class AttachHandle:
         self.remove()
 
 
-def attach_adapters(root: nn.Module, adapters: AdapterSet, *,
-                    held_groups: Iterable[tuple[str, ...]] = ()) -> AttachHandle:
+def attach_adapters(root: nn.Module, adapters: AdapterSet, *, held_groups: Iterable[tuple[str, ...]] = (),
+                    compiled: bool = False) -> AttachHandle:
     """Attaches each adapter to ``root.get_submodule(name)`` in bypass form.
 
     The model's parameters and state dict stay untouched; ``handle.remove()``
     detaches everything. ``held_groups``: layers of several blocks that the caller makes read one
     tensor per forward (see ``_Plan``); the layers of one block that read one input
-    (``shared_input_groups``) share their Down projection anyway.
+    (``shared_input_groups``) share their Down projection anyway. ``compiled``: the caller runs
+    the blocks compiled; each step then builds the factors they read first (``_Prebuilt``;
+    without, a compiled block's adapters take the general path).
 
     Raises:
         ValueError: a canonical layer is missing from ``root`` or is not a Linear
@@ -581,7 +584,7 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet, *,
     """
     handles = []
     fast = {n: a for n, a in adapters.items() if frozen_meta(a)}
-    plan = _Plan(fast, shared_input_groups(fast), held_groups) if fast else None
+    plan = _Plan(fast, shared_input_groups(fast), held_groups, prebuild=compiled) if fast else None
     try:
         for name, adapter in adapters.items():
             try:

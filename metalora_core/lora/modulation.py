@@ -178,3 +178,13 @@ def gated_modulated_norm(norm: nn.Module, residual: torch.Tensor, gate: torch.Te
             return _GatedNorm.apply(residual, gate, out, *affine, eps)
     y = gated_residual(residual, gate, out)
     return y, modulated_norm(norm, y, shift, scale)
+
+
+def block_agrees(mine: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
+    """(agrees, largest difference) of a training copy of a block's output and the framework's own
+    block's: within 1e-4 (float32, float64) or 3e-2 (16-bit) of the reference's largest value
+    (at least 1). The hosts check their block forwards, built from the forms above, with it."""
+    r = ref.detach().float()
+    worst = float((mine.detach().float() - r).abs().max())
+    tol = (1e-4 if mine.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, float(r.abs().max()))
+    return worst <= tol, worst
