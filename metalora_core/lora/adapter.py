@@ -437,11 +437,12 @@ class _Plan:
         now, eagerly, for the compiled blocks to read (``_Prebuilt``)."""
         self.factors.new_step()
         self.end_forward()
+        if not self.prebuild:  # eager blocks never read them
+            return
+        build = dtype is not None and torch.is_grad_enabled()
         for n, a in self.adapters.items():
             pb = self.prebuilt[n]
-            pb.down = pb.b = None
-            if self.prebuild and dtype is not None and torch.is_grad_enabled():
-                pb.down, pb.b = self.down((n,), dtype, a.down.device), self.factors.get(a, dtype)
+            pb.down, pb.b = (self.down((n,), dtype, a.down.device), self.factors.get(a, dtype)) if build else (None, None)
 
     def end_forward(self) -> None:
         self.slot = None
@@ -501,9 +502,8 @@ def _float_input(args: tuple, kwargs: dict) -> torch.dtype | None:
 
 def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
     """The eager step-factor path applies (another device or a Down made trainable after attaching
-    take the general path; a compiled graph reads the prebuilt factors)."""
-    return (not torch.compiler.is_compiling() and x.is_floating_point() and not adapter.down.requires_grad
-            and x.device == adapter.up.device)
+    take the general path; the hooks send a compiled graph to the prebuilt factors first)."""
+    return x.is_floating_point() and not adapter.down.requires_grad and x.device == adapter.up.device
 
 
 def _bypass_pre_hook(name: str, plan: _Plan):
