@@ -38,8 +38,8 @@ from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, 
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
-from ..metalora_core.lora.modulation import (block_agrees, gated_modulated_norm, gated_residual, modulated_norm,
-                                              plain_modulated_norm)
+from ..metalora_core.lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual,
+                                              modulated_norm, plain_modulated_norm)
 from .images import pils_to_image
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,59 @@ class _Blocks:
             h = F.linear(h, mid)  # (..., R2)
         return add_low_rank(y, h, b)
 
+    def _linear_again(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``_linear(name, module, x)`` computed again without autograd (for a backward that
+        recomputes it instead of keeping it), from the step's factors with the forward's ops where
+        the forward used them."""
+        with torch.no_grad():
+            y = self._base(module, x)
+            slots = self.slots.get(name) if self.adapters_on else None
+            if not slots:
+                return y
+            fast = self._step_factors.get((name, x.dtype, True, True))
+            if fast is not None and fast[0].device == x.device:
+                u, b = F.linear(x, fast[0]), fast[1].detach()
+                return add_rows(y, u, b) if y.dtype == x.dtype else add_low_rank(y, u, b)
+            down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype, fast=False)
+            h = down_project(x, down)
+            if mid is not None:
+                h = F.linear(h, mid)
+            return add_low_rank(y, h, b)
+
+    def _projection_again(self, raw: torch.Tensor | None, name: str, module: nn.Module,
+                          tokens: slice) -> Recompute | None:
+        """The attention output projection ``name`` of the tokens ``tokens``, computed again in
+        backward from the attention kernel's own output ``raw`` (B, H, L, D) for the gate's
+        gradient, instead of kept: PyTorch's attention kernels keep ``raw`` for their own backward
+        anyway. None (the output is kept) without ``raw``, adapters or autograd."""
+        if raw is None or not self.adapters_on or not torch.is_grad_enabled():
+            return None
+
+        def fn(r: torch.Tensor) -> torch.Tensor:
+            r = r[:, :, tokens]
+            return self._linear_again(name, module, r.transpose(1, 2).reshape(r.shape[0], r.shape[2], -1))
+
+        return Recompute(raw, fn)
+
+    @staticmethod
+    def _attention(q, k, v, pe, mask, transformer_options) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``comfy.ldm.flux.math.attention``, the same ComfyUI functions, asked for the output before
+        its reshape: (the attention kernel's own output (B, H, L, D), or None, the output (B, L,
+        H * D)). The kernel's output comes back where PyTorch's fused attention kernels made it:
+        they keep it for their own backward (attention that ComfyUI computes in chunks keeps
+        nothing of it, so computing a projection again from it would keep as much as it saves)."""
+        import comfy.ldm.flux.math as flux_math
+
+        if pe is not None:
+            q, k = flux_math.apply_rope(q, k, pe)
+        out = flux_math.optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True,
+                                            mask=mask, transformer_options=transformer_options)
+        if out.ndim != 4:  # an attention without the option
+            return None, out
+        kernel = type(out.grad_fn).__name__ if out.grad_fn is not None else ""
+        kept = kernel.startswith("ScaledDotProduct") and "Math" not in kernel
+        return (out if kept else None), out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
     def _seq(self, name: str, seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(seq, nn.Sequential):
             raise ValueError(f"{name}: MLP type {type(seq).__name__} is not supported for training (FLUX.1 only)")
@@ -311,11 +364,13 @@ class _Blocks:
         return (modulated_norm if self.adapters_on else plain_modulated_norm)(norm, x, shift, scale)
 
     def _gated_norm(self, norm: nn.Module, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
-                    shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    shift: torch.Tensor, scale: torch.Tensor,
+                    again: Recompute | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, norm(y) * (1 + scale) + shift)`` with ``y = residual + gate * out``:
-        ``gated_modulated_norm`` while training; with the adapters off, the plain ops."""
+        ``gated_modulated_norm`` while training (``again``: ``out`` computed again in backward);
+        with the adapters off, the plain ops."""
         if self.adapters_on:
-            return gated_modulated_norm(norm, residual, gate, out, shift, scale)
+            return gated_modulated_norm(norm, residual, gate, out, shift, scale, again)
         y = self._gated(residual, gate, out)
         return y, self._norm(norm, y, shift, scale)
 
@@ -332,8 +387,6 @@ class _Blocks:
         return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D)
 
     def double(self, i: int, img, txt, vec, pe, attn_mask, transformer_options):
-        from comfy.ldm.flux.math import attention
-
         b, p = self.dm.double_blocks[i], f"double_blocks.{i}"
         if not b.modulation:
             raise ValueError("FLUX models without per-block modulation are not supported for training")
@@ -346,13 +399,15 @@ class _Blocks:
                                             self._norm(b.txt_norm1, txt, t_sh1, t_sc1)), b.num_heads)
         tq, tk = b.txt_attn.norm(tq, tk, tv)
         q, k, v = torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2)  # (B, H, L, D)
-        attn = attention(q, k, v, pe=self._pe(pe, q), mask=attn_mask, transformer_options=transformer_options)
-        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-        i_out = self._linear(f"{p}.img_attn.proj", b.img_attn.proj, i_attn)
-        img, i_n2 = self._gated_norm(b.img_norm2, img, i_g1, i_out, i_sh2, i_sc2)
+        raw, attn = self._attention(q, k, v, self._pe(pe, q), attn_mask, transformer_options)
+        text, image = slice(None, txt.shape[1]), slice(txt.shape[1], None)
+        i_out = self._linear(f"{p}.img_attn.proj", b.img_attn.proj, attn[:, image])
+        img, i_n2 = self._gated_norm(b.img_norm2, img, i_g1, i_out, i_sh2, i_sc2,
+                                     self._projection_again(raw, f"{p}.img_attn.proj", b.img_attn.proj, image))
         img = self._gated(img, i_g2, self._seq(f"{p}.img_mlp", b.img_mlp, i_n2))
-        t_out = self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, t_attn)
-        txt, t_n2 = self._gated_norm(b.txt_norm2, txt, t_g1, t_out, t_sh2, t_sc2)
+        t_out = self._linear(f"{p}.txt_attn.proj", b.txt_attn.proj, attn[:, text])
+        txt, t_n2 = self._gated_norm(b.txt_norm2, txt, t_g1, t_out, t_sh2, t_sc2,
+                                     self._projection_again(raw, f"{p}.txt_attn.proj", b.txt_attn.proj, text))
         txt = self._gated(txt, t_g2, self._seq(f"{p}.txt_mlp", b.txt_mlp, t_n2))
         return img, txt
 

@@ -70,8 +70,8 @@ MEMORY_CHOICES = ("auto", "fast", "low")
 # Elements of the compute dtype autograd keeps per token, per block and per unit of hidden width in
 # one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py
 # (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny width, 57 blocks; a test holds it
-# there) at 17.8, with every block checkpointed 1.06. (Computed in float32, as ComfyUI does on a
-# CPU: 14.8 and 1.05.)
+# there) at 17.4, with every block checkpointed 1.06. (Computed in float32, as ComfyUI does on a
+# CPU: 14.4 and 1.05.)
 _SAVED_PER_TOKEN_WIDTH = 20
 _CKPT_PER_TOKEN_WIDTH = 2
 

@@ -98,8 +98,13 @@ def test_adapters_keep_no_input_copy_and_fused_factors_are_built_once_per_step(m
 @pytest.mark.parametrize("batch", [2, 1])
 def test_trained_modulation_matches_float64_and_keeps_no_normalised_copy(models, monkeypatch, batch):
     """Preset "all" trains the modulation Linears: no modulated LayerNorm keeps its normalised
-    input and, with one sample's modulation, no double block the gated sum before its MLP; with
-    the float64 reference's gradients."""
+    input and, with one sample's modulation, no double block the gated sum before its MLP, and
+    with PyTorch's attention (ComfyUI's on a GPU) no double block its attention projections'
+    outputs; with the float64 reference's gradients."""
+    import comfy.ldm.flux.math as flux_math
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    monkeypatch.setattr(flux_math, "optimized_attention", attention_pytorch)  # ComfyUI's own blocks too
     ref, *_ = _step(models["fp64"], dtype=torch.float64, preset="all", batch=batch)
     grads, fused, _ = _step(models["fp32"], preset="all", batch=batch)
     assert _rel(grads, ref) < 1e-5
@@ -110,8 +115,8 @@ def test_trained_modulation_matches_float64_and_keeps_no_normalised_copy(models,
     def plain_norm(norm, x, shift, scale):
         return torch.addcmul(shift, norm(x), 1 + scale)
 
-    def plain_gated_norm(norm, residual, gate, out, shift, scale):
-        y = residual + gate * out
+    def plain_gated_norm(norm, residual, gate, out, shift, scale, again=None):
+        y = residual + gate * out  # keeps out for the gate's gradient
         return y, plain_norm(norm, y, shift, scale)
 
     monkeypatch.setattr(host_mod, "modulated_norm", plain_norm)
@@ -122,17 +127,50 @@ def test_trained_modulation_matches_float64_and_keeps_no_normalised_copy(models,
     # LayerNorm keeps that input anyway): 2 per stream in a double block but 1 in the first (its
     # inputs need none: there plain and fused keep one activation each), 1 per single block; and
     # one sample: per stream in a double block the gated sum before the MLP's LayerNorm, which
-    # the fused blocks recompute from the residual and the attention output
+    # the fused blocks recompute from the residual and the attention output; and per stream in a
+    # double block the attention output projection's output, which the fused blocks compute again
+    # from the attention kernel's output (PyTorch's attention keeps that for its backward)
     dm = models["fp32"].model.diffusion_model
     x0, _, _, cond = _batch(torch.float32, batch)
     img, txt = (x0.shape[2] // 2) * (x0.shape[3] // 2), cond.context.shape[1]
     per_token = x0.shape[0] * dm.hidden_size * 4
     double, single = len(dm.double_blocks), len(dm.single_blocks)
-    copies = (2 * double - 1 + single + (double if batch == 1 else 0)) * (img + txt)
+    copies = (2 * double - 1 + single + (double if batch == 1 else 0) + double) * (img + txt)
     # one sample's first LayerNorms (inputs needing no gradient) are LayerNorms with a weight: they
     # keep their per-token statistics and the weight, where the plain ops keep only the normalised x
     first = (2 * (img + txt) + 2 * dm.hidden_size) * 4 if batch == 1 else 0
     assert plain - fused == copies * per_token - first, (plain, fused)
+
+
+def test_projections_are_computed_again_only_from_an_attention_output_its_kernel_keeps(models, monkeypatch):
+    """ComfyUI's CPU attention computes in chunks and keeps nothing of its output: there the
+    attention projections' outputs stay kept (computing them again would keep as much). With
+    PyTorch's attention each double block computes both again in backward, with the forward's
+    bits (the step's factors, the forward's ops)."""
+    import comfy.ldm.flux.math as flux_math
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    blocks_cls = pack("nodes.comfy_host")._Blocks
+    real = blocks_cls._linear_again
+    calls = []
+
+    def spy(self, name, module, x):
+        y = real(self, name, module, x)
+        with torch.enable_grad():  # what the forward computed, with its ops
+            forward = self._linear(name, module, x.detach().requires_grad_(True))
+        calls.append((name, torch.equal(y, forward.detach())))
+        return y
+
+    monkeypatch.setattr(blocks_cls, "_linear_again", spy)
+    double = len(models["fp32"].model.diffusion_model.double_blocks)
+    for attention, again in ((flux_math.optimized_attention, 0), (attention_pytorch, 2 * double)):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(flux_math, "optimized_attention", attention)
+            _step(models["fp32"], preset="all", batch=1)
+        assert len(calls) == again, (attention.__name__, calls)
+        assert all(same for _, same in calls), calls
+    assert {n.rsplit(".", 1)[0].split(".", 2)[-1] for n, _ in calls} == {"img_attn", "txt_attn"}
 
 
 def _kernels(model, preset: str, *, adapters_on: bool) -> int:
@@ -206,7 +244,8 @@ def test_adapted_step_kernels_within_a_quarter_of_comfyuis_at_flux_depth(preset)
     ComfyUI runs on an NVIDIA GPU), over the bare step's (the same blocks with the adapters off:
     ComfyUI's own ops). Preset "all" meets it with one silu(vec) and one modulation Down projection
     per step, the gated residuals' 3-op backward and one sample's modulated LayerNorm as one
-    LayerNorm (measured 1.158x; attn_mlp 1.095x)."""
+    LayerNorm (measured 1.158x; attn_mlp 1.095x); with its double blocks' attention projections
+    computed again in backward for the gates, 1.183x."""
     import json
     import os
     import subprocess

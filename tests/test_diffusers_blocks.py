@@ -103,7 +103,7 @@ def test_training_forwards_keep_less_and_run_fewer_ops_than_diffusers_blocks(pip
     x0, noise, sigma = _data(1)
     figures = {}
     with monkeypatch.context() as m:
-        m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self: self)  # diffusers' own forwards
+        m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self, *a: self)  # diffusers' own forwards
         m.setattr(diffusers_blocks.TrainingBlocks, "every_block", False)
         figures["diffusers"] = _step(host, _adapters(pipe), x0, noise, sigma, cond, measure=True)
     with monkeypatch.context() as m:
@@ -113,12 +113,14 @@ def test_training_forwards_keep_less_and_run_fewer_ops_than_diffusers_blocks(pip
     losses = [float(f[0]) for f in figures.values()]
     assert max(losses) - min(losses) <= 1e-6 * abs(losses[0]), losses
     (_, b_d, k_d), (_, b_o, k_o), (_, b_h, k_h) = figures.values()
-    # Not kept: per double block and stream the normalised copy of each of its two norms and the
-    # gated sum, per single block one normalised copy, (tokens, width) float32 each; but the first
-    # block's inputs need no gradient, so its first norms keep their input instead of the copy.
-    # (LayerNorm's per-token statistics make up the rest: 2 floats per token and norm.)
+    # Not kept: per double block and stream the normalised copy of each of its two norms, the
+    # gated sum and the attention output projection's output (computed again from the attention
+    # kernel's output, which SDPA keeps anyway), per single block one normalised copy, (tokens,
+    # width) float32 each; but the first block's inputs need no gradient, so its first norms keep
+    # their input instead of the copy. (LayerNorm's per-token statistics make up the rest: 2
+    # floats per token and norm.)
     tokens, width = 16 + TINY_T5_LEN, pipe.transformer.inner_dim
-    rows = 2 * 3 * tokens + 2 * tokens - tokens
+    rows = 2 * 4 * tokens + 2 * tokens - tokens
     assert abs((b_d - b_o) - rows * width * 4) <= 2 * 4 * 4 * tokens, (b_d, b_o, rows * width * 4)
     assert k_o.kernels < k_d.kernels and k_h.kernels < k_o.kernels, (k_d.kernels, k_o.kernels, k_h.kernels)
     # one silu(temb) for the step instead of one per modulation Linear (2 per double block, 1 per single)
@@ -134,7 +136,7 @@ def test_a_block_that_computes_differently_keeps_diffusers_forward(pipe, cond, m
     host = DiffusersFluxHost(pipe.transformer)
     x0, noise, sigma = _data(1)
     with monkeypatch.context() as m:
-        m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self: self)
+        m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self, *a: self)
         ref, _, _ = _step(host, _adapters(pipe), x0, noise, sigma, cond)
     real = diffusers_blocks.double_forward
 
@@ -160,7 +162,7 @@ def test_sampling_runs_diffusers_forward_and_the_blocks_get_it_back(pipe, cond, 
     for install in (False, True):
         with monkeypatch.context() as m:
             if not install:
-                m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self: self)
+                m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self, *a: self)
             with torch.no_grad(), host.attach(adapters):
                 assert all(("forward" in b.__dict__) == install for b in _blocks(pipe))
                 outs.append(host.predict(xt, sigma, cond))
@@ -244,3 +246,93 @@ def test_a_block_class_whose_forward_takes_other_arguments_keeps_its_forward(pip
     with DiffusersFluxHost(pipe.transformer).attach(_adapters(pipe)):
         assert not any("forward" in b.__dict__ for b in pipe.transformer.transformer_blocks)
         assert all("forward" in b.__dict__ for b in pipe.transformer.single_transformer_blocks)
+
+
+def _grads(adapters) -> dict:
+    return {n: (a.mid.grad.clone(), a.up.grad.clone()) for n, a in adapters.items()}
+
+
+def test_a_projection_with_another_hook_keeps_its_output_for_the_gates(pipe, cond, monkeypatch):
+    """An attention output projection that someone else hooks (here: doubling its output) is not
+    computed again in backward (that would leave the hook out): the gradients are those of
+    diffusers' own blocks with the same hook."""
+    block = pipe.transformer.transformer_blocks[0]
+    hook = block.attn.to_out[0].register_forward_hook(lambda m, a, o: o * 2)
+    x0, noise, sigma = _data(1)
+    host = DiffusersFluxHost(pipe.transformer)
+    results = {}
+    try:
+        for own in (False, True):
+            adapters = _adapters(pipe)
+            with monkeypatch.context() as m:
+                if not own:
+                    m.setattr(diffusers_blocks.TrainingBlocks, "install", lambda self, *a: self)
+                loss, _, _ = _step(host, adapters, x0, noise, sigma, cond)
+            results[own] = (float(loss.detach()), _grads(adapters))
+    finally:
+        hook.remove()
+    (ref_loss, ref), (loss, got) = results[False], results[True]
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    worst = max(float((g - r).norm() / r.norm().clamp_min(1e-30))
+                for n in ref for g, r in zip(got[n], ref[n]))
+    assert worst < 1e-4, worst
+
+
+def test_projections_are_computed_again_only_after_a_deterministic_dropout(pipe):
+    """``to_out[1]`` is FLUX's dropout of 0; a dropout that draws (p > 0 while training) would draw
+    again in backward, so its block keeps the projections' outputs."""
+    from torch import nn
+
+    block = pipe.transformer.transformer_blocks[0]
+    drop = block.attn.to_out[1]
+    with DiffusersFluxHost(pipe.transformer).attach(_adapters(pipe)) as handle:
+        assert diffusers_blocks._projections_again(block, handle)
+        try:
+            block.attn.to_out[1] = nn.Dropout(0.1).train()
+            assert not diffusers_blocks._projections_again(block, handle)
+            block.attn.to_out[1].eval()
+            assert diffusers_blocks._projections_again(block, handle)
+        finally:
+            block.attn.to_out[1] = drop
+
+
+def test_a_block_with_another_attention_processor_runs_it(pipe, cond):
+    """The double block runs ``FluxAttnProcessor``'s code itself only where that is the processor;
+    another (IP-Adapter, a user's own) is called as diffusers calls it."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    calls = []
+
+    class Recording(FluxAttnProcessor):
+        def __call__(self, *args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return super().__call__(*args, **kwargs)
+
+    attn = pipe.transformer.transformer_blocks[1].attn
+    real = attn.processor
+    attn.processor = Recording()
+    try:
+        x0, noise, sigma = _data(1)
+        host = DiffusersFluxHost(pipe.transformer)
+        adapters = _adapters(pipe)
+        loss, _, _ = _step(host, adapters, x0, noise, sigma, cond)
+    finally:
+        attn.processor = real
+    assert calls and all(calls)
+    assert_matches_float64(pipe.transformer, adapters, loss, x0, noise, sigma, cond)
+
+
+def test_an_output_computed_again_has_the_forward_bits(pipe, cond):
+    """``AttachHandle.output_again``: an adapted Linear's output from the step's factors, as its
+    forward computed it, bit for bit (so the recomputed gated sum is the forward's too)."""
+    host = DiffusersFluxHost(pipe.transformer)
+    adapters = _adapters(pipe)
+    name = "transformer_blocks.0.attn.to_out.0"
+    module = pipe.transformer.get_submodule(name)
+    x = torch.randn(1, 16, module.in_features, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    with host.training(), torch.enable_grad(), host.attach(adapters) as handle:
+        x0, noise, sigma = _data(1)
+        host.predict(add_noise(x0, noise, sigma), sigma, cond)  # a step: its factors are built
+        y = module(x)
+        again = handle.output_again(name, module, x.detach())
+    assert not again.requires_grad and torch.equal(again, y.detach())

@@ -477,3 +477,43 @@ def test_gated_modulated_norm_keeps_no_gated_sum_and_computes_the_same(dtype):
         assert torch.autograd.gradcheck(both, (gate, out, shift, scale))
         assert torch.autograd.gradcheck(lambda r_, o: torch.cat([t.flatten() for t in gated_modulated_norm(
             norm8, r_, gate, o, shift, scale)]), (x.clone().requires_grad_(True), out))
+
+
+@pytest.mark.parametrize("form", ["gated_residual", "gated_modulated_norm_one_sample", "gated_modulated_norm_batch"])
+def test_a_gated_output_computed_again_in_backward_is_not_kept(form):
+    """``Recompute``: ``out = source @ w^T`` (an attention output projection), computed again from
+    ``source`` (which something else keeps: here the test holds it) for the gate's gradient. The
+    gradients are autograd's (float64 gradcheck) and ``out`` is not kept."""
+    from metalora_core.lora.modulation import Recompute, gated_modulated_norm, gated_residual
+
+    g = torch.Generator().manual_seed(6)
+    batch = 2 if form.endswith("batch") else 1
+    norm = nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
+    w = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    r = torch.randn(batch, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(batch, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    mod = torch.randn(batch, 1, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def project(s):
+        calls.append(torch.is_grad_enabled())
+        return s @ w.T
+
+    def fn(r, source, mod, again=True):
+        gate, shift, scale = mod.chunk(3, dim=-1)
+        out = source @ w.T
+        a = Recompute(source, project) if again else None
+        if form == "gated_residual":
+            return gated_residual(r, gate, out, a)
+        return gated_modulated_norm(norm, r, gate, out, shift, scale, a)
+
+    assert torch.autograd.gradcheck(fn, (r, source, mod))
+    assert calls and not any(calls)  # computed again in backward, without autograd
+    kept = {}
+    for again in (True, False):
+        with SavedTensors(exclude=[r, source, mod, w]) as saved:
+            res = fn(r, source, mod, again)
+        kept[again] = saved.nbytes
+        torch.autograd.backward(res, [torch.ones_like(t) for t in (res if isinstance(res, tuple) else (res,))])
+    out_bytes = batch * 5 * 8 * 8
+    assert kept[False] - kept[True] == out_bytes, (kept, out_bytes)

@@ -145,6 +145,49 @@ def test_fp8_storage_stays_fp8_through_backward(pipe, prior, cond):
         store_linears_fp8(rounded, dtype=torch.bfloat16)
 
 
+def test_fp8_storage_stays_fp8_through_backward_when_compiled():
+    """Compiled, the cast sits in an opaque op (``fp8._compiled_op``): the graph keeps the stored
+    fp8 weights (excluded, as weights are), not a bf16 copy of each, and the input gradient is
+    the one of the same fp8-rounded weights held in bf16."""
+    from torch import nn
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer_blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x):
+            for lin in self.transformer_blocks:
+                x = nn.functional.gelu(lin(x))
+            return x
+
+    torch.manual_seed(0)
+    stored = Blocks().to(torch.bfloat16).requires_grad_(False)
+    store_linears_fp8(stored)
+    rounded = copy.deepcopy(stored)
+    for lin in rounded.transformer_blocks:  # the fp8 values, held in bf16, plain Linears
+        lin.weight = nn.Parameter(lin.weight.to(torch.bfloat16), requires_grad=False)
+        del lin.forward
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    saved, grads = [], []
+    try:
+        for model in (rounded, stored):
+            fn = torch.compile(model)
+            xi = x.clone().requires_grad_(True)
+            fn(xi).sum().backward()  # compiles
+            xi.grad = None
+            with SavedTensors(exclude=list(model.parameters())) as s:
+                y = fn(xi)
+            y.sum().backward()
+            saved.append(s.nbytes)
+            grads.append(xi.grad)
+    finally:
+        torch._dynamo.reset()
+    activations = 3 * x.numel() * x.element_size()  # each gelu keeps its input
+    assert saved == [activations, activations], saved
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def _trained(host, prior, cond, latents):
     adapters = build_adapters(host.dims, prior, rank=1, seed=0)
     _randomize_up(adapters, scale=0.1)  # every adapter in the gradient from the first step
@@ -193,9 +236,10 @@ def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_th
             losses, params = _trained(DiffusersFluxHost(pipe.transformer, compile_blocks=True), prior_all, cond,
                                       latents)
         assert checked == {"double": True, "single": True}, checked  # so the training forwards compiled
-        # compiled, and blocks of one kind share graphs (the first double block's input needs no
-        # gradient; diffusers hands the single blocks after the first a strided view)
-        assert graphs < stats["unique_graphs"] < graphs + len(blocks), (graphs, stats["unique_graphs"])
+        # compiled, and blocks of one kind share graphs: two per kind (the first double block's
+        # input needs no gradient; diffusers hands the single blocks after the first a strided
+        # view), none per block (a graph that specialised on a block would compile for each)
+        assert graphs < stats["unique_graphs"] <= graphs + 4, (graphs, stats["unique_graphs"])
         torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=0)
         torch.testing.assert_close(params, eager_params, rtol=1e-4, atol=1e-6)
         assert all("_compiled_call_impl" not in b.__dict__ for b in blocks)  # eager again afterwards
@@ -263,9 +307,9 @@ def test_gpu_bench_at_flux_depth_kernels_and_composed_figures(capsys, preset):
     shared Down projections per input, Up @ Mid once per step per shape, one addmm per call, the
     low-rank input gradient fused into the Linear's, and the training forwards of the blocks
     (attention + MLP layers: measured 1.16x, 1.22x with diffusers' own block code; every layer,
-    modulation included, 1.22x, 1.34x with diffusers' blocks: the modulation's gradients are work the
-    bare step does not do). Saved bytes at this width: 1.05x and 1.12x (1.25x for all with
-    diffusers' blocks)."""
+    modulation included, 1.24x, 1.34x with diffusers' blocks: the modulation's gradients are work the
+    bare step does not do). Saved bytes at this width: 1.05x and 1.10x (1.25x for all with
+    diffusers' blocks, 1.12x with the attention projections' outputs kept for the gates)."""
     bench = _bench_module()
     common = ["--tiny", "--compile", "off", "--hosts", "core", "--weights", "bf16", "--preset", preset,
               "--repeats", "0", "--warmup", "0", "--checkpoints", "off"]
@@ -277,7 +321,7 @@ def test_gpu_bench_at_flux_depth_kernels_and_composed_figures(capsys, preset):
     meta = by[("metalora", "off")]
     assert meta["blocks"] == 57 and meta["adapted_layers"] == {"attn_mlp": 418, "all": 494}[preset]
     assert meta["kernels_ratio_to_bare"] <= 1.25, (meta["kernels"], by[("bare", "off")]["kernels"])
-    assert meta["saved_bytes_ratio_to_bare"] <= {"attn_mlp": 1.1, "all": 1.13}[preset]
+    assert meta["saved_bytes_ratio_to_bare"] <= 1.1
     # --compose (the full depth from 1+2, 2+2 and 1+3 blocks, for widths whose whole depth does not
     # fit) gives the figures measured at the whole depth
     bench.main(common + ["--compose", "19,38"])

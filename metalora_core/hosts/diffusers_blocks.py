@@ -11,7 +11,11 @@ LayerNorm rounds once where the plain ops round twice):
 - the gated sum before a double block's MLP LayerNorm is recomputed in backward
   (``gated_modulated_norm``), and gated residuals take one op forward (``gated_residual``);
 - ``silu(temb)`` is computed once per step for every block's modulation Linear, so those
-  Linears read one tensor (the adapters project it once for all of them).
+  Linears read one tensor (the adapters project it once for all of them);
+- with trained gates, a double block's attention output projections (``to_out``,
+  ``to_add_out``) are computed again in backward for the attention gates' gradients, from the
+  attention kernel's output, instead of kept (``modulation.Recompute``): the double block runs
+  ``FluxAttnProcessor``'s code itself to reach that output (``joint_attention``).
 
 Without autograd (sampling) the blocks run diffusers' own forward; blocks of another class, whose
 forward takes other arguments or whose forward something else wraps keep theirs. The first
@@ -31,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.modulation import block_agrees, gated_modulated_norm, gated_residual, modulated_norm, plain_layer_norm
+from ..lora.adapter import AttachHandle
+from ..lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual, modulated_norm,
+                               plain_layer_norm)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,9 @@ class TrainingBlocks:
 
     def __init__(self, blocks: list[nn.Module], own: dict[str, bool] | None = None) -> None:
         self.blocks = [(b, _block_kind(b)) for b in blocks]
+        self._again: set[int] = set()  # ids of the double blocks that ``_projections_again`` allows
+        self._handle: AttachHandle | None = None
+        self._names: dict[nn.Module, str] = {}
         # block kind -> compared with diffusers' forward, and agrees; a host passes one dict to all
         # its attachments, so each kind is compared once per host
         self.own: dict[str, bool] = {} if own is None else own
@@ -81,7 +90,14 @@ class TrainingBlocks:
         """Every block runs a training forward (so all modulation Linears read one ``silu(temb)``)."""
         return bool(self.blocks) and all(k is not None for _, k in self.blocks)
 
-    def install(self) -> "TrainingBlocks":
+    def install(self, handle: AttachHandle | None = None,
+                names: dict[nn.Module, str] | None = None) -> "TrainingBlocks":
+        """Sets the training forwards. ``handle``: the adapters' attachment, ``names``: their
+        layers' names by module; a double block whose attention output projections carry no hooks
+        but the attachment's computes those projections again in backward (``_projections_again``)."""
+        self._handle, self._names = handle, dict(names or {})
+        self._again = set() if handle is None else {
+            id(b) for b, k in self.blocks if k == "double" and _projections_again(b, handle)}
         forwards = {k: _TrainingForward(self, k) for k in ("double", "single")}
         for block, kind in self.blocks:
             if kind is not None:
@@ -93,6 +109,7 @@ class TrainingBlocks:
         while self._installed:
             self._installed.pop().__dict__.pop("forward", None)
         self._silu = None
+        self._again, self._handle, self._names = set(), None, {}
 
     def end_step(self) -> None:
         self._silu = None
@@ -105,6 +122,12 @@ class TrainingBlocks:
         if hit is None or hit[0] is not temb or hit[1] != temb._version:
             self._silu = hit = (temb, temb._version, F.silu(temb))
         return hit[2]
+
+    def output_again(self, linear: nn.Module, rows: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``linear``'s output computed again, in backward, from the joint attention output's
+        tokens ``rows`` (``AttachHandle.output_again``)."""
+        handle, name = self._handle, self._names.get(linear)
+        return lambda joint: handle.output_again(name, linear, joint[:, rows].contiguous())
 
     def check(self, kind: str, block: nn.Module, args: tuple) -> None:
         """Compares ``kind``'s training forward with diffusers' own on ``args``.
@@ -171,6 +194,61 @@ def _mod(linear: nn.Module, silu: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [t[:, None] for t in linear(silu).chunk(n, dim=1)]
 
 
+def _joint_attention_applies(block: nn.Module, joint_attention_kwargs: dict | None) -> bool:
+    """The double block's attention is diffusers' ``FluxAttnProcessor`` called plainly, so
+    ``joint_attention`` computes what it computes."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    attn = block.attn
+    return (not joint_attention_kwargs and type(getattr(attn, "processor", None)) is FluxAttnProcessor
+            and getattr(attn, "added_kv_proj_dim", None) is not None and isinstance(attn.to_out, nn.ModuleList)
+            and len(attn.to_out) == 2)
+
+
+def joint_attention(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    image_rotary_emb: Any) -> torch.Tensor:
+    """``FluxAttnProcessor``'s code up to its output projections: the attention kernel's output
+    (B, text + image tokens, width), flattened over the heads (a view of the kernel's output
+    where its layout allows, as with SDPA's kernels, which keep that output for backward)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    processor = attn.processor
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states)
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    encoder_query, encoder_key, encoder_value = (
+        t.unflatten(-1, (-1, attn.head_dim)) for t in (encoder_query, encoder_key, encoder_value))
+    encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+    query = torch.cat([encoder_query, query], dim=1)
+    key = torch.cat([encoder_key, key], dim=1)
+    value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=processor._attention_backend,
+                                parallel_config=processor._parallel_config)
+    return out.flatten(2, 3).to(query.dtype)
+
+
+def _projections_again(block: nn.Module, handle: AttachHandle) -> bool:
+    """A double block's attention output projections can be computed again in backward: its
+    ``to_out[1]`` is deterministic (FLUX's dropout of 0) and the projections carry no hooks but
+    the attachment's (``AttachHandle.output_again``). Else their outputs are kept for the gates'
+    gradients."""
+    attn = getattr(block, "attn", None)
+    out = getattr(attn, "to_out", None)
+    if not (isinstance(out, nn.ModuleList) and len(out) == 2 and isinstance(out[0], nn.Linear)
+            and isinstance(getattr(attn, "to_add_out", None), nn.Linear)):
+        return False
+    drop = out[1]
+    if not (isinstance(drop, nn.Identity) or (type(drop) is nn.Dropout and (drop.p == 0 or not drop.training))):
+        return False
+    return handle.only_ours(out[0]) and handle.only_ours(attn.to_add_out)
+
+
 def double_forward(blocks: TrainingBlocks, block: nn.Module, hidden_states: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, temb: torch.Tensor, image_rotary_emb: Any = None,
                    joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,17 +256,28 @@ def double_forward(blocks: TrainingBlocks, block: nn.Module, hidden_states: torc
     silu = blocks.silu(temb)
     i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = _mod(block.norm1.linear, silu, 6)
     t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = _mod(block.norm1_context.linear, silu, 6)
-    outs = block.attn(
-        hidden_states=modulated_norm(block.norm1.norm, hidden_states, i_sh1, i_sc1),
-        encoder_hidden_states=modulated_norm(block.norm1_context.norm, encoder_hidden_states, t_sh1, t_sc1),
-        image_rotary_emb=image_rotary_emb,
-        **(joint_attention_kwargs or {}),
-    )
-    img, i_n2 = gated_modulated_norm(block.norm2, hidden_states, i_g1, outs[0], i_sh2, i_sc2)
+    img_n = modulated_norm(block.norm1.norm, hidden_states, i_sh1, i_sc1)
+    txt_n = modulated_norm(block.norm1_context.norm, encoder_hidden_states, t_sh1, t_sc1)
+    i_again = t_again = None
+    # eager only: a compiled graph would specialise on the block (its id) and compile once per block
+    if (not torch.compiler.is_compiling() and id(block) in blocks._again and i_g1.requires_grad
+            and _joint_attention_applies(block, joint_attention_kwargs)):
+        attn, n_txt = block.attn, encoder_hidden_states.shape[1]
+        image, text = slice(n_txt, None), slice(None, n_txt)
+        joint = joint_attention(attn, img_n, txt_n, image_rotary_emb)
+        outs = (attn.to_out[1](attn.to_out[0](joint[:, image].contiguous())),
+                attn.to_add_out(joint[:, text].contiguous()))
+        i_again = Recompute(joint, blocks.output_again(attn.to_out[0], image))
+        t_again = Recompute(joint, blocks.output_again(attn.to_add_out, text))
+    else:
+        outs = block.attn(hidden_states=img_n, encoder_hidden_states=txt_n, image_rotary_emb=image_rotary_emb,
+                          **(joint_attention_kwargs or {}))
+    img, i_n2 = gated_modulated_norm(block.norm2, hidden_states, i_g1, outs[0], i_sh2, i_sc2, i_again)
     img = gated_residual(img, i_g2, block.ff(i_n2))
     if len(outs) == 3:  # IP-Adapter attention output
         img = img + outs[2]
-    txt, t_n2 = gated_modulated_norm(block.norm2_context, encoder_hidden_states, t_g1, outs[1], t_sh2, t_sc2)
+    txt, t_n2 = gated_modulated_norm(block.norm2_context, encoder_hidden_states, t_g1, outs[1], t_sh2, t_sc2,
+                                     t_again)
     txt = gated_residual(txt, t_g2, block.ff_context(t_n2))
     if txt.dtype == torch.float16:
         txt = txt.clip(-65504, 65504)

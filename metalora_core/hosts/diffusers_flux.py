@@ -175,7 +175,7 @@ class DiffusersFluxHost:
         blocks = TrainingBlocks(self._blocks(), own=self._own_forwards)
         held = ([n for n in adapters.names if n.endswith(MODULATION_SUFFIXES)],) if blocks.every_block else ()
         handle = attach_adapters(self.transformer, adapters, held_groups=held, compiled=self.compile_blocks)
-        handle.add(blocks.install())
+        handle.add(blocks.install(handle, {self.transformer.get_submodule(n): n for n in adapters.names}))
         handle.add(self.transformer.register_forward_hook(lambda m, a, o: blocks.end_step()))
         return handle
 

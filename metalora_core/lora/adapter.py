@@ -384,6 +384,15 @@ class StepFactors:
         self._built[key] = ((dtype, grad, {id(a): self._state(a) for a in members}), factors, token)
         return factors[id(adapter)]
 
+    def built(self, adapter: LoRAAdapter, dtype: torch.dtype) -> torch.Tensor | None:
+        """``adapter``'s factor in ``dtype`` as this step built it (its Up and Mid unchanged since),
+        detached, or None: for a backward that computes a layer's output again."""
+        hit = self._built.get(id(self._class[id(adapter)][0]))
+        if hit is None:
+            return None
+        (h_dtype, _, states), factors, _ = hit
+        return factors[id(adapter)].detach() if h_dtype == dtype and states[id(adapter)] == self._state(adapter) else None
+
     def _build(self, key: int, token: object, members: tuple[LoRAAdapter, ...],
                dtype: torch.dtype) -> dict[int, torch.Tensor]:
         scales = tuple(a.scale for a in members)
@@ -541,9 +550,41 @@ def _bypass_hook(name: str, adapter: nn.Module, plan: _Plan | None):
 class AttachHandle:
     """Removes attached adapters; usable as a context manager."""
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], plan: _Plan | None = None) -> None:
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], plan: _Plan | None = None,
+                 adapters: Mapping[str, LoRAAdapter] | None = None) -> None:
         self._handles = handles
         self._plan = plan
+        self._adapters = dict(adapters or {})
+
+    def only_ours(self, module: nn.Module) -> bool:
+        """``module`` has no hooks but the ones this attachment registered (a ``forward`` call plus
+        ``output_again`` is then what calling it computes)."""
+        ours = {h.id for h in self._handles if isinstance(h, torch.utils.hooks.RemovableHandle)}
+        return (set(module._forward_pre_hooks) | set(module._forward_hooks)) <= ours and not (
+            module._backward_hooks or module._backward_pre_hooks)
+
+    def output_again(self, name: str | None, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``module(x)`` returned in this step's forward, computed again without hooks or
+        autograd (for a backward that recomputes a layer's output instead of keeping it): the
+        frozen layer's ``forward``, plus the update of the adapter attached at ``name`` (None:
+        none), from the step's factors where the forward used them (the same ops, so the same
+        bits), else ``add_to``."""
+        with torch.no_grad():
+            y = module.forward(x)
+            a = self._adapters.get(name) if name is not None else None
+            if a is None:
+                return y
+            plan = self._plan
+            if plan is not None and name in plan.adapters and y.dtype == x.dtype and _fast(x, a):
+                b = plan.factors.built(a, y.dtype)
+                if b is not None:
+                    group = plan.group[name]
+                    u = F.linear(x, plan.down(group, x.dtype, x.device))
+                    if len(group) > 1:
+                        sizes = [plan.adapters[n].down.shape[0] for n in group]
+                        u = u.split(sizes, dim=-1)[group.index(name)]
+                    return add_rows(y, u, b)
+            return a.add_to(y, x)
 
     def cached_tensors(self) -> list[torch.Tensor]:
         """What the attachment keeps for the whole run (the frozen Downs in the compute dtype):
@@ -611,4 +652,4 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet, *, held_groups: Itera
         for h in handles:
             h.remove()
         raise
-    return AttachHandle(handles, plan)
+    return AttachHandle(handles, plan, adapters=dict(adapters.items()))

@@ -33,9 +33,44 @@ class _StoredLinear(torch.autograd.Function):
         return grad @ weight.to(grad.dtype), None, None
 
 
+_OP = "metalora_fp8::stored_linear"
+
+
+def _compiled_op():
+    """``_StoredLinear`` as a custom op, for compiled graphs. Traced, the autograd Function's two
+    casts of the weight are one node to the partitioner, whose output the graph then keeps for
+    backward: a compute-dtype copy of every weight. The op is opaque: the graph keeps its
+    declared input, the stored weight, and casts it again in backward. Registered once per
+    process (the module may be imported under two package names)."""
+    ns, name = _OP.split("::")
+    if not hasattr(getattr(torch.ops, ns), name):
+        @torch.library.custom_op(_OP, mutates_args=())
+        def op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+        @op.register_fake
+        def _(x, weight, bias):
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[1])
+
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                raise RuntimeError("float8-stored Linear weights are frozen; they get no gradient")
+            return grad @ weight.to(grad.dtype), None, None
+
+        op.register_autograd(backward, setup_context=setup_context)
+    return getattr(getattr(torch.ops, ns), name)
+
+
 def stored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Linear on a frozen low-precision weight; keeps only that weight for backward."""
+    """Linear on a frozen low-precision weight; keeps only that weight for backward (compiled too:
+    ``_compiled_op``)."""
     if torch.is_grad_enabled() and x.requires_grad:
+        if torch.compiler.is_compiling():
+            return _compiled_op()(x, weight, bias)
         return _StoredLinear.apply(x, weight, bias)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

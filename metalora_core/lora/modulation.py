@@ -9,6 +9,8 @@ normalised ``x`` in backward with the same LayerNorm kernel (bit-identical).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,13 +103,42 @@ def _one_sample_affine(x: torch.Tensor, shift: torch.Tensor,
     return None
 
 
+class Recompute:
+    """How to compute a gated residual's ``out`` again in backward instead of keeping it:
+    ``fn(source)`` under no grad, ``source`` being a tensor that backward keeps anyway (the
+    attention kernel's output, which an attention output projection reads). The gate's gradient
+    then keeps ``source``, not ``out``: nothing more where ``source``'s storage is kept already,
+    one projection more in backward."""
+
+    __slots__ = ("source", "fn")
+
+    def __init__(self, source: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.source, self.fn = source, fn
+
+    def out(self, source: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(source)
+
+
+def _keep_out(ctx, out: torch.Tensor, again: Recompute | None) -> torch.Tensor:
+    """What the gate's gradient keeps of ``out``: ``out``, or ``again.source``."""
+    ctx.again = again
+    return out if again is None else again.source
+
+
+def _out_again(ctx, kept: torch.Tensor) -> torch.Tensor:
+    return kept if ctx.again is None else ctx.again.out(kept)
+
+
 class _GatedResidual(torch.autograd.Function):
     """``residual + gate * out`` in one addcmul; backward in three ops (plain autograd of addcmul
     takes five: it multiplies by the unit ``value`` again). Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, out if ctx.needs_input_grad[1] else None)
+    def forward(ctx, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                again: Recompute | None = None) -> torch.Tensor:
+        kept = _keep_out(ctx, out, again) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(gate if ctx.needs_input_grad[2] else None, kept)
         ctx.gate_shape, ctx.residual_shape = gate.shape, residual.shape
         return torch.addcmul(residual, gate, out)
 
@@ -119,37 +150,40 @@ class _GatedResidual(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_res = g if g.shape == ctx.residual_shape else g.sum_to_size(ctx.residual_shape)
         if ctx.needs_input_grad[1]:
-            g_gate = (g * out).sum_to_size(ctx.gate_shape)
+            g_gate = (g * _out_again(ctx, out)).sum_to_size(ctx.gate_shape)
         if ctx.needs_input_grad[2]:
             g_out = g * gate
-        return g_res, g_gate, g_out
+        return g_res, g_gate, g_out, None
 
 
-def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                   again: Recompute | None = None) -> torch.Tensor:
     """``residual + gate * out`` (FLUX's gated residual; ``gate`` broadcasts over the tokens), out of
-    place, in one op forward and three backward (``_GatedResidual``) where autograd needs it."""
+    place, in one op forward and three backward (``_GatedResidual``) where autograd needs it.
+    ``again``: the gate's gradient recomputes ``out`` instead of keeping it (``Recompute``)."""
     if torch.is_grad_enabled() and (gate.requires_grad or out.requires_grad or residual.requires_grad):
         if out.shape == residual.shape and residual.dtype == gate.dtype == out.dtype:
-            return _GatedResidual.apply(residual, gate, out)
+            return _GatedResidual.apply(residual, gate, out, again)
     return residual + gate * out
 
 
 class _GatedNorm(torch.autograd.Function):
     """``(y, layer_norm(y, weight, bias))`` with ``y = residual + gate * out``, keeping ``residual``,
-    ``gate`` and ``out`` for backward, not ``y``: ``y`` is recomputed there by the same op (same
-    bits). Not twice differentiable."""
+    ``gate`` and ``out`` (or ``Recompute.source``) for backward, not ``y``: ``y`` is recomputed
+    there by the same op. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, residual, gate, out, weight, bias, eps: float):
+    def forward(ctx, residual, gate, out, weight, bias, eps: float, again: Recompute | None = None):
         y = torch.addcmul(residual, gate, out)
         n, mean, rstd = torch.ops.aten.native_layer_norm(y, (y.shape[-1],), weight, bias, eps)
-        ctx.save_for_backward(residual, gate, out, weight, bias, mean, rstd)
+        ctx.save_for_backward(residual, gate, _keep_out(ctx, out, again), weight, bias, mean, rstd)
         return y, n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_y: torch.Tensor, g_n: torch.Tensor):
         residual, gate, out, weight, bias, mean, rstd = ctx.saved_tensors
+        out = _out_again(ctx, out)
         y = torch.addcmul(residual, gate, out)
         need = ctx.needs_input_grad
         gx, g_weight, g_bias = torch.ops.aten.native_layer_norm_backward(
@@ -157,11 +191,12 @@ class _GatedNorm(torch.autograd.Function):
         g = gx + g_y
         g_gate = (g * out).sum_to_size(gate.shape) if need[1] else None
         g_out = g * gate if need[2] else None
-        return (g if need[0] else None), g_gate, g_out, g_weight, g_bias, None
+        return (g if need[0] else None), g_gate, g_out, g_weight, g_bias, None, None
 
 
 def gated_modulated_norm(norm: nn.Module, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
-                         shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         shift: torch.Tensor, scale: torch.Tensor,
+                         again: Recompute | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, norm(y) * (1 + scale) + shift)`` with ``y = residual + gate * out``: a gated residual
     followed by the next modulated LayerNorm (FLUX's double block, between attention and MLP).
 
@@ -169,14 +204,15 @@ def gated_modulated_norm(norm: nn.Module, residual: torch.Tensor, gate: torch.Te
     keeps ``residual``) and one sample's modulation, ``y`` is not kept for backward but recomputed
     there (``_GatedNorm``): one activation fewer per stream and block, for one op more in backward.
     Otherwise ``gated_residual`` then ``modulated_norm``; the forward bits are the same either way.
+    ``again``: ``out`` is recomputed in backward too (``Recompute``), not kept.
     """
     eps = _trainable_norm(norm, residual, shift, scale)
     if (eps is not None and gate.requires_grad and out.shape == residual.shape
             and residual.dtype == gate.dtype == out.dtype):
         affine = _one_sample_affine(residual, shift, scale)
         if affine is not None:
-            return _GatedNorm.apply(residual, gate, out, *affine, eps)
-    y = gated_residual(residual, gate, out)
+            return _GatedNorm.apply(residual, gate, out, *affine, eps, again)
+    y = gated_residual(residual, gate, out, again)
     return y, modulated_norm(norm, y, shift, scale)
 
 
