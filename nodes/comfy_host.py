@@ -193,6 +193,10 @@ class _Blocks:
             self._frozen_downs[(name, dtype)] = hit
         return hit[1]
 
+    @staticmethod
+    def _factors_key(name: str, dtype: torch.dtype, grad: bool, fast: bool) -> tuple:
+        return (name, dtype, grad, fast)
+
     def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype, fast: bool = True):
         """The factors of one fused module for this step (ComfyUI fuses q/k/v into ``qkv`` and
         q/k/v/mlp into ``linear1``: all its adapters act as one low-rank delta). Built once per step
@@ -205,7 +209,7 @@ class _Blocks:
         not the (tokens, out) activations).
         """
         fast = fast and name in self.fast and not any(x.adapter.down.requires_grad for x in slots)
-        key = (name, dtype, torch.is_grad_enabled(), fast)
+        key = self._factors_key(name, dtype, torch.is_grad_enabled(), fast)
         hit = self._step_factors.get(key)
         if hit is not None:
             return hit
@@ -279,7 +283,7 @@ class _Blocks:
             slots = self.slots.get(name) if self.adapters_on else None
             if not slots:
                 return y
-            fast = self._step_factors.get((name, x.dtype, True, True))
+            fast = self._step_factors.get(self._factors_key(name, x.dtype, True, True))  # the forward's
             if fast is not None and fast[0].device == x.device:
                 u, b = F.linear(x, fast[0]), fast[1].detach()
                 return add_rows(y, u, b) if y.dtype == x.dtype else add_low_rank(y, u, b)
@@ -294,8 +298,8 @@ class _Blocks:
         """The attention output projection ``name`` of the tokens ``tokens``, computed again in
         backward from the attention kernel's own output ``raw`` (B, H, L, D) for the gate's
         gradient, instead of kept: PyTorch's attention kernels keep ``raw`` for their own backward
-        anyway. None (the output is kept) without ``raw``, adapters or autograd."""
-        if raw is None or not self.adapters_on or not torch.is_grad_enabled():
+        anyway. None (the output is kept) without ``raw`` (none without autograd) or adapters."""
+        if raw is None or not self.adapters_on:
             return None
 
         def fn(r: torch.Tensor) -> torch.Tensor:

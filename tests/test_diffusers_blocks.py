@@ -278,13 +278,13 @@ def test_a_projection_with_another_hook_keeps_its_output_for_the_gates(pipe, con
     assert worst < 1e-4, worst
 
 
-def test_projections_are_computed_again_only_after_a_deterministic_dropout(pipe):
+def test_projections_are_computed_again_only_in_a_joint_attention_after_a_deterministic_dropout(pipe):
     """``to_out[1]`` is FLUX's dropout of 0; a dropout that draws (p > 0 while training) would draw
     again in backward, so its block keeps the projections' outputs."""
     from torch import nn
 
     block = pipe.transformer.transformer_blocks[0]
-    drop = block.attn.to_out[1]
+    drop, kv = block.attn.to_out[1], block.attn.added_kv_proj_dim
     with DiffusersFluxHost(pipe.transformer).attach(_adapters(pipe)) as handle:
         assert diffusers_blocks._projections_again(block, handle)
         try:
@@ -292,8 +292,11 @@ def test_projections_are_computed_again_only_after_a_deterministic_dropout(pipe)
             assert not diffusers_blocks._projections_again(block, handle)
             block.attn.to_out[1].eval()
             assert diffusers_blocks._projections_again(block, handle)
+            block.attn.added_kv_proj_dim = None  # no text projections: not FLUX's joint attention
+            assert not diffusers_blocks._projections_again(block, handle)
         finally:
             block.attn.to_out[1] = drop
+            block.attn.added_kv_proj_dim = kv
 
 
 def test_a_block_with_another_attention_processor_runs_it(pipe, cond):

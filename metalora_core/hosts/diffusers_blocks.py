@@ -195,14 +195,11 @@ def _mod(linear: nn.Module, silu: torch.Tensor, n: int) -> list[torch.Tensor]:
 
 
 def _joint_attention_applies(block: nn.Module, joint_attention_kwargs: dict | None) -> bool:
-    """The double block's attention is diffusers' ``FluxAttnProcessor`` called plainly, so
-    ``joint_attention`` computes what it computes."""
+    """The double block's attention (its layout checked by ``_projections_again``) is diffusers'
+    ``FluxAttnProcessor`` called plainly, so ``joint_attention`` computes what it computes."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    attn = block.attn
-    return (not joint_attention_kwargs and type(getattr(attn, "processor", None)) is FluxAttnProcessor
-            and getattr(attn, "added_kv_proj_dim", None) is not None and isinstance(attn.to_out, nn.ModuleList)
-            and len(attn.to_out) == 2)
+    return not joint_attention_kwargs and type(getattr(block.attn, "processor", None)) is FluxAttnProcessor
 
 
 def joint_attention(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -234,13 +231,14 @@ def joint_attention(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden
 
 
 def _projections_again(block: nn.Module, handle: AttachHandle) -> bool:
-    """A double block's attention output projections can be computed again in backward: its
-    ``to_out[1]`` is deterministic (FLUX's dropout of 0) and the projections carry no hooks but
-    the attachment's (``AttachHandle.output_again``). Else their outputs are kept for the gates'
-    gradients."""
+    """A double block's attention output projections can be computed again in backward: a joint
+    attention (text and image projections, ``to_out`` a Linear and a dropout), a deterministic
+    ``to_out[1]`` (FLUX's dropout of 0) and no hooks on the projections but the attachment's
+    (``AttachHandle.output_again``). Else their outputs are kept for the gates' gradients."""
     attn = getattr(block, "attn", None)
     out = getattr(attn, "to_out", None)
-    if not (isinstance(out, nn.ModuleList) and len(out) == 2 and isinstance(out[0], nn.Linear)
+    if not (getattr(attn, "added_kv_proj_dim", None) is not None and isinstance(out, nn.ModuleList)
+            and len(out) == 2 and isinstance(out[0], nn.Linear)
             and isinstance(getattr(attn, "to_add_out", None), nn.Linear)):
         return False
     drop = out[1]
