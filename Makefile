@@ -10,13 +10,15 @@ DEMO_OUT ?= out/demo
 TINY_DATA ?= out/tiny_data
 PHOTOS := $(PY) tests/sample_photos.py
 
-.PHONY: venv demo demo-photo meta-train-tiny test test-comfyui test-comfyui-pinned bench bench-gpu clean artefacts reproduce
+.PHONY: venv demo demo-photo meta-train-tiny test test-newest constraints test-comfyui test-comfyui-pinned bench bench-gpu clean artefacts reproduce
 
-$(VENV)/.installed: requirements-dev.txt pyproject.toml
+# The test environment installs under constraints.txt (every package pinned), so a new release of a
+# dependency cannot change a run; test-newest takes the newest releases on purpose.
+$(VENV)/.installed: requirements-dev.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -c constraints.txt pip setuptools
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -37,6 +39,26 @@ meta-train-tiny: venv
 
 test: venv
 	$(PY) -m pytest -q tests --ignore-glob='tests/test_comfyui_*'
+
+# The face, embed and eval tests on the newest releases pip resolves for requirements.txt (what a
+# new ComfyUI install gets), in their own environment; a failure names the packages that moved.
+# torch is ComfyUI's, never the pack's: the tested one is used.
+NEWEST_VENV ?= .venv-newest
+NEWEST_TESTS ?= tests/test_faces.py tests/test_evaluate.py
+test-newest:
+	test -x $(NEWEST_VENV)/bin/python || python3 -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q $$(grep -E '^torch==' constraints.txt)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r requirements.txt pytest onnx onnxruntime
+	PYTHONPATH=$(CURDIR) $(NEWEST_VENV)/bin/python -m pytest -q $(NEWEST_TESTS) || \
+	  { echo "newest-versions run failed; $$($(NEWEST_VENV)/bin/python tools/untested_versions.py $(NEWEST_VENV)/bin/python)"; exit 1; }
+
+# constraints.txt from a fresh resolution of requirements-dev.txt
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip setuptools
+	.venv-constraints/bin/python -m pip install -q -r requirements-dev.txt
+	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf .venv-constraints
 
 # The ComfyUI tier: tests/test_comfyui_*.py with ComfyUI's own Python (it needs a torch
 # with torchvision/torchaudio). COMFYUI_PATH: a ComfyUI checkout; COMFYUI_PYTHON: its Python.
@@ -68,4 +90,4 @@ bench-gpu: venv
 	$(PY) bench/gpu_stage2.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(NEWEST_VENV) out .pytest_cache

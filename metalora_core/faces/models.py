@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,22 @@ def make_session(path: Path, providers: Sequence[str] | None = None) -> Any:
     return session
 
 
-def onnx_op_types(path: str | os.PathLike, limit: int = 8) -> list[str]:
-    """The op types of the first ``limit`` nodes of an ONNX graph, read from the protobuf directly.
+class OnnxGraph(NamedTuple):
+    """What the pack reads of an ONNX graph: its first op types and its input names."""
 
-    ModelProto field 7 is the graph, GraphProto field 1 its nodes, NodeProto field 4 the op type;
-    everything else (the weights included) is skipped by length, so this reads little of the file.
+    op_types: list[str]  # of the first ``limit`` nodes
+    inputs: list[str]  # graph inputs that are not initializers (weights)
+
+
+def onnx_graph(path: str | os.PathLike, limit: int = 8) -> OnnxGraph:
+    """The first ``limit`` op types and the data inputs of an ONNX graph, read from the protobuf.
+
+    ModelProto field 7 is the graph; GraphProto field 1 holds its nodes (NodeProto field 4: the op
+    type), field 5 its initializers (TensorProto field 8: the name), field 11 its inputs
+    (ValueInfoProto field 1: the name). Weights are skipped by length, so this reads little of the file.
 
     Raises:
-        ValueError: the file is not a well-formed ONNX protobuf.
+        ValueError: the file is not a well-formed ONNX protobuf, or its graph has no nodes.
     """
     import mmap
 
@@ -138,23 +146,29 @@ def onnx_op_types(path: str | os.PathLike, limit: int = 8) -> list[str]:
             if i > end:
                 raise ValueError("field past the end")
 
+    def name(buf, a: int, b: int, field: int) -> str | None:
+        return next((buf[na:nb].decode() for f, na, nb in fields(buf, a, b) if f == field), None)
+
     ops: list[str] = []
+    inputs: list[str] = []
+    weights: set[str] = set()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             for field, a, b in fields(buf, 0, len(buf)):
                 if field != 7:
                     continue
                 for gfield, ga, gb in fields(buf, a, b):
-                    if gfield != 1:
-                        continue
-                    ops += [buf[na:nb].decode() for nfield, na, nb in fields(buf, ga, gb) if nfield == 4]
-                    if len(ops) >= limit:
-                        return ops[:limit]
+                    if gfield == 1 and len(ops) < limit:
+                        ops += [buf[na:nb].decode() for nfield, na, nb in fields(buf, ga, gb) if nfield == 4]
+                    elif gfield == 5:
+                        weights.add(name(buf, ga, gb, 8) or "")
+                    elif gfield == 11:
+                        inputs.append(name(buf, ga, gb, 1) or "")
         except (IndexError, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not a readable ONNX model ({e})") from e
     if not ops:
         raise ValueError(f"{path} holds no ONNX graph nodes")
-    return ops
+    return OnnxGraph(ops[:limit], [n for n in inputs if n not in weights])
 
 
 def insightface_roots(root: str | os.PathLike | None) -> list[Path]:
