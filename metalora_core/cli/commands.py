@@ -9,7 +9,8 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole job on a tiny embedded FLUX (CPU, no model download)")
+    p = sub.add_parser("demo", help="one photo of the small trained face domain -> Stage-2 with its prior -> a "
+                       "comparison picture (--photo: your photo on a tiny random-weight FLUX); CPU, no download")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
     p.add_argument("--seed", type=int, default=0)
