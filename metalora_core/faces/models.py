@@ -16,11 +16,12 @@ import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 logger = logging.getLogger(__name__)
+_Backend = TypeVar("_Backend")
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -213,3 +214,51 @@ def find_insightface_pack(
 def describe_insightface_search(root: str | os.PathLike | None) -> str:
     """Human-readable list of the folders looked in, for error messages."""
     return ", ".join(str(b / "models" / p) for b in insightface_roots(root) for p in INSIGHTFACE_PACKS)
+
+
+def open_face_backend(
+    role: str,
+    name: str,
+    choices: Sequence[str],
+    builtin: tuple[str, Callable[[], _Backend]],
+    insightface: Callable[[Path, str], _Backend],
+    *,
+    root: str | os.PathLike | None,
+    need: str,
+) -> _Backend:
+    """The selection rule of ``get_detector`` and ``get_embedder``: the built-in backend by name;
+    a pack's model ("insightface", a pack name, "auto" when a pack has it); else the built-in one
+    ("auto", logged) or FileNotFoundError. ``insightface(path, pack)`` may raise ImportError (no
+    onnxruntime), which "auto" answers with the built-in backend and a warning.
+
+    Raises:
+        ValueError: ``name`` is not one of ``choices``.
+        FileNotFoundError: an insightface backend was asked for but no pack has the ``need`` model.
+    """
+    key = name.strip().lower().removeprefix("insightface:")
+    if key not in choices:
+        raise ValueError(f"unknown face {role} {name!r}; choose one of {list(choices)}")
+    builtin_name, make_builtin = builtin
+    if key == builtin_name:
+        return make_builtin()
+    found = find_insightface_pack(root, key if key in INSIGHTFACE_PACKS else None, need=need)
+    if found is not None:
+        pack, path = found
+        try:
+            backend = insightface(path, pack)
+        except ImportError as e:  # the pack is there, ONNX Runtime is not
+            if key != "auto":
+                raise
+            logger.warning("face %s: %s, although %s is present: %s", role, builtin_name, path, e)
+            return make_builtin()
+        if key == "auto":
+            logger.info("face %s: %s (%s)", role, getattr(backend, "name", pack), path)
+        return backend
+    if key != "auto":
+        raise FileNotFoundError(
+            f"face {role} {name!r} needs an insightface model pack; none found in "
+            f"{describe_insightface_search(root)}. Put buffalo_l or antelopev2 there (models are never "
+            f"downloaded automatically; their licence is non-commercial) or use {role} {builtin_name!r}"
+        )
+    logger.info("face %s: %s (no insightface pack in %s)", role, builtin_name, describe_insightface_search(root))
+    return make_builtin()
