@@ -77,7 +77,7 @@ def test_identity_traits_are_fixed_and_views_vary():
     i1, i2 = render.make_identity(5), render.make_identity(5)
     assert i1 == i2 and render.make_identity(6) != i1
     g = np.random.default_rng(0)
-    views = render.render_views(i1, 3, g)
+    views = [render.render(i1, render.random_view(g)) for _ in range(3)]
     assert len({np.asarray(v).tobytes() for v in views}) == 3
 
 

@@ -6,7 +6,6 @@ deterministic in the generator that drew the view.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,12 +171,6 @@ def render(identity: Identity, view: View, size: tuple[int, int] = (32, 32)) -> 
     return img.resize((w, h), Image.Resampling.LANCZOS)
 
 
-def render_views(identity: Identity, n: int, g: np.random.Generator, size: tuple[int, int] = (32, 32),
-                 context: str | None = None) -> list[Image.Image]:
-    """``n`` random views of one identity."""
-    return [render(identity, random_view(g, context), size) for _ in range(n)]
-
-
 def context_prompt(context: str | None, class_noun: str = "face") -> str:
     """The prompt of a context ("a photo of a face on a red background"); None: the class caption."""
     base = f"a photo of a {class_noun}"
@@ -189,7 +182,3 @@ def border_colour(image: Image.Image) -> np.ndarray:
     a = np.asarray(image.convert("RGB"), dtype=np.float64)
     ring = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
     return np.median(ring, axis=0)
-
-
-def degrees_to_radians(x: float) -> float:
-    return x * math.pi / 180

@@ -17,16 +17,6 @@ from ..lora.adapter import AdapterSet
 from ..lora.layers import FluxDims
 
 
-class FlowCond(Protocol):
-    """One caption's cached conditioning, as a host's ``predict`` takes it."""
-
-    guidance: float  # FLUX's distilled-guidance input while training (ai-toolkit trains at 1.0)
-
-    def digest(self) -> str:
-        """sha256 over the conditioning tensors and the guidance value."""
-        ...
-
-
 class FlowHost(Protocol):
     """A frozen flow-matching model that adapters are trained against."""
 
