@@ -217,8 +217,8 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     the metadata as sorted JSON. It does not depend on the byte layout of the file (header key
     order, padding, tensor placement), so a prior or LoRA has one hash wherever it is named:
     ``metalora inspect`` (``content_sha256``), a LoRA's ``prior_sha256`` metadata, meta-train's
-    ``summary.json``, ``Prior.sha256``. Files that are not safetensors (photos) are identified by
-    ``sha256_file`` (their bytes).
+    ``summary.json``, ``Prior.sha256``. A download is checked against its published digest with
+    ``sha256_file`` (its bytes).
     """
     h = hashlib.sha256(b"metalora.content.v1\0")
     h.update(sha256_tensors(tensors).encode())
@@ -233,7 +233,7 @@ def file_content_sha256(path: str | os.PathLike) -> str:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes: how non-safetensors inputs (photos) are identified."""
+    """sha256 of a file's bytes, read in chunks (a download's published digest is of its bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -13,7 +13,6 @@ runs at import.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .files import atomic_save_safetensors, read_safetensors
+from .files import atomic_save_safetensors, read_safetensors, sha256_file
 from .prior import Prior, load_prior
 
 log = logging.getLogger(__name__)
@@ -32,8 +31,6 @@ log = logging.getLogger(__name__)
 _REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "on", "yes", "true"}
-PROVENANCE_KEYS = ("source_repo", "source_filename", "source_revision", "source_commit", "source_sha256",
-                   "source_url")
 
 
 @dataclass(frozen=True)
@@ -94,14 +91,6 @@ def manual_hint(src: HubFile, dest: str | os.PathLike) -> str:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Unreachable(RuntimeError):
@@ -204,7 +193,7 @@ def download_prior(src: HubFile, dest_dir: str | os.PathLike, *, name: str | Non
     tmp = Path(tempfile.mkdtemp(prefix=".metalora-download-", dir=dest))
     try:
         got = _fetch(src, commit, tmp, dest)
-        sha = _sha256_file(got)
+        sha = sha256_file(got)
         etag = (meta.etag or "").strip('"').lower()
         if _SHA256_RE.fullmatch(etag) and sha != etag:
             raise ValueError(f"{src.repo_id}/{src.filename} @ {commit[:12]}: downloaded bytes have sha256 {sha[:12]}..., "
