@@ -565,13 +565,6 @@ def output_files(result: dict, base_dir: pathlib.Path | str) -> list[pathlib.Pat
 # Added for the evaluation-node and workflow tests
 # --------------------------------------------------------------------------------------------
 
-def write_tiny_transformers_clip(folder: pathlib.Path | str, seed: int = 0) -> pathlib.Path:
-    """A tiny random transformers CLIP folder for CLIP-T (``metalora_core.hosts.tiny.write_tiny_clip``)."""
-    from metalora_core.hosts.tiny import write_tiny_clip
-
-    return write_tiny_clip(folder, seed)
-
-
 def register_v3_nodes(comfy: ComfyInProcess, node_classes: Iterable[type]) -> list[str]:
     """Registers V3 node classes the way ``nodes.load_custom_node`` does for a pack's extension
     (for nodes a pack defines but its extension does not list yet); already known ids are kept.

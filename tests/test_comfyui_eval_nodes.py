@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, output_files, register_v3_nodes,
-                            run_prompt, write_tiny_transformers_clip)
+                            run_prompt)
+from tiny_clip import write_tiny_clip
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
@@ -30,7 +31,7 @@ def env(tmp_path_factory, sample):
     importlib.import_module(f"{REPO}.nodes.folders").register_folders()
     # Until the extension lists EVAL_NODES, register them as load_custom_node would (no-op after).
     register_v3_nodes(state, mod.EVAL_NODES)
-    write_tiny_transformers_clip(base / "models" / "metalora_clip" / "tiny-clip")
+    write_tiny_clip(base / "models" / "metalora_clip" / "tiny-clip")
     for name in ("obama", "obama2", "obama3", "biden"):
         src = sample(name)
         shutil.copy(src, base / "input" / f"{name}{src.suffix}")

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, object_info, output_files,
-                            register_v3_nodes, run_prompt, write_tiny_flux_models, write_tiny_transformers_clip)
+                            register_v3_nodes, run_prompt, write_tiny_flux_models)
+from tiny_clip import write_tiny_clip
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if comfyui_path() is None:
@@ -47,7 +48,7 @@ def env(tmp_path_factory, sample):
     evals = importlib.import_module(f"{REPO}.nodes.eval_nodes")
     importlib.import_module(f"{REPO}.nodes.folders").register_folders()
     register_v3_nodes(state, evals.EVAL_NODES)  # no-op once the extension lists them
-    write_tiny_transformers_clip(models / "metalora_clip" / bw.CLIP_T_FOLDER)
+    write_tiny_clip(models / "metalora_clip" / bw.CLIP_T_FOLDER)
     from metalora_core.lora.layers import FluxDims
     from metalora_core.formats.prior import make_prior, save_prior
 

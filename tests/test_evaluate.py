@@ -51,7 +51,7 @@ def photos() -> dict[str, Image.Image]:
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A randomly initialised transformers CLIPModel + byte-level tokenizer + image processor, saved."""
-    from metalora_core.hosts.tiny import write_tiny_clip
+    from tiny_clip import write_tiny_clip
 
     return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
