@@ -2,7 +2,7 @@
 
 While adapters are attached and autograd records, every ``FluxTransformerBlock`` and
 ``FluxSingleTransformerBlock`` runs ``double_forward`` / ``single_forward`` instead of its own
-forward. They compute what diffusers' block code computes, step for step, with three changes to
+forward. They compute what diffusers' block code computes, step for step, with four changes to
 what backward keeps and how many ops run (the values agree to rounding: one sample's affine
 LayerNorm rounds once where the plain ops round twice):
 
