@@ -71,7 +71,10 @@ MEMORY_CHOICES = ("auto", "fast", "low")
 # one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py
 # (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny width, 57 blocks; a test holds it
 # there) at 17.4, with every block checkpointed 1.06. (Computed in float32, as ComfyUI does on a
-# CPU: 14.4 and 1.05.)
+# CPU: 14.4 and 1.05.) The constants are set above those figures on purpose: the plan must not
+# under-estimate (running out of memory mid-run loses the run; one checkpointed block too many only
+# costs time), the figures come from one tiny model shape, and the checkpointed figure leaves out
+# backward recomputing a checkpointed block, whose activations are then held in full.
 _SAVED_PER_TOKEN_WIDTH = 20
 _CKPT_PER_TOKEN_WIDTH = 2
 
