@@ -586,13 +586,16 @@ def test_library_conditioning_blames_nonfinite_guidance():
     assert FluxTextCond(torch.zeros(1, 4, 8), torch.zeros(1, 8), torch.zeros(4, 3), guidance=3.5).guidance == 3.5
 
 
-def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_next_step(capsys):
+def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_next_step(capsys, monkeypatch):
     """Python ignores an exception raised inside ``__del__``: a Ctrl-C landing there must still stop
     the run at the next step callback (exit 130), not let it go on."""
     import argparse
 
     from metalora_core.cli.errors import run_command
     from metalora_core.cli.progress import StepLog
+
+    dropped = []  # what Python hands to sys.unraisablehook instead of raising (pytest would print it)
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
 
     class CtrlCInDestructor:
         def __del__(self):
@@ -617,6 +620,7 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_still_stops_the_next_step(ca
         signal.signal(signal.SIGINT, outer)
     assert (code, result) == (130, None) and steps == [1]
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert [type(u.exc_value) for u in dropped] == [KeyboardInterrupt]
 
 
 def test_a_ctrl_c_that_is_ignored_stays_ignored():
