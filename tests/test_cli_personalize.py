@@ -1,6 +1,12 @@
 """`metalora personalize` and `metalora export` on a local diffusers FLUX folder (the tiny one, saved)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +82,38 @@ def test_personalize_requires_the_class_noun_or_a_caption(tmp_path, capsys):
     assert training_caption("a photo of a dog", "woman") == "a photo of a dog"  # --caption wins
     with pytest.raises(ValueError, match="--class-noun"):
         training_caption("  ", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flux")
+    build_tiny_flux_pipeline(seed=0).save_pretrained(str(folder))
+    return folder
+
+
+def test_pipeline_loads_in_the_asked_dtype_without_a_deprecation(tiny_flux_dir):
+    from metalora_core.hosts.diffusers_flux import load_flux_pipeline
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe = load_flux_pipeline(tiny_flux_dir, dtype="bfloat16", device="cpu")
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert not [str(w.message) for w in seen if "dtype" in str(w.message)]
+
+
+def test_a_cli_run_prints_no_warning(tiny_flux_dir, tmp_path):
+    """A run that loads diffusers' FLUX pipeline (and with it transformers' CLIP) says nothing on
+    stderr about torchvision or deprecations, and no traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    lora = tmp_path / "lora.safetensors"
+    run = subprocess.run([sys.executable, "-m", "metalora_core", "personalize", "--model", str(tiny_flux_dir),
+                          "--image", str(sample_photo("obama")), "--out", str(lora), "--steps", "1",
+                          "--resolution", "128", "--dtype", "float32", "--device", "cpu", "--no-augment",
+                          "--preset", "attn", "--class-noun", "man"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and lora.is_file(), run.stderr[-3000:]
+    noisy = [line for line in run.stderr.splitlines()
+             if any(word in line.lower() for word in ("torchvision", "deprecat", "warning", "traceback"))]
+    assert not noisy, noisy

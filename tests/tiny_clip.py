@@ -9,9 +9,11 @@ import torch
 def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     """Saves a tiny random-weight transformers ``CLIPModel`` (32 wide, 32 px images) with a
     byte-level tokenizer and a ``CLIPImageProcessor`` to ``folder``: the CLIP-T model of tests."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
+    from metalora_core.hosts.quiet import no_torchvision_notice
     from metalora_core.hosts.tiny import TINY_CLIP_LEN, byte_tokenizer
+
+    with no_torchvision_notice():
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tok = byte_tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", TINY_CLIP_LEN)
     cfg = CLIPConfig(

@@ -361,16 +361,27 @@ def load_flux_pipeline(model: str | os.PathLike, *, dtype: str = "bfloat16", dev
                                 "pass the folder that holds model_index.json")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} unknown; choose one of {sorted(DTYPES)}")
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from .quiet import no_torchvision_notice
 
-    torch_dtype = DTYPES[dtype]
+    with no_torchvision_notice():
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    as_dtype = {dtype_keyword(): DTYPES[dtype]}
     kw = {}
     if transformer is not None:
         kw["transformer"] = FluxTransformer2DModel.from_single_file(
-            str(transformer), config=str(model), subfolder="transformer", torch_dtype=torch_dtype,
-            local_files_only=True)
+            str(transformer), config=str(model), subfolder="transformer", local_files_only=True, **as_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return FluxPipeline.from_pretrained(str(model), torch_dtype=torch_dtype, local_files_only=True, **kw).to(device)
+    return FluxPipeline.from_pretrained(str(model), local_files_only=True, **as_dtype, **kw).to(device)
+
+
+def dtype_keyword() -> str:
+    """The keyword diffusers' ``from_pretrained`` / ``from_single_file`` take the weights' dtype
+    by: ``dtype`` from diffusers 0.42 (which deprecates ``torch_dtype``), ``torch_dtype`` before."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
 
 
 @dataclass

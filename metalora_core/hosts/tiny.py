@@ -59,7 +59,10 @@ def byte_tokenizer(bos: str | None, eos: str, pad: str, max_len: int):
 
 def build_tiny_flux_pipeline(seed: int = 0, config: TinyFluxConfig = TinyFluxConfig()):
     """Builds a ``FluxPipeline`` with tiny random-weight components, deterministic in ``seed``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from .quiet import no_torchvision_notice
+
+    with no_torchvision_notice():
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tok = byte_tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", TINY_CLIP_LEN)
