@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from metalora_core.cli.eval import register
 from metalora_core.data.identities import read_identity_folders
 from metalora_core.draw.eval_figures import ScatterPoint, draw_scatter
-from metalora_core.draw.sheets import labelled_sheet
+from metalora_core.draw.sheets import labelled_sheet, layout_grid
 from metalora_core.eval.metrics import clip_t, face_sim, load_clip, r_face_sim, split_reference
 from metalora_core.faces import get_detector, get_embedder, load_image
 from metalora_core.data.prompts import PROMPT_TABLES, expand_prompt, is_template, load_prompts
@@ -262,7 +262,7 @@ def test_prompt_tables_match_the_paper():
 def test_score_grid_and_scatter_draw():
     imgs = [Image.new("RGB", (64, 80), (90, 90, 90)), Image.new("RGB", (50, 50), (10, 90, 10))]
     grid = labelled_sheet(imgs, ["FaceSim 0.700", "no face"], [(5.0, 5.0, 40.0, 60.0), None], tile=64, columns=2)
-    assert grid.size == (128, 64 + 16) and grid.mode == "RGB"
+    assert grid.size == layout_grid([2], captions=[["FaceSim 0.700", "no face"]], tile=64).size and grid.mode == "RGB"
     with pytest.raises(ValueError, match="one of each"):
         labelled_sheet(imgs, ["only one"])
     pts = [ScatterPoint(0.30, 0.70, "run a", "a", 7), ScatterPoint(0.31, 0.75, "run b", "b"), ScatterPoint(math.nan, 0.1, "run b")]

@@ -6,7 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .text import draw_words, label_font, text_width, vertical_label
 
 # Colour-blind-safe palette (Okabe-Ito), one colour per series.
 _PALETTE = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0))
@@ -69,13 +71,13 @@ def draw_scatter(
     w, h = size
     if w < 200 or h < 150:
         raise ValueError(f"plot size must be at least 200x150, got {size}")
-    font = ImageFont.load_default()
+    font = label_font()
     img = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 80, w - 180, 50 if not note else 66, h - 60  # plot area; legend on the right
-    draw.text((left, 10), title, fill=(0, 0, 0), font=font)
+    draw_words(draw, (left, 10), title, font, (0, 0, 0))
     if note:
-        draw.text((left, 28), note, fill=(180, 0, 0), font=font)
+        draw_words(draw, (left, 28), note, font, (180, 0, 0))
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0), width=1)
     good = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y)]
     xs = [p.x for p in good] or [0.0, 1.0]
@@ -91,18 +93,15 @@ def draw_scatter(
         px, _ = to_px(t, y0)
         draw.line((px, top, px, bottom), fill=(230, 230, 230))
         draw.line((px, bottom, px, bottom + 5), fill=(0, 0, 0))
-        draw.text((px - 3 * len(text), bottom + 8), text, fill=(0, 0, 0), font=font)
+        draw_words(draw, (px - text_width(text, font) / 2, bottom + 8), text, font, (0, 0, 0))
     for t in _nice_ticks(y0, y1):
         _, py = to_px(x0, t)
         draw.line((left, py, right, py), fill=(230, 230, 230))
         draw.line((left - 5, py, left, py), fill=(0, 0, 0))
-        draw.text((left - 48, py - 6), f"{t:g}", fill=(0, 0, 0), font=font)
+        draw_words(draw, (left - 8 - text_width(f"{t:g}", font), py - 6), f"{t:g}", font, (0, 0, 0))
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0), width=1)
-    draw.text(((left + right) // 2 - 4 * len(x_label) // 2, bottom + 30), x_label, fill=(0, 0, 0), font=font)
-    # PIL's default font has no vertical text: draw the y title rotated on its own layer.
-    ylab = Image.new("RGB", (8 * len(y_label) + 8, 16), (255, 255, 255))
-    ImageDraw.Draw(ylab).text((4, 2), y_label, fill=(0, 0, 0), font=font)
-    ylab = ylab.rotate(90, expand=True)
+    draw_words(draw, ((left + right - text_width(x_label, font)) / 2, bottom + 30), x_label, font, (0, 0, 0))
+    ylab = vertical_label(y_label, font)
     img.paste(ylab, (8, (top + bottom) // 2 - ylab.height // 2))
 
     series = list(dict.fromkeys(p.series for p in points))
@@ -112,11 +111,11 @@ def draw_scatter(
         r = p.size
         draw.ellipse((px - r, py - r, px + r, py + r), fill=colour[p.series], outline=(0, 0, 0))
         if p.label:
-            draw.text((px + r + 3, py - 6), p.label, fill=(40, 40, 40), font=font)
+            draw_words(draw, (px + r + 3, py - 6), p.label, font, (40, 40, 40))
     for i, s in enumerate(series):
         ly = top + 6 + 18 * i
         draw.ellipse((right + 14, ly, right + 24, ly + 10), fill=colour[s], outline=(0, 0, 0))
-        draw.text((right + 30, ly - 1), s[:22], fill=(0, 0, 0), font=font)
+        draw_words(draw, (right + 30, ly - 1), s[:22], font, (0, 0, 0))
     return img
 
 

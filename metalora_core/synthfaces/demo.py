@@ -34,10 +34,6 @@ def default_artefacts() -> Path:
     return Path(__file__).resolve().parents[2] / "experiments" / "artefacts"
 
 
-def _big(im: Image.Image, tile: int) -> Image.Image:
-    return im.resize((tile, tile), Image.Resampling.NEAREST)
-
-
 def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefacts: str | Path | None = None,
                     samples_per_prompt: int = 2, sample_steps: int = 20, tile: int = 96) -> dict[str, Any]:
     """Runs the small-domain demo and writes comparison.png, crops.png, lora.safetensors, loss.png, report.json.
@@ -55,7 +51,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     item = held_out(ReproConfig(seed=seed, identities=1, references=8))[0]
     host = arts.host
     images = training_images(item, "meta_lora", seed)
-    atomic_save_png(labelled_sheet([_big(im, tile) for im in images], [f"{im.size[0]}x{im.size[1]}" for im in images],
+    atomic_save_png(labelled_sheet(images, [f"{im.size[0]}x{im.size[1]}" for im in images],
                                    tile=tile, columns=5), out / "crops.png")
     result = run_stage2(host, images, arts.cond(None), arts.prior,
                         Stage2Config(steps=steps, rank=1, lr=DOMAIN_LR, seed=seed, preset=arts.prior.preset or "all"),
@@ -73,7 +69,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
         for c in contexts:
             sims = identity_similarity(arts.embedder, imgs[c], item.references)
             for im, s in zip(imgs[c], sims):
-                ims.append(_big(im, tile))
+                ims.append(im)
                 captions.append(f"{c}: id {s:.2f}")
                 ids.append(s)
                 ctx.append(context_score(im, c))
@@ -81,7 +77,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
 
     ref_sims = identity_similarity(arts.embedder, [item.photo], item.references)
     n = len(contexts) * samples_per_prompt
-    row0 = [_big(item.photo, tile)] + [_big(r, tile) for r in item.references[: n - 1]]
+    row0 = [item.photo] + list(item.references[: n - 1])
     cap0 = [f"trained on: id {ref_sims[0]:.2f}"] + ["other image"] * (len(row0) - 1)
     b_ims, b_cap, b_ids, b_ctx = scored(base)
     t_ims, t_cap, t_ids, t_ctx = scored(tuned)
