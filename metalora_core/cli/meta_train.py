@@ -222,8 +222,7 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
     data_summary = {k: v for k, v in data.summary.items() if not k.startswith("cache_")}
     prior = to_prior(result, domain=args.domain, base_model=base_model, data_summary=data_summary)
     prior_path = save_prior(prior, out / "prior.safetensors")
-    atomic_save_png(line_plot(result.losses, title=f"Stage-1 loss ({result.steps} steps)",
-                        smooth=max(2, min(50, result.steps // 10))), out / "loss.png")
+    atomic_save_png(line_plot(result.losses, title=f"Stage-1 loss ({result.steps} steps)"), out / "loss.png")
     tail = result.losses[-50:]
     summary = {
         "prior": str(prior_path),
