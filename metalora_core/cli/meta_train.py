@@ -11,6 +11,7 @@ and log lines and writes the checkpoint, prior, plot and summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -23,11 +24,22 @@ from .interrupt import raise_if_interrupted
 # --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
 TINY = {"steps": 600, "bucket_steps": 100, "warmup_steps": 40, "identities_per_bucket": 2, "r1": 8,
         "resolution": 64, "checkpoint_every": 100}
+CHECKPOINT_EVERY = 500  # steps between checkpoints without --tiny
+# Flags whose default without --tiny is MetaTrainConfig's and with --tiny TINY's.
+_TINY_FIELDS = ("steps", "bucket_steps", "warmup_steps", "identities_per_bucket", "r1")
+
+
+def _config_defaults() -> dict[str, Any]:
+    """``MetaTrainConfig``'s field defaults: the flags' defaults and help text (read without torch)."""
+    from ..train.stage1.config import MetaTrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(MetaTrainConfig)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..lora.layers import PRESETS
 
+    d = _config_defaults()
     p = sub.add_parser("meta-train", help="Stage-1: learn a Meta-Down prior from many identities (Algorithm 1)")
     p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
     p.add_argument("--out", required=True, help="output folder: prior.safetensors, loss.png, summary.json, checkpoint")
@@ -36,24 +48,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny FLUX on CPU with --data (about a minute; make meta-train-tiny fetches sample photos)")
     p.add_argument("--domain", default="person", help="domain label of the prior, e.g. woman, man (default person)")
     p.add_argument("--caption", help="class caption for photos without a .txt (default: 'a photo of a <domain>')")
-    p.add_argument("--r1", type=int, help="Meta-Down rank (default 16; --tiny 8)")
-    p.add_argument("--r2", type=int, default=1, help="Mid rank during meta-training (default 1)")
+    p.add_argument("--r1", type=int, help=f"Meta-Down rank (default {d['r1']}; --tiny {TINY['r1']})")
+    p.add_argument("--r2", type=int, default=d["r2"], help="Mid rank during meta-training (default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="target layers (default all: every Linear of the transformer blocks, as ai-toolkit trains)")
-    p.add_argument("--steps", type=int, help="q_total (default 50000; --tiny 600)")
-    p.add_argument("--bucket-steps", type=int, help="q_bucket (default 2500; --tiny 100)")
-    p.add_argument("--warmup-steps", type=int, help="q_warm-up (default 1000; --tiny 40)")
+                   help=f"target layers (default {d['preset']}; all: every Linear of the transformer blocks, as "
+                        "ai-toolkit trains)")
+    p.add_argument("--steps", type=int, help=f"q_total (default {d['steps']}; --tiny {TINY['steps']})")
+    p.add_argument("--bucket-steps", type=int,
+                   help=f"q_bucket (default {d['bucket_steps']}; --tiny {TINY['bucket_steps']})")
+    p.add_argument("--warmup-steps", type=int,
+                   help=f"q_warm-up (default {d['warmup_steps']}; --tiny {TINY['warmup_steps']})")
+    auto = (f"auto: each photo of a bucket is used ~{d['uses_per_example']}x per bucket visit, paper Sec. 3"
+            if d["identities_per_bucket"] == 0 else d["identities_per_bucket"])
     p.add_argument("--identities-per-bucket", type=int,
-                   help="N (default auto: each photo of a bucket is used ~10x per bucket visit, paper Sec. 3)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="items per step (default 4, the paper's); under torchrun the global batch, split across "
-                        "the processes (at least one item each)")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--seed", type=int, default=0)
+                   help=f"N (default {auto}; --tiny {TINY['identities_per_bucket']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="items per step (default %(default)s, the paper's); under torchrun the global batch, split "
+                        "across the processes (at least one item each)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of init, buckets, data order and noise "
+                   "(default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds one")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; --tiny 100)")
-    p.add_argument("--resolution", type=int, help="training images have about resolution^2 pixels (default 512)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"steps between checkpoints (default {CHECKPOINT_EVERY}; --tiny {TINY['checkpoint_every']})")
+    p.add_argument("--resolution", type=int,
+                   help="training images have about resolution^2 pixels (default: the side of the dataset's "
+                        f"bucket area, DatasetConfig.bucket_area; --tiny {TINY['resolution']})")
     p.add_argument("--crop-grid", action="store_true",
                    help="train on Stage-2's crop grid around each photo's face instead of the photo itself")
     p.add_argument("--no-augment", action="store_true",
@@ -110,6 +131,21 @@ def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     return TINY[key] if tiny else default
 
 
+def meta_train_config(args: argparse.Namespace) -> Any:
+    """The ``MetaTrainConfig`` of the parsed flags: the flags given, else ``TINY`` under --tiny,
+    else the config's own defaults.
+
+    Raises:
+        ValueError: a flag value the config refuses (names it).
+    """
+    from ..train.stage1.config import MetaTrainConfig
+
+    picked = {k: _pick(getattr(args, k), bool(args.tiny), k, None) for k in _TINY_FIELDS}
+    return MetaTrainConfig(**{k: v for k, v in picked.items() if v is not None},
+                           **({"preset": args.preset} if args.preset else {}),
+                           batch_size=args.batch_size, lr=args.lr, r2=args.r2, seed=args.seed)
+
+
 def run_meta_train(args: argparse.Namespace) -> str | None:
     """The ``meta-train`` subcommand: data -> latents -> Stage-1 -> prior, loss plot, summary.
 
@@ -141,8 +177,7 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
     from ..formats.files import atomic_save_png, atomic_write_bytes, file_content_sha256
     from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
-    from ..lora.layers import DEFAULT_PRESET
-    from ..train.stage1 import MetaTrainConfig, meta_train, to_prior
+    from ..train.stage1 import meta_train, to_prior
     from ..draw.charts import line_plot
     from ..formats.prior import save_prior
     from ..train.recipe import class_caption
@@ -176,21 +211,14 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
                                   device=str(group.device) if group is not None else args.device)
         data_dir, max_len, base_model = Path(args.data), args.max_sequence_length, "flux.1-dev"
 
-    resolution = _pick(args.resolution, tiny, "resolution", 512)
+    resolution = _pick(args.resolution, tiny, "resolution", None)
     caption = args.caption or class_caption(args.domain)
     if args.crop_grid and args.no_augment:
         raise ValueError("--crop-grid and --no-augment contradict each other; pass one (default: --no-augment)")
-    dcfg = DatasetConfig(augment=args.crop_grid, bucket_area=resolution * resolution, detector=args.detector,
-                         seed=args.seed, class_caption=caption, flip=not args.no_flip)
-    config = MetaTrainConfig(
-        steps=_pick(args.steps, tiny, "steps", 50_000),
-        bucket_steps=_pick(args.bucket_steps, tiny, "bucket_steps", 2_500),
-        warmup_steps=_pick(args.warmup_steps, tiny, "warmup_steps", 1_000),
-        identities_per_bucket=_pick(args.identities_per_bucket, tiny, "identities_per_bucket", 0),
-        batch_size=args.batch_size, lr=args.lr, r1=_pick(args.r1, tiny, "r1", 16), r2=args.r2,
-        preset=args.preset or DEFAULT_PRESET, seed=args.seed,
-    )
-    every = _pick(args.checkpoint_every, tiny, "checkpoint_every", 500)
+    dcfg = DatasetConfig(augment=args.crop_grid, detector=args.detector, seed=args.seed, class_caption=caption,
+                         flip=not args.no_flip, **({"bucket_area": resolution * resolution} if resolution else {}))
+    config = meta_train_config(args)
+    every = _pick(args.checkpoint_every, tiny, "checkpoint_every", CHECKPOINT_EVERY)
 
     def prepare() -> Any:
         return prepare_dataset(

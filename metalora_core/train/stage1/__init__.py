@@ -17,21 +17,47 @@ Modules:
 """
 from __future__ import annotations
 
-from ...data.latents import MetaTrainData
-from .bank import (BankKey, BucketAdapter, IdentityBank, IdentityRouter, initial_downs, merge_bank_states,
-                   split_bank_state)
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_resumable, load_checkpoint, save_checkpoint
-from .config import MetaTrainConfig, check_world_size
-from .schedule import (BucketPlan, LrSchedule, SchedulePoint, bucket_sizes, make_buckets, plan_buckets,
-                       resolve_identities_per_bucket, schedule_at)
-from .trainer import (SMALL_VISIT_FRACTION, MetaStepCallback, MetaTrainer, MetaTrainResult, StepInfo,
-                      make_optimizer, meta_train, to_prior)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "SMALL_VISIT_FRACTION", "BankKey", "BucketAdapter", "BucketPlan",
-    "IdentityBank", "IdentityRouter", "LrSchedule", "MetaStepCallback", "MetaTrainConfig", "MetaTrainData",
-    "MetaTrainResult", "MetaTrainer", "SchedulePoint", "StepInfo", "bucket_sizes", "check_resumable",
-    "check_world_size", "initial_downs", "load_checkpoint", "make_buckets", "make_optimizer", "merge_bank_states",
-    "meta_train", "plan_buckets", "resolve_identities_per_bucket", "save_checkpoint", "schedule_at",
-    "split_bank_state", "to_prior",
-]
+# Names are resolved on first use (PEP 562), so reading ``MetaTrainConfig``'s defaults, as
+# ``metalora --help`` does, does not import torch.
+_EXPORTS: dict[str, str] = {
+    "MetaTrainData": "...data.latents",
+    **dict.fromkeys(("BankKey", "BucketAdapter", "IdentityBank", "IdentityRouter", "initial_downs",
+                     "merge_bank_states", "split_bank_state"), ".bank"),
+    **dict.fromkeys(("CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "check_resumable", "load_checkpoint",
+                     "save_checkpoint"), ".checkpoint"),
+    **dict.fromkeys(("MetaTrainConfig", "check_world_size"), ".config"),
+    **dict.fromkeys(("BucketPlan", "LrSchedule", "SchedulePoint", "bucket_sizes", "make_buckets", "plan_buckets",
+                     "resolve_identities_per_bucket", "schedule_at"), ".schedule"),
+    **dict.fromkeys(("SMALL_VISIT_FRACTION", "MetaStepCallback", "MetaTrainer", "MetaTrainResult", "StepInfo",
+                     "make_optimizer", "meta_train", "to_prior"), ".trainer"),
+}
+
+if TYPE_CHECKING:
+    from ...data.latents import MetaTrainData
+    from .bank import (BankKey, BucketAdapter, IdentityBank, IdentityRouter, initial_downs, merge_bank_states,
+                       split_bank_state)
+    from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, check_resumable, load_checkpoint, save_checkpoint
+    from .config import MetaTrainConfig, check_world_size
+    from .schedule import (BucketPlan, LrSchedule, SchedulePoint, bucket_sizes, make_buckets, plan_buckets,
+                           resolve_identities_per_bucket, schedule_at)
+    from .trainer import (SMALL_VISIT_FRACTION, MetaStepCallback, MetaTrainer, MetaTrainResult, StepInfo,
+                          make_optimizer, meta_train, to_prior)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...lora.flow import SIGMA_MODES
 from ...lora.layers import DEFAULT_PRESET, PRESETS
 
 
@@ -50,6 +49,8 @@ class MetaTrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        from ...lora.flow import SIGMA_MODES  # here: lora.flow imports torch, and --help reads these defaults
+
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} unknown; choose one of {SIGMA_MODES}")
 
