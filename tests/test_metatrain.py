@@ -20,9 +20,11 @@ from metalora_core.train.stage1 import (
     BucketAdapter,
     IdentityRouter,
     MetaTrainConfig,
+    bucket_sizes,
     initial_downs,
     make_buckets,
     meta_train,
+    plan_buckets,
     schedule_at,
     to_prior,
 )
@@ -101,6 +103,54 @@ def test_schedule_pure_functions():
     buckets = make_buckets(7, 3, seed=5)
     assert sorted(i for b in buckets for i in b) == list(range(7)) and [len(b) for b in buckets] == [3, 3, 1]
     assert make_buckets(7, 3, seed=5) == buckets
+
+
+def test_bucket_sizes_decide_both_the_buckets_and_the_plan():
+    for n, per, steps in ((7, 3, 12), (6, 3, 6), (1, 5, 30), (1050, 50, 50_000), (10, 4, 3)):
+        sizes = bucket_sizes(n, per)
+        assert sum(sizes) == n and all(1 <= k <= per for k in sizes)
+        buckets = make_buckets(n, per, seed=2)
+        assert [len(b) for b in buckets] == sizes and sorted(i for b in buckets for i in b) == list(range(n))
+        config = MetaTrainConfig(steps=steps, bucket_steps=6, warmup_steps=2, identities_per_bucket=per)
+        plan = plan_buckets(config, [3] * n)
+        visited = {schedule_at(s, config, len(buckets)).bucket for s in range(0, steps, 6)}
+        assert plan.buckets == len(sizes) and plan.identities_visited == sum(len(buckets[b]) for b in visited)
+    with pytest.raises(ValueError, match="need >= 1 identity and >= 1 per bucket, got 0 and 3"):
+        bucket_sizes(0, 3)
+
+
+def test_lr_schedule_sets_each_steps_rate_and_defaults_to_the_config(tiny, tmp_path):
+    c = _config(steps=12)
+    base = meta_train(tiny.host, tiny.data, c)
+    constant = meta_train(tiny.host, tiny.data, c, lr_schedule=lambda pt: c.lr)
+    assert constant.losses == base.losses
+    assert all(torch.equal(constant.downs[n], base.downs[n]) for n in base.downs)
+    seen = []
+
+    def first_visit_only(pt):
+        seen.append((pt.step, pt.visit))
+        return c.lr if pt.visit == 0 else 0.0
+
+    frozen = meta_train(tiny.host, tiny.data, c, lr_schedule=first_visit_only)
+    assert seen == [(s, s // 6) for s in range(12)]
+    first = meta_train(tiny.host, tiny.data, _config(steps=6))
+    assert frozen.losses[:6] == first.losses
+    assert all(torch.equal(frozen.downs[n], first.downs[n]) for n in first.downs)  # lr 0 from step 7 on
+
+    def halving(pt):
+        return c.lr * 0.5 ** pt.visit
+
+    ref = meta_train(tiny.host, tiny.data, c, lr_schedule=halving)
+    assert ref.losses[:6] == base.losses[:6] and ref.losses[6:] != base.losses[6:]
+    ck = tmp_path / "checkpoint.safetensors"  # a schedule is a function of the step: a resume gets the same rates
+    with pytest.raises(_Killed):
+        meta_train(tiny.host, tiny.data, c, checkpoint_path=ck, checkpoint_every=4, callback=_kill_at(9),
+                   lr_schedule=halving)
+    got = meta_train(tiny.host, tiny.data, c, checkpoint_path=ck, resume=True, lr_schedule=halving)
+    assert got.resumed_from == 8 and got.losses == ref.losses
+    assert all(torch.equal(got.downs[n], ref.downs[n]) for n in ref.downs)
+    with pytest.raises(ValueError, match=r"lr_schedule gave -1.0 for step 1 \(bucket 0, warm-up\)"):
+        meta_train(tiny.host, tiny.data, c, lr_schedule=lambda pt: -1.0)
 
 
 def test_bucket_scheduling_visits_identities_as_specified(tiny):
@@ -252,6 +302,32 @@ def test_nan_guard_stops_with_a_clear_error(tiny):
                   item_caption=d.item_caption, conds=d.conds)
     with pytest.raises(RuntimeError, match=r"Stage-1 loss became (inf|nan) at step 1 \(bucket 0, warm-up\)"):
         meta_train(tiny.host, bad, _config(steps=2))
+
+
+def test_cli_defaults_and_help_come_from_the_config():
+    from metalora_core.cli import meta_train as metatrain_commands
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    metatrain_commands.register(sub)
+    default = MetaTrainConfig()
+    assert metatrain_commands.meta_train_config(parser.parse_args(["meta-train", "--out", "o"])) == default
+    tiny_args = parser.parse_args(["meta-train", "--tiny", "--out", "o", "--steps", "7"])
+    tiny_config = metatrain_commands.meta_train_config(tiny_args)
+    tiny_values = {k: metatrain_commands.TINY[k] for k in ("bucket_steps", "warmup_steps", "identities_per_bucket", "r1")}
+    assert tiny_config == MetaTrainConfig(**{**default.to_dict(), **tiny_values, "steps": 7})
+    given = parser.parse_args(["meta-train", "--out", "o", "--r1", "3", "--preset", "attn", "--lr", "1e-3",
+                               "--batch-size", "2", "--r2", "2", "--seed", "9", "--warmup-steps", "0"])
+    assert metatrain_commands.meta_train_config(given) == MetaTrainConfig(
+        r1=3, preset="attn", lr=1e-3, batch_size=2, r2=2, seed=9, warmup_steps=0)
+    text = " ".join(sub.choices["meta-train"].format_help().split())
+    for flag, field in (("q_total", "steps"), ("q_bucket", "bucket_steps"), ("q_warm-up", "warmup_steps"),
+                        ("Meta-Down rank", "r1"), ("Mid rank during meta-training", "r2"), ("items per step", "batch_size"),
+                        ("AdamW learning rate", "lr"), ("target layers", "preset")):
+        assert f"{flag} (default {getattr(default, field)}" in text, flag
+    assert f"used ~{default.uses_per_example}x per bucket visit" in text
+    with pytest.raises(ValueError, match="MetaTrainConfig.r1 must be an int >= 1, got 0"):
+        metatrain_commands.meta_train_config(parser.parse_args(["meta-train", "--out", "o", "--r1", "0"]))
 
 
 def test_real_photos_with_face_augmentation_and_cli(tiny, sample, tmp_path):

@@ -321,10 +321,12 @@ def _imports(path: Path) -> list[str]:
 def test_imports_point_one_way_and_nothing_seeds_the_global_rng():
     for path in sorted((CORE / "data").glob("*.py")):
         assert not [m for m in _imports(path) if m.startswith("metalora_core.train")], path
-    for path in sorted((CORE / "train").glob("stage*.py")):
+    stage_files = sorted([*(CORE / "train").glob("stage*.py"), *(CORE / "train" / "stage1").glob("*.py")])
+    assert len(stage_files) >= 6  # stage2.py and the stage1 package's modules
+    for path in stage_files:
         assert not [m for m in _imports(path) if m.startswith(("metalora_core.hosts", "metalora_core.cli"))], path
     # (hosts/tiny.py seeds diffusers' model init inside torch.random.fork_rng, which restores it)
-    for path in sorted(p for d in ("train", "data", "lora", "faces", "eval", "formats") for p in (CORE / d).glob("*.py")):
+    for path in sorted(p for d in ("train", "data", "lora", "faces", "eval", "formats") for p in (CORE / d).rglob("*.py")):
         text = path.read_text()
         for call in ("torch.manual_seed(", "torch.set_rng_state(", "random.seed(", "np.random.seed("):
             assert call not in text, f"{path} calls {call} (use an explicit generator)"
