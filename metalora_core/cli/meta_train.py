@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..train.stage1.config import MetaTrainConfig  # torch-free: --help reads its defaults
 from .interrupt import raise_if_interrupted
 
 # --tiny defaults (a CPU-minute run); every one can still be overridden on the command line.
@@ -30,9 +31,7 @@ _TINY_FIELDS = ("steps", "bucket_steps", "warmup_steps", "identities_per_bucket"
 
 
 def _config_defaults() -> dict[str, Any]:
-    """``MetaTrainConfig``'s field defaults: the flags' defaults and help text (read without torch)."""
-    from ..train.stage1.config import MetaTrainConfig
-
+    """``MetaTrainConfig``'s field defaults: the flags' defaults and help text."""
     return {f.name: f.default for f in dataclasses.fields(MetaTrainConfig)}
 
 
@@ -131,15 +130,13 @@ def _pick(value: Any, tiny: bool, key: str, default: Any) -> Any:
     return TINY[key] if tiny else default
 
 
-def meta_train_config(args: argparse.Namespace) -> Any:
+def meta_train_config(args: argparse.Namespace) -> MetaTrainConfig:
     """The ``MetaTrainConfig`` of the parsed flags: the flags given, else ``TINY`` under --tiny,
     else the config's own defaults.
 
     Raises:
         ValueError: a flag value the config refuses (names it).
     """
-    from ..train.stage1.config import MetaTrainConfig
-
     picked = {k: _pick(getattr(args, k), bool(args.tiny), k, None) for k in _TINY_FIELDS}
     return MetaTrainConfig(**{k: v for k, v in picked.items() if v is not None},
                            **({"preset": args.preset} if args.preset else {}),
