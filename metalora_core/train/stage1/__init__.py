@@ -13,7 +13,8 @@ Modules:
                 (sharded by identity across data-parallel ranks).
     checkpoint  checkpoint files (safetensors) and the checks a resume must pass.
     trainer     ``MetaTrainer`` (the loop, one step function for one process and data-parallel)
-                and ``meta_train`` / ``to_prior``.
+                and ``meta_train``.
+    result      what a run hands back: ``StepInfo`` per step, ``MetaTrainResult``, ``to_prior``.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("MetaTrainConfig", "check_world_size"), ".config"),
     **dict.fromkeys(("BucketPlan", "LrSchedule", "SchedulePoint", "bucket_sizes", "make_buckets", "plan_buckets",
                      "resolve_identities_per_bucket", "schedule_at"), ".schedule"),
-    **dict.fromkeys(("SMALL_VISIT_FRACTION", "MetaStepCallback", "MetaTrainer", "MetaTrainResult", "StepInfo",
-                     "make_optimizer", "meta_train", "to_prior"), ".trainer"),
+    **dict.fromkeys(("MetaStepCallback", "MetaTrainResult", "StepInfo", "to_prior"), ".result"),
+    **dict.fromkeys(("SMALL_VISIT_FRACTION", "MetaTrainer", "make_optimizer", "meta_train"), ".trainer"),
 }
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from .config import MetaTrainConfig, check_world_size
     from .schedule import (BucketPlan, LrSchedule, SchedulePoint, bucket_sizes, make_buckets, plan_buckets,
                            resolve_identities_per_bucket, schedule_at)
-    from .trainer import (SMALL_VISIT_FRACTION, MetaStepCallback, MetaTrainer, MetaTrainResult, StepInfo,
-                          make_optimizer, meta_train, to_prior)
+    from .result import MetaStepCallback, MetaTrainResult, StepInfo, to_prior
+    from .trainer import SMALL_VISIT_FRACTION, MetaTrainer, make_optimizer, meta_train
 
 
 def __getattr__(name: str) -> Any:

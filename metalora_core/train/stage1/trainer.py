@@ -3,7 +3,7 @@
 ``MetaTrainer`` owns Down and its optimizer, the identity bank, the generator, the losses and the
 schedule position. Down and its AdamW state stay on the device for the whole run; each bucket
 visit brings the bucket's Mid/Up (and moments) from the bank and gets its own optimizer over them.
-At the end the identity layers are discarded and only Down is kept (``to_prior``).
+At the end the identity layers are discarded and only Down is kept (``result.to_prior``).
 
 Data-parallel (``torchrun``, a ``ProcessGroup`` passed as ``group``): every rank holds the same
 Down, draws the same global batch from the same generator (queue order, flips, noise and sigmas
@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ...data.latents import MetaTrainData, latent_shape, pick_orientation
-from ...formats.prior import Prior
 from ...lora.adapter import AdapterSet
 from ...lora.layers import resolve_targets
 from ..distributed import ProcessGroup, split_rows
@@ -38,47 +37,12 @@ from .bank import (BucketAdapter, IdentityBank, IdentityRouter, cpu_state, devic
                    gather_state, initial_downs, split_bank_state)
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .config import MetaTrainConfig, check_world_size
-from .schedule import BucketPlan, LrSchedule, SchedulePoint, make_buckets, plan_buckets, schedule_at
+from .result import MetaStepCallback, MetaTrainResult, StepInfo
+from .schedule import LrSchedule, SchedulePoint, make_buckets, plan_buckets, schedule_at
 
 log = logging.getLogger(__name__)
 
 SMALL_VISIT_FRACTION = 0.5  # warn when q_total trains fewer than this share of the identities
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the per-step callback sees (after the update of step ``step``, 1-based)."""
-
-    step: int  # steps done so far (1-based)
-    total: int  # q_total
-    loss: float
-    bucket: int  # index of the active bucket
-    n_buckets: int
-    phase: str  # "warm-up" or "joint"
-    step_in_bucket: int  # 1-based position inside the bucket visit
-    identities: tuple[int, ...]  # identity index of each sample in the batch
-    seconds: float  # wall time of this run so far (excludes time before a resume)
-    mirrored: tuple[bool, ...] = ()  # per sample: the mirrored latent of a (plain, mirrored) item was used
-
-
-MetaStepCallback = Callable[[StepInfo], None]
-
-
-@dataclass
-class MetaTrainResult:
-    downs: dict[str, torch.Tensor]  # canonical name -> (r1, in), CPU float32
-    losses: list[float]  # one per step, including steps done before a resume
-    buckets: list[list[int]]  # identity indices per bucket
-    identities: list[str]
-    config: MetaTrainConfig
-    seconds: float = 0.0  # this run's wall time
-    resumed_from: int = 0  # step the run resumed at (0: fresh)
-    bank_bytes: int = 0  # CPU bytes of the identity bank at the end
-    plan: BucketPlan | None = None  # N, buckets and identities visited
-
-    @property
-    def steps(self) -> int:
-        return len(self.losses)
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: MetaTrainConfig) -> torch.optim.Optimizer:
@@ -514,31 +478,3 @@ def meta_train(
         if trainer.is_root:
             log.info("meta-train: resuming at step %d of %d from %s", trainer.step, config.steps, checkpoint_path)
     return trainer.run(callback=callback, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
-
-
-def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-dev",
-             data_summary: Mapping[str, Any] | None = None) -> Prior:
-    """The learned Down matrices as a ``Prior`` (identity layers are discarded, paper Sec. 3)."""
-    for name, t in result.downs.items():
-        if not torch.isfinite(t).all():
-            raise ValueError(f"layer {name!r} holds NaN or inf; the meta-training diverged, no prior was made")
-    c = result.config
-    tail = result.losses[-min(50, len(result.losses)):] if result.losses else []
-    training = {
-        "kind": "meta-trained",
-        "algorithm": "Meta-LoRA Stage-1 (Algorithm 1)",
-        "steps": result.steps,
-        "bucket_steps": c.bucket_steps,
-        "warmup_steps": c.warmup_steps,
-        "batch_size": c.batch_size,
-        "lr": c.lr,
-        "r2": c.r2,
-        "seed": c.seed,
-        "identities": len(result.identities),
-        "identities_trained": result.plan.identities_visited if result.plan else None,
-        "buckets": len(result.buckets),
-        "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
-        "data": dict(data_summary or {}),
-    }
-    return Prior(downs=dict(result.downs), r1=c.r1, preset=c.preset, base_model=base_model, domain=domain,
-                 training=training)
