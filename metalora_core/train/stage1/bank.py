@@ -15,7 +15,8 @@ identities to every rank (``fetch_entries``; the live bucket is replicated, so t
 split by rows and balanced whatever identities it holds; routing rows to their identity's owner
 instead would leave ranks idle whenever a batch holds one or two identities), and on leaving it
 each rank keeps its own identities. A checkpoint gathers the shards onto rank 0 (``gather_state``);
-its contents do not depend on the world size.
+its contents do not depend on the world size, so a run can resume with another one (rank 0 reads
+it and hands each rank its shard, ``share_state``).
 """
 from __future__ import annotations
 
@@ -190,6 +191,19 @@ def gather_state(bank: IdentityBank, group: ProcessGroup | None) -> dict[str, An
         return bank.state_dict()
     shards = group.gather_to_root(bank.state_dict())
     return None if shards is None else merge_bank_states(shards)
+
+
+def share_state(state: Mapping[str, Any] | None, group: ProcessGroup) -> dict[str, Any]:
+    """Rank 0's trainer ``state`` on every rank, each with only its own shard of the bank (a collective).
+
+    Raises:
+        ValueError: rank 0 passed no state.
+    """
+    if group.is_root and state is None:
+        raise ValueError("rank 0 of a data-parallel run must pass the state to load")
+    head = group.broadcast({k: v for k, v in state.items() if k != "bank"} if group.is_root else None)
+    shard = group.scatter(split_bank_state(state["bank"], group.world_size) if group.is_root else None)
+    return {**head, "bank": shard}
 
 
 def split_bank_state(state: Mapping[str, Any], world_size: int) -> list[dict[str, Any]]:

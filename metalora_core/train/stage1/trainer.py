@@ -34,7 +34,7 @@ from ...lora.layers import resolve_targets
 from ..distributed import ProcessGroup, split_rows
 from ..stage2 import FlowHost, flow_step_loss
 from .bank import (BucketAdapter, IdentityBank, IdentityRouter, cpu_state, device_state, fetch_entries,
-                   gather_state, initial_downs, split_bank_state)
+                   gather_state, initial_downs, share_state)
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .config import MetaTrainConfig, check_world_size
 from .result import MetaStepCallback, MetaTrainResult, StepInfo
@@ -396,7 +396,7 @@ class MetaTrainer:
                 or other adapter layers.
         """
         if self.group is not None:
-            state = self._share_state(state)
+            state = share_state(state, self.group)
         assert state is not None
         check_resumable(state, self.config, self.data_fingerprint, set(self.downs), source=source)
         self._leave_bucket()
@@ -413,16 +413,6 @@ class MetaTrainer:
         self.losses = list(state["losses"])
         self.step = self.resumed_from = int(state["step"])
         self._resume_queue = (int(state["queue_visit"]), list(state["queue"]))
-
-    def _share_state(self, state: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Rank 0's ``state`` on every rank, each with only its own shard of the bank."""
-        group = self.group
-        assert group is not None
-        if group.is_root and state is None:
-            raise ValueError("rank 0 of a data-parallel run must pass the state to load")
-        head = group.broadcast({k: v for k, v in state.items() if k != "bank"} if group.is_root else None)
-        shard = group.scatter(split_bank_state(state["bank"], group.world_size) if group.is_root else None)
-        return {**head, "bank": shard}
 
 
 def meta_train(
