@@ -40,7 +40,7 @@ from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims
 from ..metalora_core.lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual,
                                               modulated_norm, plain_modulated_norm)
-from .images import pils_to_image
+from .latents import VaeEncoder
 
 log = logging.getLogger(__name__)
 
@@ -558,20 +558,20 @@ class ComfyFluxHost:
         return self.source.model.get_dtype_inference()
 
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """VAE-encodes images into the model's latent space, one batch per size: (C, h, w) each."""
+        """VAE-encodes images into the model's latent space: (C, h, w) each.
+
+        Images encoded before by the same VAE (equal pixels) come from ``latents.CACHE``.
+        """
+        return [self.source.model.process_latent_in(z).float() for z in self.encoder(images)]
+
+    @property
+    def encoder(self) -> VaeEncoder:
+        """The host's VAE as a ``VaeEncoder``: raw VAE latents through ``latents.CACHE``."""
         if self.vae is None:
             raise ValueError("this ComfyFluxHost has no VAE; pass vae= (the FLUX VAE) to encode images")
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            by_size.setdefault(im.size, []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(images)
-        for idx in by_size.values():
-            with torch.no_grad():  # no autograd here: VAE weights may be inference tensors
-                z = self.vae.encode(pils_to_image([images[i] for i in idx]))  # (n, C, h, w) raw VAE latents
-                z = self.source.model.process_latent_in(z.float()).float().cpu()
-            for j, i in enumerate(idx):
-                out[i] = z[j].clone()  # clone(): a normal tensor, not a view into the batch
-        return out  # type: ignore[return-value]
+        if getattr(self, "_encoder", None) is None:
+            self._encoder = VaeEncoder(self.vae)
+        return self._encoder
 
     def collate(self, conds: Sequence[ComfyFluxCond]) -> ComfyFluxCond:
         """The shared conditioning of a batch (ComfyUI's Stage-2 trains one caption)."""
@@ -647,22 +647,23 @@ def _patch_digest(value: Any, h: "hashlib._Hash") -> None:
         h.update(repr(value).encode())
 
 
-def weights_as_loaded(model: Any) -> dict[str, torch.Tensor]:
-    """The diffusion model's weights without the patches a loaded clone applied in place.
+def weights_as_loaded(model: Any, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """The weights of a patcher's module under ``prefix`` (the diffusion model; "": the whole
+    module, e.g. a VAE's) without the patches a loaded clone applied in place.
 
     All clones of a model share one ``backup`` (ComfyUI's ``get_clone_model_override``) that
     holds the original of every weight a clone patched in place; it is emptied on unpatch.
     """
-    prefix = "diffusion_model."
     backup = getattr(model, "backup", {}) or {}
+    root = model.model.get_submodule(prefix.rstrip(".")) if prefix else model.model
     state = {}
-    for k, v in model.model.diffusion_model.state_dict().items():
+    for k, v in root.state_dict().items():
         bk = backup.get(prefix + k)
         state[k] = bk.weight if bk is not None else v
     return state
 
 
-def model_identity(model: Any) -> str:
+def model_identity(model: Any, prefix: str = "diffusion_model.") -> str:
     """Content identity of a ComfyUI MODEL as loaded plus its own weight patches.
 
     Live ``diffusion_model`` weights are not what identifies it: ComfyUI patches them in place
@@ -672,7 +673,7 @@ def model_identity(model: Any) -> str:
     loaded now. The caller's own patches (a LoRA loaded before training) are part of the model
     it trains on: their keys, strengths and tensors are hashed too.
     """
-    state = weights_as_loaded(model)
+    state = weights_as_loaded(model, prefix)
     h = hashlib.sha256()
     h.update(type(model.model).__name__.encode())
     for k in sorted(model.patches):

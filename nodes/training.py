@@ -20,6 +20,7 @@ import comfy.utils
 import folder_paths
 
 from ..metalora_core.draw.charts import line_plot
+from ..metalora_core.data.latents import encode_flip_pairs
 from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, validate_prior
@@ -213,6 +214,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit
     check_output_folders(cache_dir)
+    send_text(encode_crops(host, plan.images), node_id)
     try:
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
@@ -225,6 +227,15 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     store_cached_adapters(cache_dir, key, run.adapters, losses=",".join(f"{x:.6g}" for x in run.losses),
                           **run.metadata())
     return TrainedLoRA(run.adapters, run.losses, run.provenance)
+
+
+def encode_crops(host: ComfyFluxHost, images: tuple) -> str:
+    """VAE-encodes the crops and their mirror images into ``latents.CACHE`` (what is there already
+    is reused), so that training finds them there; returns what it did, in one line."""
+    encode_flip_pairs(host.encoder, images)
+    line = host.encoder.summary(len(images))
+    log.info("Meta-LoRA Train: %s", line)
+    return line
 
 
 def check_output_folders(cache_dir: str) -> None:
