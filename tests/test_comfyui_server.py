@@ -172,3 +172,118 @@ def test_help_pages_are_served_for_every_pack_node(server):
         status, _, body = _status(f"{url}/extensions/ComfyUI-MetaLoRA/docs/{node}.md")
         assert status == 200 and body.decode().startswith("# "), node
     assert "train lora" in info["MetaLoRATrain"].get("search_aliases", [])
+
+
+class _Socket:
+    """The server's websocket for one client, read in a thread: (arrival time, event, data) each.
+
+    A progress text (ComfyUI's binary frame 3: node id length, node id, text) is recorded as
+    ``("progress_text", {"node": ..., "text": ...})``.
+    """
+
+    def __init__(self, url: str):
+        import threading
+        import uuid
+
+        self.client_id = uuid.uuid4().hex
+        self.events: list[tuple[float, str, dict]] = []
+        self._url = url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "no websocket connection"
+
+    def _run(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._read())
+
+    async def _read(self) -> None:
+        import struct
+
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self._url) as ws:
+            self._ws = ws
+            self._ready.set()
+            async for msg in ws:
+                now = time.monotonic()
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    d = json.loads(msg.data)
+                    self.events.append((now, d["type"], d.get("data") or {}))
+                elif msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:
+                    n = struct.unpack(">I", msg.data[4:8])[0]
+                    self.events.append((now, "progress_text", {"node": msg.data[8:8 + n].decode(),
+                                                               "text": msg.data[8 + n:].decode()}))
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._ws.close(), self._loop).result(10)
+        self._thread.join(10)
+
+    def run(self, url: str, prompt: dict, timeout: float = 600) -> list[tuple[float, str, dict]]:
+        """Queues ``prompt`` for this client and returns its events once it has finished."""
+        req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt, "client_id": self.client_id}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        first = len(self.events)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            prompt_id = json.loads(r.read())["prompt_id"]
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            mine = [e for e in self.events[first:] if e[2].get("prompt_id", prompt_id) == prompt_id]
+            done = [e for e in mine if e[1] in ("execution_success", "execution_error")]
+            if done:
+                assert done[0][1] == "execution_success", done[0][2]
+                return mine
+            time.sleep(0.2)
+        pytest.fail(f"prompt {prompt_id} did not finish")
+
+
+def _train_graph(names: dict, steps: int) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": names["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a man", "clip": ["2", 0]}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "6": {"class_type": "MetaLoRAFaceAugment",
+              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 128}},
+        "7": {"class_type": "MetaLoRATrain",
+              "inputs": {"model": ["1", 0], "vae": ["3", 0], "crops": ["6", 0], "positive": ["4", 0],
+                         "steps": steps, "rank": 1, "learning_rate": 4e-4, "seed": 0, "resolution": 128,
+                         "gradient_checkpointing": False, "preview_every": 0, "force_retrain": False}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
+    }
+
+
+def test_a_steps_change_reaches_its_first_step_without_encoding_again(server, capsys):
+    """Crops + VAE straight into Train, in a running server: the first run encodes the crops and
+    their mirror images; after a change of steps the first training step comes in under 5 % of
+    that encode time (both measured from the websocket's events: the node starting, its encode
+    message, its first progress event)."""
+    from comfy_fixtures import write_tiny_flux_models
+
+    url, base = server
+    names = write_tiny_flux_models(base / "models", seed=0)
+    sock = _Socket(url)
+    try:
+        def node_events(events):
+            start = next(t for t, e, d in events if e == "executing" and d.get("node") == "7")
+            texts = [(t, d["text"]) for t, e, d in events if e == "progress_text" and d["node"] == "7"]
+            step = next(t for t, e, d in events if e == "progress" and d.get("node") == "7" and d["value"] >= 1)
+            return start, texts, step
+
+        start, texts, _ = node_events(sock.run(url, _train_graph(names, steps=2)))
+        t_encoded, line = next((t, s) for t, s in texts if s.startswith("encoded "))
+        encode_s = t_encoded - start
+        start, texts, step = node_events(sock.run(url, _train_graph(names, steps=3)))
+        first_step_s = step - start
+    finally:
+        sock.close()
+    assert texts[0][1].startswith("crop latents reused: ") and texts[0][1].endswith("(no VAE work)"), texts
+    with capsys.disabled():
+        print(f"\n[metalora] server: first run's encode {encode_s:.2f} s ({line!r}); after a steps change, "
+              f"node start to first step {first_step_s:.3f} s = {first_step_s / encode_s:.1%} of it")
+    assert first_step_s < 0.05 * encode_s
