@@ -671,7 +671,8 @@ def model_identity(model: Any, prefix: str = "diffusion_model.") -> str:
     change with what ran before. All clones of a model share one ``backup`` of the weights they
     patched; reading each patched weight from it gives the weights as loaded, whatever clone is
     loaded now. The caller's own patches (a LoRA loaded before training) are part of the model
-    it trains on: their keys, strengths and tensors are hashed too.
+    it trains on: their keys, strengths and tensors are hashed too. ``prefix`` as in
+    ``weights_as_loaded`` ("" for a VAE's patcher).
     """
     state = weights_as_loaded(model, prefix)
     h = hashlib.sha256()

@@ -8,9 +8,8 @@ into the FLUX model's latent space (``process_latent_in``) when it trains.
 """
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +18,6 @@ from PIL import Image
 from ..metalora_core.data.latent_cache import LatentCache
 from ..metalora_core.formats.store import content_key
 from .images import pils_to_image
-
-log = logging.getLogger(__name__)
 
 # FLUX latents of 25 crops and their mirror images at 1024 px take about 52 MB (float32).
 LATENT_CACHE_BYTES = 1 << 30
@@ -44,7 +41,7 @@ class VaeEncoder:
     """Raw VAE latents of PIL images through ``CACHE``: (C, h, w) float32 CPU each.
 
     Counts what it did (``encoded``, ``reused`` images, ``seconds`` spent encoding) for the
-    node's message.
+    node's message; ``before_encode(n)``, if set, is called before ``n`` images are encoded.
     """
 
     def __init__(self, vae: Any) -> None:
@@ -54,9 +51,12 @@ class VaeEncoder:
         self.identity = vae_identity(vae)
         self.encoded = self.reused = 0
         self.seconds = 0.0
+        self.before_encode: Callable[[int], None] | None = None
 
     def _encode(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """VAE-encodes images, one batch per size."""
+        if self.before_encode is not None:
+            self.before_encode(len(images))
         t0 = time.perf_counter()
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):

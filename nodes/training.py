@@ -214,7 +214,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit
     check_output_folders(cache_dir)
-    send_text(encode_crops(host, plan.images), node_id)
+    send_text(encode_crops(host, plan.images, node_id), node_id)
     try:
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
@@ -229,11 +229,22 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     return TrainedLoRA(run.adapters, run.losses, run.provenance)
 
 
-def encode_crops(host: ComfyFluxHost, images: tuple) -> str:
+def encode_crops(host: ComfyFluxHost, images: tuple, node_id: str | None = None) -> str:
     """VAE-encodes the crops and their mirror images into ``latents.CACHE`` (what is there already
     is reused), so that training finds them there; returns what it did, in one line."""
-    encode_flip_pairs(host.encoder, images)
-    line = host.encoder.summary(len(images))
+    encoder = host.encoder
+
+    def announce(n: int) -> None:
+        if encoder.encoded == 0:  # before the first VAE batch (crops or mirror images) only
+            send_text(f"encoding {len(images)} crops and their mirror images with the VAE (once: runs that "
+                      "change only training settings reuse them)", node_id)
+
+    encoder.before_encode = announce
+    try:
+        encode_flip_pairs(encoder, images)
+    finally:
+        encoder.before_encode = None
+    line = encoder.summary(len(images))
     log.info("Meta-LoRA Train: %s", line)
     return line
 

@@ -79,9 +79,10 @@ def test_training_settings_change_encodes_nothing_in_an_old_graph(env, vae_calls
     pack("nodes.latents").CACHE.clear()
     executor = new_executor()
     first = run_prompt(graph(env), executor=executor)
-    line = texts(first)[0]
+    said, line = texts(first)[:2]
     crops = int(line.split()[1])  # "encoded 25 crops and their mirror images in ..."
     assert crops > 1 and line.startswith(f"encoded {crops} crops and their mirror images in "), line
+    assert said.startswith(f"encoding {crops} crops and their mirror images with the VAE (once"), said
     assert sum(vae_calls) == 2 * crops, vae_calls
     for change in (dict(steps=3), dict(lr=1e-3), dict(rank=2), dict(seed=4), dict(layers="attn"),
                    dict(memory="low", steps=4)):  # memory alone: the trained result is the same (disk cache)
@@ -126,20 +127,21 @@ def test_vae_identity_reads_weights_as_loaded_not_weights_patched_in_place(env):
     latents = pack("nodes.latents")
     vae = env.nodes.VAELoader().load_vae(env.names["vae"])[0]
     before = latents.vae_identity(vae)
-    key = "encoder.conv_in.weight"
-    live = vae.first_stage_model.state_dict()[key].clone()
-    patched = vae.patcher.clone()
-    patched.add_patches({key: (torch.full_like(live, 0.5),)}, 1.0)
+    live = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    patched = vae.patcher.clone()  # every weight patched: the identity reads only a few of them
+    patched.add_patches({k: (torch.full_like(v, 0.5),) for k, v in live.items()}, 1.0)
     try:
         with torch.inference_mode():
             comfy.model_management.load_models_gpu([patched], force_full_load=True)
-        now = vae.first_stage_model.state_dict()[key]
-        assert not torch.equal(now, live), "ComfyUI did not patch the VAE in place; the test would be vacuous"
+        now = vae.first_stage_model.state_dict()
+        assert all(not torch.equal(now[k], v) for k, v in live.items()), \
+            "ComfyUI did not patch the VAE in place; the test would be vacuous"
         assert latents.vae_identity(vae) == before
     finally:
         comfy.model_management.unload_all_models()
     assert latents.vae_identity(vae) == before
-    assert torch.equal(vae.first_stage_model.state_dict()[key], live)
+    now = vae.first_stage_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in live.items())
 
 
 def test_cached_latents_are_the_bits_the_vae_gives(env):
