@@ -45,8 +45,6 @@ class VaeEncoder:
     """
 
     def __init__(self, vae: Any) -> None:
-        if vae is None:
-            raise ValueError("no VAE connected; connect the FLUX VAE (Load VAE) to vae to encode the crops")
         self.vae = vae
         self.identity = vae_identity(vae)
         self.encoded = self.reused = 0
