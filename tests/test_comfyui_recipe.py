@@ -120,7 +120,8 @@ def test_cache_hit_after_apply_sample_and_restart_restores_provenance(env):
     assert comfy.model_management.current_loaded_models, "the LoRA-applied MODEL should still be loaded"
     # same server, other seed: the train node sees the MODEL while the seed-31 LoRA is patched into its weights
     trained = run_prompt(graph(env, seed=32), executor=executor)
-    assert [t.split()[1] for t in texts(trained, "7")] == ["1/2", "2/2"]
+    said = texts(trained, "7")
+    assert said[0].startswith("crop latents reused: ") and [t.split()[1] for t in said[1:]] == ["1/2", "2/2"], said
     restart()
     hit = run_prompt(graph(env, seed=32), executor=new_executor())
     steps = texts(hit, "7")
