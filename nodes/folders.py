@@ -44,8 +44,11 @@ def cache_folder() -> str:
 
 def prior_names() -> list[str]:
     folder_list(PRIOR_FOLDER)
-    # the cache lives in meta_lora/cache; its adapter states are not priors
-    return [n for n in folder_paths.get_filename_list(PRIOR_FOLDER) if not n.replace(os.sep, "/").startswith("cache/")]
+    # the cache lives in meta_lora/cache; its adapter states are not priors; hidden files and folders
+    # (temp files, a download's partial file) never are
+    return [n for n in folder_paths.get_filename_list(PRIOR_FOLDER)
+            if not n.replace(os.sep, "/").startswith("cache/")
+            and not any(part.startswith(".") for part in n.replace(os.sep, "/").split("/"))]
 
 
 def insightface_root() -> str:

@@ -11,7 +11,9 @@ a private one without the right bearer token. The real client is pointed at it w
 Per file, ``mode`` says how it is served: ``"ok"``; ``"corrupt"`` (the ETag of the real bytes,
 one byte changed on the wire); ``"cut"`` (the full Content-Length announced, the connection
 closed after half the body, and every later request for it answered 500); ``"cut_once"`` (the
-same first cut, later ``Range`` requests served normally, so the client can resume).
+same first cut, later ``Range`` requests served normally, so the client can resume); ``"hold"``
+(the first half sent, then the rest only once ``release`` is set: a client can be killed while
+it waits mid-file). A ``Range`` that starts at or past the end is answered 416, as the Hub does.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class LoopbackHub:
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
         self._cut_done: set[str] = set()
+        self.release = threading.Event()  # "hold" mode: set it to send the rest of the file
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +74,10 @@ class LoopbackHub:
     def gets(self, filename: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == "GET" and p.endswith("/" + filename))
 
+    def ranges(self, filename: str) -> list[str | None]:
+        """The ``Range`` header of each GET of ``filename`` (None: the whole file), in order."""
+        return [hd.get("Range") for m, p, hd in self.requests if m == "GET" and p.endswith("/" + filename)]
+
     def _serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((h.command, h.path, dict(h.headers)))
         parts = h.path.split("?")[0].lstrip("/").split("/")
@@ -94,6 +101,12 @@ class LoopbackHub:
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):
             start = int(rng[6:].split("-")[0] or 0)
+        if start and start >= len(data):
+            h.send_response(416)
+            h.send_header("Content-Range", f"bytes */{len(data)}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         payload = data
         if mode == "corrupt":
             payload = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -113,6 +126,13 @@ class LoopbackHub:
             h.wfile.flush()
             h.close_connection = True
             return
+        if mode == "hold" and key not in self._cut_done:
+            self._cut_done.add(key)
+            half = (len(payload) - start) // 2
+            h.wfile.write(payload[start:start + half])
+            h.wfile.flush()
+            self.release.wait(60)
+            start += half
         h.wfile.write(payload[start:])
 
     @staticmethod

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,20 +129,109 @@ def test_a_corrupt_file_leaves_nothing(hub, prior_bytes, tmp_path, case):
     assert _leftovers(dest) == []
 
 
-def test_an_interrupted_transfer_leaves_nothing(hub, prior_bytes, tmp_path):
+def _listed(dest: Path) -> list[str]:
+    """What the Prior Loader would offer from ``dest``: every .safetensors file under it, hidden ones included."""
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*.safetensors")) if dest.exists() else []
+
+
+def test_an_interrupted_transfer_keeps_a_hidden_partial_that_the_next_download_resumes(hub, prior_bytes, tmp_path):
     hub.add("authors/meta-lora", {"p.safetensors": prior_bytes}, modes={"p.safetensors": "cut"})
     dest = tmp_path / "meta_lora"
-    with pytest.raises(RuntimeError, match="nothing was placed"):
+    with pytest.raises(RuntimeError, match="nothing was placed; .* bytes are kept in .* the next download continues"):
         download_prior(HubFile("authors/meta-lora", "p.safetensors"), dest)
-    assert _leftovers(dest) == []
-    assert hub.gets("p.safetensors") >= 2  # the client tried to resume
+    assert _listed(dest) == []  # nothing a loader lists
+    (part,) = [p for p in dest.iterdir()]
+    assert part.name.startswith(".p.safetensors.") and part.name.endswith(".part")
+    half = len(prior_bytes) // 2
+    assert part.stat().st_size == half
+    assert hub.gets("p.safetensors") >= 2  # the dropped connection was retried within the run
+
+    hub.repos["authors/meta-lora"].modes["p.safetensors"] = "ok"
+    got = download_prior(HubFile("authors/meta-lora", "p.safetensors"), dest)
+    assert hub.ranges("p.safetensors")[-1] == f"bytes={half}-"  # resumed, not from byte 0
+    assert got.provenance["source_sha256"] == hashlib.sha256(prior_bytes).hexdigest()
+    assert _leftovers(dest) == ["p.safetensors"]
 
 
 def test_an_interrupted_transfer_that_resumes_gives_the_right_bytes(hub, prior_bytes, tmp_path):
     hub.add("authors/meta-lora", {"p.safetensors": prior_bytes}, modes={"p.safetensors": "cut_once"})
     got = download_prior(HubFile("authors/meta-lora", "p.safetensors"), tmp_path)
     assert got.provenance["source_sha256"] == hashlib.sha256(prior_bytes).hexdigest()
-    assert hub.gets("p.safetensors") == 2  # the cut transfer, then the one that completed
+    assert hub.ranges("p.safetensors") == [None, f"bytes={len(prior_bytes) // 2}-"]  # the cut one, then the rest
+    assert _leftovers(tmp_path) == ["p.safetensors", "src.safetensors"]
+
+
+def _download_in_subprocess(url: str, dest: Path, home: Path, before_placing: str = "") -> subprocess.Popen:
+    """``download_prior`` in its own process (``before_placing``: code run instead of placing the file)."""
+    code = ("import sys, os, signal; import metalora_core.formats.hub as hub\n"
+            + (f"hub.atomic_save_safetensors = lambda *a, **k: ({before_placing})\n" if before_placing else "")
+            + "hub.download_prior(hub.HubFile('authors/meta-lora', 'p.safetensors'), sys.argv[1])\n")
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-c", code, str(dest)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_a_download_killed_mid_transfer_leaves_nothing_listed_and_the_next_one_resumes(hub, prior_bytes, tmp_path):
+    hub.add("authors/meta-lora", {"p.safetensors": prior_bytes}, modes={"p.safetensors": "hold"})
+    dest = tmp_path / "meta_lora"
+    half = len(prior_bytes) // 2
+    proc = _download_in_subprocess(hub.url, dest, tmp_path / "hf_home")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            parts = list(dest.glob(".*.part")) if dest.exists() else []
+            if parts and parts[0].stat().st_size >= half:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        hub.release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert _listed(dest) == []
+    (part,) = dest.iterdir()
+    assert part.stat().st_size == half
+
+    got = download_prior(HubFile("authors/meta-lora", "p.safetensors"), dest)
+    assert hub.ranges("p.safetensors")[-1] == f"bytes={half}-"
+    assert got.provenance["source_sha256"] == hashlib.sha256(prior_bytes).hexdigest()
+    assert _leftovers(dest) == ["p.safetensors"]
+
+
+def test_a_download_killed_after_the_transfer_leaves_nothing_listed_and_is_not_fetched_again(hub, prior_bytes, tmp_path):
+    hub.add("authors/meta-lora", {"p.safetensors": prior_bytes})
+    dest = tmp_path / "meta_lora"
+    proc = _download_in_subprocess(hub.url, dest, tmp_path / "hf_home",
+                                   before_placing="os.kill(os.getpid(), signal.SIGKILL)")
+    proc.wait(120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert _listed(dest) == []
+    (part,) = dest.iterdir()
+    assert part.read_bytes() == prior_bytes  # the whole file, hidden, waiting to be checked and placed
+    n = hub.gets("p.safetensors")
+    got = download_prior(HubFile("authors/meta-lora", "p.safetensors"), dest)
+    assert hub.gets("p.safetensors") == n  # complete: checked and placed without fetching it again
+    assert got.provenance["source_sha256"] == hashlib.sha256(prior_bytes).hexdigest()
+    assert _leftovers(dest) == ["p.safetensors"]
+
+
+def test_the_next_download_removes_stale_leftovers(hub, prior_bytes, tmp_path):
+    hub.add("authors/meta-lora", {"p.safetensors": prior_bytes})
+    dest = tmp_path / "meta_lora"
+    legacy = dest / ".metalora-download-k2j4h1x0"  # what older versions left: a complete file in a temp folder
+    legacy.mkdir(parents=True)
+    (legacy / "p.safetensors").write_bytes(prior_bytes)
+    other_etag = dest / ".p.safetensors.0123456789abcdef.part"  # this name at an older ETag: never continued
+    other_etag.write_bytes(b"x" * 10)
+    old = dest / ".q.safetensors.0123456789abcdef.part"  # another file, untouched for weeks
+    old.write_bytes(b"y" * 10)
+    os.utime(old, (time.time() - 30 * 24 * 3600,) * 2)
+    recent = dest / ".r.safetensors.0123456789abcdef.part"  # another file, interrupted recently: kept to resume
+    recent.write_bytes(b"z" * 10)
+    download_prior(HubFile("authors/meta-lora", "p.safetensors"), dest)
+    assert _leftovers(dest) == [recent.name, "p.safetensors"]
 
 
 def test_existing_file_from_elsewhere_is_never_overwritten(hub, prior_bytes, tmp_path):
