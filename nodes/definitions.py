@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
 from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
-from ..metalora_core.formats.store import save_lora_new
+from ..metalora_core.formats.store import check_save_name, save_lora_new
 from ..metalora_core.lora.layers import DEFAULT_PRESET, PRESETS
 from ..metalora_core.train.stage2 import Stage2Config
 from . import interop, training
@@ -22,6 +22,36 @@ FaceCropsType = io.Custom("FACE_CROPS")
 def _node_id(cls) -> str | None:
     hidden = getattr(cls, "hidden", None)
     return None if hidden is None else hidden.unique_id
+
+
+def save_name_problem(subfolder, filename_prefix) -> str | None:
+    """What Meta-LoRA Save would refuse in its name (``check_save_name``), or None. A value linked
+    from another node is not known yet and is checked when Save runs."""
+    if not isinstance(subfolder, str) and not isinstance(filename_prefix, str):
+        return None
+    try:
+        check_save_name(subfolder if isinstance(subfolder, str) else "",
+                        filename_prefix if isinstance(filename_prefix, str) else "person")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_saves_of(prompt: dict | None, train_id: str | None) -> None:
+    """Refuses to train when a Meta-LoRA Save fed by this Train node has a name it would refuse.
+
+    ComfyUI still runs a prompt's other outputs (a loss-curve preview, sample images) when one
+    output fails validation, so Save's own check at queue time alone would let training run for a
+    LoRA that is never saved.
+    """
+    for node_id, node in (prompt or {}).items():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        link = inputs.get("meta_lora")
+        if node.get("class_type") != "MetaLoRASave" or not (isinstance(link, list) and str(link[0]) == str(train_id)):
+            continue
+        problem = save_name_problem(inputs.get("subfolder"), inputs.get("filename_prefix"))
+        if problem:
+            raise ValueError(f"Meta-LoRA Save (node {node_id}) would refuse its name, so nothing was trained: {problem}")
 
 
 class MetaLoRAPriorLoader(io.ComfyNode):
@@ -42,8 +72,8 @@ class MetaLoRAPriorLoader(io.ComfyNode):
             raise ValueError(f"prior {prior_name!r}: only .safetensors files are read")
         try:
             prior = load_prior(path)
-        except ValueError as e:
-            raise ValueError(f"prior {prior_name!r} ({path}): {e}") from e
+        except ValueError as e:  # the message names the file's full path
+            raise ValueError(f"prior_name {prior_name!r}: {e}") from e
         return io.NodeOutput(prior)
 
 
@@ -142,13 +172,14 @@ class MetaLoRATrain(io.ComfyNode):
             outputs=[MetaLoRAType.Output(display_name="meta_lora"), io.Image.Output(display_name="loss_curve"),
                      io.LoraModel.Output(display_name="lora", tooltip="The merged LoRA for core Save LoRA Weights / Load LoRA Model."),
                      io.LossMap.Output(display_name="loss_map", tooltip="Loss per step for core Plot Loss Graph.")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
     def execute(cls, model, vae, crops, positive, steps: int, rank: int, learning_rate: float, seed: int,
                 resolution: int, gradient_checkpointing: bool, preview_every: int, force_retrain: bool,
                 prior=None, memory: str = "auto", layers: str = DEFAULT_PRESET) -> io.NodeOutput:
+        check_saves_of(cls.hidden.prompt if getattr(cls, "hidden", None) else None, _node_id(cls))
         config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed, preset=layers)
         settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
                                           preview_every=preview_every, force_retrain=force_retrain, memory=memory)
@@ -189,11 +220,17 @@ class MetaLoRASave(io.ComfyNode):
                 MetaLoRAType.Input("meta_lora", tooltip="Output of Meta-LoRA Train."),
                 io.String.Input("subfolder", default="metalora", tooltip="Folder inside models/loras ('' for the top)."),
                 io.String.Input("filename_prefix", default="person",
-                                tooltip="File name start; a number is appended (person_00001.safetensors)."),
+                                tooltip="File name start; a number is appended (person_00001.safetensors). "
+                                        "Folders may be part of it (people/ann), as in Save Image."),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, subfolder=None, filename_prefix=None) -> bool | str:
+        """ComfyUI's prompt validation: a name Save would refuse fails the prompt when it is queued."""
+        return save_name_problem(subfolder, filename_prefix) or True
 
     @classmethod
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:

@@ -23,7 +23,7 @@ from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.data.latents import encode_flip_pairs
 from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.outputs import check_output_folder
-from ..metalora_core.formats.prior import Prior, validate_prior
+from ..metalora_core.formats.prior import Prior, check_rank, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.flow import add_noise
@@ -181,15 +181,17 @@ def _plan_checkpointing(model: Any, settings: TrainSettings, images: list, cond:
     return plan
 
 
-def _cached(cache_dir: str, key: str) -> TrainedLoRA | None:
-    hit = load_cached_adapters(cache_dir, key)
+def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainedLoRA | None:
+    hit = load_cached_adapters(cache_dir, key, on_ignored=lambda why: send_text(why, node_id))
     if hit is None:
         return None
     adapters, meta = hit
     try:
         provenance = Provenance.from_metadata(meta)
     except ValueError as e:  # an entry of an older version: train again (and overwrite it)
-        log.warning("training cache entry %s has no full provenance (%s); training again", key[:12], e)
+        why = f"ignoring training cache entry {key[:12]}: it has no full provenance ({e}); training again"
+        log.warning("%s", why)
+        send_text(why, node_id)
         return None
     losses = [float(x) for x in meta.get("losses", "").split(",") if x]
     return TrainedLoRA(adapters, losses, provenance, from_cache=True)
@@ -197,6 +199,7 @@ def _cached(cache_dir: str, key: str) -> TrainedLoRA | None:
 
 def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
            settings: TrainSettings, node_id: str | None) -> TrainedLoRA:
+    check_rank(settings.config.rank, prior)  # the CLI's --rank check: before any crop is cut or encoded
     used = crops.at_resolution(settings.resolution)
     if used is not crops:
         send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
@@ -209,7 +212,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     plan = plan_stage2(host, used, cond, prior, settings.config)
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
-        hit = _cached(cache_dir, key)
+        hit = _cached(cache_dir, key, node_id)
         if hit is not None:
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit

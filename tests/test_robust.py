@@ -448,7 +448,7 @@ def test_integer_and_nonfinite_priors_are_refused(flux, tmp_path, capsys):
 def test_rank_above_r1_and_nonfinite_flags_are_blamed_on_the_flag(flux, tmp_path, capsys):
     out = tmp_path / "l.safetensors"
     assert main(personalize_args(flux, out, "--rank", "5")) == 2
-    one_error_line(capsys.readouterr().err, "--rank 5 is above the prior's r1 = 4", "pass --rank 4 or less")
+    one_error_line(capsys.readouterr().err, "--rank 5 is above the prior's r1 = 4", "set --rank to 4 or less")
     assert main(personalize_args(flux, out, "--guidance", "nan")) == 2
     one_error_line(capsys.readouterr().err, "--guidance nan is not a finite number")
     assert main(personalize_args(flux, out, "--lr", "inf")) == 2

@@ -143,15 +143,17 @@ def lora_file_bytes(shapes: dict[str, tuple[int, int]], rank: int, *, r1: int | 
 def check_personalize(args: argparse.Namespace) -> None:
     """Everything ``personalize`` can check before it loads the model and trains."""
     from ..faces import load_image
-    from ..formats.prior import load_prior, validate_prior
+    from ..faces.augment import check_resolution
+    from ..formats.prior import check_rank, load_prior, validate_prior
     from ..lora.layers import DEFAULT_PRESET, FluxDims, resolve_targets
     from .commands import training_caption
 
     check_device(args.device)
     check_finite("--guidance", args.guidance)
     check_finite("--lr", args.lr, positive=True)
-    for flag in ("steps", "rank", "resolution"):
+    for flag in ("steps", "rank"):
         check_positive_int(f"--{flag}", getattr(args, flag))
+    check_resolution(args.resolution, "--resolution")
     if (Path(args.model) / "model_index.json").is_file():
         training_caption(args.caption, args.class_noun)  # the subject's class is required
     config = check_model_folder(args.model, transformer=args.transformer)
@@ -163,20 +165,18 @@ def check_personalize(args: argparse.Namespace) -> None:
     if args.prior:
         prior = load_prior(args.prior)
         shapes = validate_prior(prior, dims, source=f"--prior {args.prior}")
-        if args.rank > prior.r1:
-            raise ValueError(f"--rank {args.rank} is above the prior's r1 = {prior.r1} ({args.prior}): the LoRA's "
-                             f"real rank can be at most {prior.r1}, the file would only be bigger; pass --rank "
-                             f"{prior.r1} or less")
+        check_rank(args.rank, prior, "--rank")
         r1 = prior.r1
     else:
         shapes, r1 = resolve_targets(args.preset or DEFAULT_PRESET, dims), None
     inputs = {"--prior": args.prior, "--image": args.image, "--transformer": args.transformer}
     overwrite = bool(getattr(args, "overwrite", False))
-    check_output_file(args.out, overwrite=overwrite, inputs=inputs, expected_bytes=lora_file_bytes(shapes, args.rank))
+    check_output_file(args.out, overwrite=overwrite, inputs=inputs, expected_bytes=lora_file_bytes(shapes, args.rank),
+                      suffix=".safetensors")
     if args.state:
         check_distinct("--out", args.out, "--state", args.state)
         check_output_file(args.state, what="--state", overwrite=overwrite, inputs=inputs,
-                          expected_bytes=lora_file_bytes(shapes, args.rank, r1=r1, state=True))
+                          expected_bytes=lora_file_bytes(shapes, args.rank, r1=r1, state=True), suffix=".safetensors")
 
 
 def check_export(args: argparse.Namespace) -> None:
@@ -184,7 +184,7 @@ def check_export(args: argparse.Namespace) -> None:
     if not state.is_file():
         raise FileNotFoundError(f"no adapter state at {state}; write one with 'metalora personalize --state FILE'")
     check_output_file(args.out, overwrite=bool(getattr(args, "overwrite", False)), inputs={"state": state},
-                      expected_bytes=state.stat().st_size)
+                      expected_bytes=state.stat().st_size, suffix=".safetensors")
 
 
 META_TRAIN_OUTPUTS = ("checkpoint.safetensors", "prior.safetensors", "summary.json", "loss.png")
@@ -192,7 +192,11 @@ META_TRAIN_OUTPUTS = ("checkpoint.safetensors", "prior.safetensors", "summary.js
 
 def check_meta_train(args: argparse.Namespace) -> None:
     """``meta-train --out`` is a usable folder, not silently a previous run's; flags are sane."""
+    from ..faces.augment import check_resolution
+
     check_device(args.device)
+    if getattr(args, "resolution", None) is not None:
+        check_resolution(args.resolution, "--resolution")
     check_finite("--guidance", args.guidance)
     check_finite("--lr", args.lr, positive=True)
     out = check_output_folder(args.out)

@@ -546,8 +546,12 @@ def load_clip(model_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         raise _missing_clip(folder, "the folder does not exist")
     if not (folder / "config.json").is_file():
         raise _missing_clip(folder, "it has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        only = f", only {', '.join(pickles)}: pickle files can run code when loaded, so they are never read" if pickles else ""
+        raise _missing_clip(folder, f"it has no .safetensors weights{only}")
     try:
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise _missing_clip(folder, f"the weights did not load: {e}") from e
     try:

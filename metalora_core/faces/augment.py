@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 PAPER_RATIOS: tuple[tuple[int, int], ...] = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16))  # width:height (Sec. 3)
 
 
+def check_resolution(side: int, what: str = "resolution", multiple: int = 16) -> None:
+    """A training resolution (crops of about ``side`` x ``side`` pixels) must give a bucket of at
+    least 2 x 2 patches of ``multiple`` pixels (``AugmentConfig.bucket_area``'s lower bound).
+    ``what`` names the setting in the error (``--resolution``, ``resolution``)."""
+    if side < 2 * multiple:
+        raise ValueError(f"{what} {side} is too small: a crop needs at least {2 * multiple}x{2 * multiple} pixels "
+                         f"(FLUX works in {multiple}-pixel patches); the paper trains at 512, e.g. {what} 512")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Crop grid and bucket settings (defaults: the paper's table, 512x512-area buckets)."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .files import content_sha256, read_safetensors
+from .prior import PRIOR_FORMAT, prior_from_tensors
 
 # Key patterns of the model families a LoRA or checkpoint is commonly made for.
 _FAMILIES = (
@@ -48,7 +49,8 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str
 
 def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-ready description of a prior, LoRA or adapter-state file; ``problems`` lists what
-    would make it unusable (NaN/inf values, malformed LoRA tensors, another model family)."""
+    would make it unusable: for a prior or LoRA, what ``load_prior`` refuses (the same checks:
+    ``prior_from_tensors``), and NaN/inf values, malformed LoRA up/B tensors, another model family."""
     tensors, meta = read_safetensors(path)
     info: dict[str, Any] = {"file": os.fspath(path), "metadata": dict(meta), "tensors": len(tensors),
                             "content_sha256": content_sha256(tensors, meta)}
@@ -56,32 +58,30 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     keys = sorted(tensors)
     family = model_family(keys)
     info["family"] = family
-    if meta.get("format") == "metalora.prior":
+    if meta.get("format") == PRIOR_FORMAT:
         info["kind"] = "prior"
         info["layers"] = sum(k.endswith(".meta_down") for k in tensors)
-        bad = sorted({str(t.dtype) for t in tensors.values() if not t.is_floating_point()})
-        if bad:
-            problems.append(f"integer tensors ({', '.join(bad)}): a prior must hold floating-point Down matrices")
     elif any(k.endswith(_DOWN_SUFFIXES) for k in tensors):
         info["kind"] = "lora"
         downs = {k: t for k, t in tensors.items() if k.endswith(_DOWN_SUFFIXES)}
         info["layers"] = len(downs)
-        ranks = set()
-        for k, t in sorted(downs.items()):
-            if t.ndim != 2:
-                problems.append(f"{k} has shape {tuple(t.shape)}; a LoRA down/A matrix must be 2-D (rank, in)")
-            else:
-                ranks.add(int(t.shape[0]))
+        info["ranks"] = sorted({int(t.shape[0]) for t in downs.values() if t.ndim == 2})
         for k, t in sorted(tensors.items()):
             if k.endswith(_UP_SUFFIXES) and t.ndim != 2:
                 problems.append(f"{k} has shape {tuple(t.shape)}; a LoRA up/B matrix must be 2-D (out, rank)")
-        info["ranks"] = sorted(ranks)
     elif meta.get("format") == "metalora.adapters":
         info["kind"] = "adapter-state"
         info["layers"] = sum(k.endswith(".up") for k in tensors)
     else:
         info["kind"] = "unknown"
-    if info["kind"] in ("lora", "prior") and family not in ("flux", "unknown"):
+    refused = None
+    if info["kind"] in ("lora", "prior"):
+        try:
+            prior_from_tensors(tensors, meta, os.path.basename(path))
+        except ValueError as e:
+            refused = str(e)
+            problems.insert(0, f"not usable as a prior: {refused}")
+    if info["kind"] in ("lora", "prior") and family not in ("flux", "unknown") and family not in (refused or ""):
         problems.append(f"the keys are those of a {family} model, not FLUX; Meta-LoRA and FLUX cannot use it")
     bad = nonfinite_tensors(tensors)
     if bad:

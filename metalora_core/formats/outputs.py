@@ -96,10 +96,10 @@ def _same(a: Path, b: Path) -> bool:
 
 def check_output_file(path: str | os.PathLike, *, what: str = "--out", overwrite: bool = False,
                       inputs: Mapping[str, str | os.PathLike | Iterable[str | os.PathLike] | None] | None = None,
-                      expected_bytes: int | None = None) -> Path:
+                      expected_bytes: int | None = None, suffix: str | None = None) -> Path:
     """Checks that a command may write the file ``path``, before it starts working.
 
-    Refuses: a folder; a path under a regular file; a name too long for the file system; a
+    Refuses: a name not ending in ``suffix`` (when given: what the file is written as); a folder; a path under a regular file; a name too long for the file system; a
     folder it cannot write in; less free space than ``expected_bytes`` needs; one of the
     command's own ``inputs`` (flag -> path or paths), even with ``overwrite``; an existing file
     unless ``overwrite``. Also removes stale temp files a killed earlier run left beside it.
@@ -110,6 +110,9 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", overwrite
     path = Path(path)
     if not path.name:
         raise ValueError(f"{what} {str(path)!r} has no file name; give one, e.g. lora.safetensors")
+    if suffix and not path.name.lower().endswith(suffix):
+        raise ValueError(f"{what} {path}: the file is written as {suffix.lstrip('.')}, so its name must end in "
+                         f"{suffix}; e.g. {path.with_name(path.stem + suffix)}")
     base = _check_parents(path, what)
     _check_names(path, base, what, file=True)
     if path.is_dir():

@@ -109,13 +109,15 @@ def load_prior(path: str | os.PathLike) -> Prior:
         ValueError: corrupt file, unknown format version, mixed ranks, no usable keys.
     """
     tensors, meta = read_safetensors(path)
-    prior = _prior_from(tensors, meta, path)
+    prior = prior_from_tensors(tensors, meta, path)
     prior.path = os.fspath(path)
     prior.file_sha256 = content_sha256(tensors, meta)
     return prior
 
 
-def _prior_from(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: str | os.PathLike) -> Prior:
+def prior_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: str | os.PathLike) -> Prior:
+    """A file's tensors and metadata read as a prior: every check ``load_prior`` makes (``metalora
+    inspect`` runs the same). Errors start with ``path``."""
     if meta.get("format") == PRIOR_FORMAT:
         version = _meta_int(meta, "format_version", path, "0")
         if version > PRIOR_VERSION:
@@ -142,8 +144,20 @@ def _prior_from(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], pa
             training=training,
             provenance=_provenance(meta),
         )
-    _check_values({k: t for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))}, path)
+    lora_downs = {k: t for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))}
+    _check_values(lora_downs, path)
+    for k, t in sorted(lora_downs.items()):
+        if t.ndim != 2:
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; a LoRA down/A matrix must be 2-D "
+                             "(rank, in), so the file is malformed; export the LoRA again")
     downs, flavour = downs_from_lora(tensors)
+    if not downs and lora_downs:
+        from .describe import model_family
+
+        family = model_family(list(tensors))
+        if family not in ("flux", "unknown"):
+            raise ValueError(f"{path}: a LoRA for {family}, not FLUX (keys such as {min(lora_downs)!r}); Meta-LoRA "
+                             "needs a FLUX LoRA or a prior made by 'metalora meta-train'")
     if not downs:
         raise ValueError(
             f"{path}: neither a Meta-LoRA prior (metadata format={PRIOR_FORMAT!r}) nor a FLUX LoRA with "
@@ -294,6 +308,15 @@ def validate_prior(prior: Prior, dims: FluxDims, *, source: str = "prior") -> di
             raise ValueError(f"{source}: layer {name!r} holds NaN or inf values; the prior file is damaged")
         shapes[name] = (fin, fout)
     return shapes
+
+
+def check_rank(rank: int, prior: Prior | None, what: str = "rank") -> None:
+    """The exported LoRA's rank r2 may not exceed the prior's r1 (its real rank could not be higher;
+    the file would only be bigger). ``what`` names the setting in the error (``--rank``, ``rank``)."""
+    if prior is not None and rank > prior.r1:
+        where = f" ({prior.path})" if prior.path else ""
+        raise ValueError(f"{what} {rank} is above the prior's r1 = {prior.r1}{where}: the LoRA's real rank can be "
+                         f"at most {prior.r1}, the file would only be bigger; set {what} to {prior.r1} or less")
 
 
 def make_prior(

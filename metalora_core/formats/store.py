@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,6 @@ from .lora import load_adapter_state, save_adapter_state, save_lora
 from .files import confined_path, sha256_tensors
 
 log = logging.getLogger(__name__)
-
-_SAFE_PART = re.compile(r"[^A-Za-z0-9._ -]")
 
 
 def image_digest(images: Sequence[Image.Image]) -> str:
@@ -70,20 +68,28 @@ def cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / f"{key}.safetensors"
 
 
-def load_cached_adapters(cache_dir: str | os.PathLike, key: str) -> tuple[AdapterSet, dict[str, str]] | None:
-    """The adapters stored under ``key``, or None (missing or unreadable: it is retrained)."""
+def load_cached_adapters(cache_dir: str | os.PathLike, key: str, *,
+                         on_ignored: Callable[[str], None] | None = None) -> tuple[AdapterSet, dict[str, str]] | None:
+    """The adapters stored under ``key``, or None (missing or unreadable: it is retrained).
+
+    An entry that exists but is ignored is logged, and its one-line reason passed to ``on_ignored``
+    (a host app shows it to the user).
+    """
     path = cache_path(cache_dir, key)
     if not path.is_file():
         return None
     try:
         adapters, meta = load_adapter_state(path)
     except (ValueError, KeyError, OSError) as e:
-        log.warning("ignoring unreadable training cache entry %s (%s); training again", path, e)
-        return None
-    if meta.get("cache_key") != key:
-        log.warning("training cache entry %s holds key %r; training again", path, meta.get("cache_key"))
-        return None
-    return adapters, meta
+        why = f"ignoring unreadable training cache entry {path} ({' '.join(str(e).split())}); training again"
+    else:
+        if meta.get("cache_key") == key:
+            return adapters, meta
+        why = f"training cache entry {path} holds key {meta.get('cache_key')!r}; training again"
+    log.warning("%s", why)
+    if on_ignored is not None:
+        on_ignored(why)
+    return None
 
 
 def store_cached_adapters(cache_dir: str | os.PathLike, key: str, adapters: AdapterSet, **metadata: object) -> Path:
@@ -98,12 +104,54 @@ def store_cached_adapters(cache_dir: str | os.PathLike, key: str, adapters: Adap
     return save_adapter_state(adapters, cache_path(cache_dir, key), **metadata)
 
 
-def _clean(part: str, what: str) -> str:
-    part = part.strip().replace("\\", "/")
-    if _SAFE_PART.search(part.replace("/", "")):
-        bad = sorted(set(_SAFE_PART.findall(part.replace("/", ""))))
-        raise ValueError(f"{what} {part!r} has characters {bad} that are not allowed in a file name")
-    return part
+_WINDOWS_FORBIDDEN = '<>:"|?*'
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_NUMBER_SUFFIX = "_00001.safetensors"
+
+
+def check_save_name(subfolder: str, prefix: str, *, windows: bool = os.name == "nt") -> tuple[str, str]:
+    """Checks a save location given as ``subfolder`` + ``filename_prefix``, before any work.
+
+    Accepts what ComfyUI's Save Image accepts (any letters and spaces; folders in the prefix, as
+    ``people/ann``); refuses only an absolute path, a ``.`` or ``..`` part (it would leave the
+    folder or name nothing), characters the OS forbids in file names (control characters; on
+    Windows also ``<>:"|?*``, reserved names such as ``CON`` and a trailing dot or space), and a
+    name too long for a file system. ``\\`` counts as a folder separator.
+
+    Returns:
+        (subfolder, prefix) with the prefix's folders moved into the subfolder.
+
+    Raises:
+        ValueError: naming the input, the value and the fix (one line).
+    """
+    parts: list[str] = []
+    for what, value in (("subfolder", subfolder), ("filename_prefix", prefix)):
+        text = (value or "").strip().replace("\\", "/")
+        example = "metalora" if what == "subfolder" else "person"
+        if text.startswith("/") or (windows and re.match(r"[A-Za-z]:", text)):
+            raise ValueError(f"{what} {value!r} is an absolute path; give a path inside the loras folder, "
+                             f"e.g. {example!r}")
+        for part in (x.strip() for x in text.split("/")):
+            if not part:
+                continue
+            if part in (".", ".."):
+                raise ValueError(f"{what} {value!r}: {part!r} is not a name (it would "
+                                 f"{'leave the folder' if part == '..' else 'name no file'}); use a plain name "
+                                 f"such as {example!r}")
+            bad = sorted({c for c in part if ord(c) < 32 or (windows and c in _WINDOWS_FORBIDDEN)})
+            if bad:
+                raise ValueError(f"{what} {value!r} holds {', '.join(map(repr, bad))}, which file names cannot "
+                                 "contain on this system; remove them")
+            if windows and (part.split(".")[0].upper() in _WINDOWS_RESERVED or part[-1] in ". "):
+                raise ValueError(f"{what} {value!r}: {part!r} is not a file name Windows allows (a reserved "
+                                 "device name, or a trailing dot or space); change it")
+            if len(os.fsencode(part + _NUMBER_SUFFIX)) > 240:
+                raise ValueError(f"{what} {value!r} is too long for a file name; shorten it")
+            parts.append(part)
+        if what == "filename_prefix" and (not text.strip("/") or text.endswith("/")):
+            raise ValueError(f"filename_prefix {value!r} gives no file name; give one such as 'person'")
+    folders, name = parts[:-1], parts[-1]
+    return "/".join(folders), name
 
 
 def _publish_exclusive(tmp: Path, target: Path) -> None:
@@ -126,15 +174,9 @@ def save_lora_new(adapters: AdapterSet, folder: str | os.PathLike, subfolder: st
     hard-linked to the final name, which fails instead of replacing an existing file).
 
     Raises:
-        ValueError: the subfolder or prefix is empty, absolute, or leaves ``folder``.
+        ValueError: the name is refused by ``check_save_name``, or leaves ``folder`` (a link).
     """
-    prefix = _clean(prefix, "filename prefix")
-    if not prefix or "/" in prefix:
-        raise ValueError(f"filename prefix {prefix!r} must be a plain name; put folders in 'subfolder'")
-    subfolder = _clean(subfolder, "subfolder")
-    if subfolder.startswith("/") or (len(subfolder) > 1 and subfolder[1] == ":"):
-        raise ValueError(f"subfolder {subfolder!r} is absolute; give a folder inside {folder} (or '' for the top)")
-    subfolder = subfolder.strip("/")
+    subfolder, prefix = check_save_name(subfolder, prefix)
     target_dir = confined_path(folder, subfolder) if subfolder else Path(folder).resolve()
     confined_path(folder, os.path.join(subfolder, prefix) if subfolder else prefix)
     target_dir.mkdir(parents=True, exist_ok=True)
