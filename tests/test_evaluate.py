@@ -366,3 +366,32 @@ def test_cli_eval_without_clip_model_and_template_needs_gender(tmp_path, photos)
     assert summary["clip_model"] is None and "CLIP-T skipped" in summary["clip_t_note"]
     assert summary["runs"]["gen"]["r_face_sim"] > 0.3 and len(summary["runs"]["gen"]["missing"]) == 9
     assert (out / "scores.csv").is_file() and (out / "scatter.png").is_file()
+
+
+def test_cli_eval_refuses_a_clip_folder_with_only_pickle_weights(tmp_path, photos, tiny_clip_dir, capsys):
+    import pickle
+    import shutil
+
+    from metalora_core.cli import main
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    shutil.copy(tiny_clip_dir / "config.json", clip / "config.json")
+    marker = tmp_path / "pickle_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (clip / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    ids, gen, out = tmp_path / "identities", tmp_path / "gen", tmp_path / "out"
+    _save(photos["obama"], ids / "obama" / "1.jpg")
+    _save(photos["obama2"], ids / "obama" / "2.jpg")
+    _save(photos["obama3"], gen / "obama" / "0.png")
+    assert main(["eval", "--identities", str(ids), "--prompts", "unsplash", "--generated", str(gen), "--gender", "man",
+                 "--clip-model", str(clip), "--out", str(out), "--detector", "yunet", "--embedder", "sface"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"no usable CLIP model in {clip} (it has no .safetensors weights, only pytorch_model.bin: pickle " in err
+    assert not marker.exists()  # nothing in the pickle ran
+    assert not out.exists() or not any(out.iterdir())  # nothing written

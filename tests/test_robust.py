@@ -456,6 +456,60 @@ def test_rank_above_r1_and_nonfinite_flags_are_blamed_on_the_flag(flux, tmp_path
     assert not out.exists()
 
 
+def test_malformed_or_foreign_lora_as_prior_is_one_error_line(flux, tmp_path, capsys):
+    zero_d = tmp_path / "zero_d.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.tensor(1.0),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 1)}, str(zero_d))
+    args = personalize_args(flux, tmp_path / "l.safetensors")
+    args[args.index("--prior") + 1] = str(zero_d)
+    assert main(args) == 2  # not an IndexError traceback, exit 1
+    one_error_line(capsys.readouterr().err, f"{zero_d}: tensor 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' "
+                                            "has shape (); a LoRA down/A matrix must be 2-D")
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2)}, str(sdxl))
+    with pytest.raises(ValueError, match=r"a LoRA for stable-diffusion \(unet: SD1.x / SD2 / SDXL\), not FLUX"):
+        load_prior(sdxl)
+
+
+@pytest.mark.parametrize("case", ["r1", "format_version", "training"])
+def test_inspect_reports_what_load_prior_refuses(flux, tmp_path, capsys, case):
+    _, prior, _ = flux
+    tensors, meta = read_safetensors(prior)
+    bad = tmp_path / f"bad_{case}.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, **{"r1": {"r1": "four"}, "format_version": {"format_version": "x"},
+                                                       "training": {"training": "{oops"}}[case]})
+    with pytest.raises(ValueError) as refused:
+        load_prior(bad)
+    assert main(["inspect", str(bad)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["problems"] == [f"not usable as a prior: {str(refused.value).replace(str(bad), bad.name)}"]
+    assert main(["inspect", str(prior)]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+def test_outputs_must_be_safetensors_and_resolution_errors_name_the_flag(flux, tmp_path, capsys):
+    jpg = tmp_path / "lora.jpg"
+    assert main(personalize_args(flux, jpg)) == 2
+    one_error_line(capsys.readouterr().err, f"--out {jpg}: the file is written as safetensors, so its name must end "
+                                            f"in .safetensors; e.g. {tmp_path / 'lora.safetensors'}")
+    state = tmp_path / "state.bin"
+    assert main(personalize_args(flux, tmp_path / "l.safetensors", "--state", str(state))) == 2
+    one_error_line(capsys.readouterr().err, f"--state {state}: the file is written as safetensors")
+    real_state = tmp_path / "s.safetensors"
+    real_state.write_bytes(b"state")
+    assert main(["export", str(real_state), "--out", str(jpg)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {jpg}: the file is written as safetensors")
+    args = personalize_args(flux, tmp_path / "l.safetensors")
+    args[args.index("--resolution") + 1] = "8"
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err, "--resolution 8 is too small", "e.g. --resolution 512")
+    assert "bucket_area" not in line
+    assert main(["meta-train", "--tiny", "--resolution", "8", "--out", str(tmp_path / "mt")]) == 2
+    one_error_line(capsys.readouterr().err, "--resolution 8 is too small")
+    assert not jpg.exists() and not state.exists() and not (tmp_path / "mt").exists()
+
+
 def test_prior_of_another_width_fails_before_training_naming_the_file(tmp_path, flux, capsys):
     _, _, dims = flux
     wide = FluxDims(hidden=dims.hidden * 2, mlp_hidden=dims.mlp_hidden * 2, num_double=dims.num_double,

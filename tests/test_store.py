@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -38,6 +39,43 @@ def test_names_stay_inside_the_folder(tmp_path, subfolder, prefix):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
+@pytest.mark.parametrize("subfolder,prefix,expected", [
+    ("metalora", "Zoë test", "metalora/Zoë test_00001.safetensors"),  # what ComfyUI's Save Image accepts
+    ("", "people/ann", "people/ann_00001.safetensors"),  # folders in the prefix, as in Save Image
+    ("a\\b", "it's (v2) #1 & co", "a/b/it's (v2) #1 & co_00001.safetensors"),
+])
+def test_names_save_image_accepts_are_accepted(tmp_path, subfolder, prefix, expected):
+    path = store.save_lora_new(_adapters(), tmp_path, subfolder, prefix)
+    assert path == (tmp_path / expected).resolve() and path.is_file()
+
+
+@pytest.mark.parametrize("subfolder,prefix,message", [
+    ("metalora", "..", "filename_prefix '..': '..' is not a name (it would leave the folder)"),
+    ("metalora", ".", "filename_prefix '.': '.' is not a name (it would name no file)"),
+    ("a/./b", "x", "subfolder 'a/./b': '.' is not a name"),
+    ("..", "x", "subfolder '..': '..' is not a name (it would leave the folder)"),
+    ("metalora", "a\x00b", "filename_prefix 'a\\x00b' holds '\\x00', which file names cannot contain"),
+    ("metalora", "tab\tname", "holds '\\t'"),
+    ("/etc", "x", "subfolder '/etc' is an absolute path"),
+    ("metalora", "people/", "filename_prefix 'people/' gives no file name"),
+])
+def test_save_name_refuses_only_escapes_dots_and_forbidden_characters(tmp_path, subfolder, prefix, message):
+    with pytest.raises(ValueError) as e:
+        store.check_save_name(subfolder, prefix)
+    assert message in str(e.value)
+    with pytest.raises(ValueError):
+        store.save_lora_new(_adapters(), tmp_path, subfolder, prefix)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_save_name_on_windows_refuses_what_windows_forbids():
+    assert store.check_save_name("metalora", "a:b|c") == ("metalora", "a:b|c")  # legal on POSIX
+    for prefix, needle in [("a|b", "holds '|'"), ("x?", "holds '?'"), ("CON", "reserved device name"),
+                           ("name.", "trailing dot or space"), ("C:x", "absolute path")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            store.check_save_name("metalora", prefix, windows=True)
+
+
 def test_without_hard_links_the_name_is_still_exclusive(tmp_path, monkeypatch):
     def no_links(src, dst):
         raise PermissionError("this filesystem has no hard links")
@@ -60,3 +98,19 @@ def test_adapter_cache_roundtrip(tmp_path):
     back, meta = store.load_cached_adapters(tmp_path, key)
     ref = lora_state_dict(_adapters(0))
     assert meta["steps"] == "3" and all(torch.equal(lora_state_dict(back)[k], ref[k]) for k in ref)
+
+
+def test_an_ignored_cache_entry_says_why(tmp_path):
+    key = store.content_key({"prior": "abc"})
+    said: list[str] = []
+    assert store.load_cached_adapters(tmp_path, key, on_ignored=said.append) is None
+    assert said == []  # no entry: nothing to say
+    store.cache_path(tmp_path, key).write_bytes(b"not safetensors")
+    assert store.load_cached_adapters(tmp_path, key, on_ignored=said.append) is None
+    assert len(said) == 1 and said[0].startswith(f"ignoring unreadable training cache entry {store.cache_path(tmp_path, key)}")
+    assert said[0].endswith("; training again")
+    other = store.content_key({"prior": "xyz"})
+    store.store_cached_adapters(tmp_path, other, _adapters(0))
+    store.cache_path(tmp_path, other).rename(store.cache_path(tmp_path, key))  # an entry under the wrong name
+    assert store.load_cached_adapters(tmp_path, key, on_ignored=said.append) is None
+    assert said[1] == f"training cache entry {store.cache_path(tmp_path, key)} holds key {other!r}; training again"
