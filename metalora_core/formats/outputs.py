@@ -110,9 +110,6 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", overwrite
     path = Path(path)
     if not path.name:
         raise ValueError(f"{what} {str(path)!r} has no file name; give one, e.g. lora.safetensors")
-    if suffix and not path.name.lower().endswith(suffix):
-        raise ValueError(f"{what} {path}: the file is written as {suffix.lstrip('.')}, so its name must end in "
-                         f"{suffix}; e.g. {path.with_name(path.stem + suffix)}")
     base = _check_parents(path, what)
     _check_names(path, base, what, file=True)
     if path.is_dir():
@@ -125,6 +122,9 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", overwrite
             if _same(path, Path(v)):
                 raise ValueError(f"{what} {path} is also the {flag} input; writing it would destroy the input, "
                                  "choose another output name")
+    if suffix and not path.name.lower().endswith(suffix):
+        raise ValueError(f"{what} {path}: the file is written as {suffix.lstrip('.')}, so its name must end in "
+                         f"{suffix}; e.g. {path.with_name(path.stem + suffix)}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{what} {path} already exists; pass --overwrite to replace it, or choose another name")
     _check_writable(base, path, what)
