@@ -148,7 +148,10 @@ def test_download_node_fetches_a_prior_that_trains(env, monkeypatch, tmp_path):
 
     with safe_open(str(sorted(saved.glob("*.safetensors"))[-1]), "pt") as f:
         meta = f.metadata()
-        assert meta["prior_sha256"] == p.sha256  # trained on the downloaded prior
+        # trained on the downloaded prior: the hash of the file placed in models/meta_lora (what inspect and
+        # the Prior Loader give for it; its metadata holds the provenance, so not the hash of the Hub's bytes)
+        placed_sha = pack("metalora_core.formats.files").file_content_sha256(placed)
+        assert meta["prior_sha256"] == placed_sha == pack("metalora_core.formats.prior").load_prior(placed).sha256
         assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["modelspec.title"] == "t"
         assert len(meta["modelspec.date"]) == 10
 
