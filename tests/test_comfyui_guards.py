@@ -88,7 +88,7 @@ def test_save_accepts_what_save_image_accepts_and_an_ignored_cache_entry_is_said
     entry.write_bytes(b"damaged")  # e.g. a disk error since
     second = run_prompt(graph(env, prefix="Zoë test", seed=21, force=False), executor=new_executor())
     said = texts(second, "7")
-    assert said[0] == (f"ignoring unreadable training cache entry {entry} ({entry} is not a readable safetensors "
+    assert said[0] == (f"ignoring unreadable training cache entry {entry.name} ({entry} is not a readable safetensors "
                        "file (" + said[0].split(" is not a readable safetensors file (", 1)[1])
     assert said[0].endswith("; training again")
     assert [t for t in said if t.startswith("step ")]  # trained again

@@ -107,7 +107,8 @@ def test_an_ignored_cache_entry_says_why(tmp_path):
     assert said == []  # no entry: nothing to say
     store.cache_path(tmp_path, key).write_bytes(b"not safetensors")
     assert store.load_cached_adapters(tmp_path, key, on_ignored=said.append) is None
-    assert len(said) == 1 and said[0].startswith(f"ignoring unreadable training cache entry {store.cache_path(tmp_path, key)}")
+    entry = store.cache_path(tmp_path, key)
+    assert len(said) == 1 and said[0].startswith(f"ignoring unreadable training cache entry {entry.name} ({entry} is not")
     assert said[0].endswith("; training again")
     other = store.content_key({"prior": "xyz"})
     store.store_cached_adapters(tmp_path, other, _adapters(0))

@@ -81,7 +81,7 @@ def load_cached_adapters(cache_dir: str | os.PathLike, key: str, *,
     try:
         adapters, meta = load_adapter_state(path)
     except (ValueError, KeyError, OSError) as e:
-        why = f"ignoring unreadable training cache entry {path} ({' '.join(str(e).split())}); training again"
+        why = f"ignoring unreadable training cache entry {path.name} ({' '.join(str(e).split())}); training again"
     else:
         if meta.get("cache_key") == key:
             return adapters, meta
