@@ -154,3 +154,37 @@ def test_shared_input_groups_per_family():
     assert shared_input_groups(z, ZIMAGE) == [("layers.0.attention.to_q", "layers.0.attention.to_k",
                                                "layers.0.attention.to_v"),
                                               ("layers.0.feed_forward.w1", "layers.0.feed_forward.w3")]
+
+
+def test_a_prior_of_another_family_is_refused_naming_both(tmp_path):
+    from metalora_core.formats.prior import load_prior, make_prior, save_prior, validate_prior
+
+    d2 = Flux2Dims(hidden=32, mlp_hidden=96, num_double=1, num_single=1)
+    prior = make_prior(d2, r1=2, preset="all", generator=torch.Generator().manual_seed(0))
+    assert prior.base_model == "flux.2"
+    path = save_prior(prior, tmp_path / "flux2.safetensors")
+    loaded = load_prior(path)
+    assert validate_prior(loaded, d2) == FLUX2.resolve("all", d2)
+    with pytest.raises(ValueError, match=r"flux2.safetensors was made for FLUX.2 \(base_model 'flux.2'\), "
+                                         r"this model is FLUX.1-dev; use a prior made for FLUX.1-dev"):
+        validate_prior(loaded, FluxDims(hidden=32, mlp_hidden=128, num_double=1, num_single=1))
+
+
+def test_a_comfyui_named_zimage_lora_reads_as_a_zimage_prior(tmp_path):
+    from safetensors.torch import save_file
+
+    from metalora_core.formats.prior import load_prior, validate_prior
+
+    dims = ZImageDims(hidden=64, ffn_hidden=170, kv=64, adaln_in=64, num_layers=1, num_refiner=1)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, names in ZIMAGE.comfy_modules(dims).items():
+        fin = ZIMAGE.resolve("all", dims)[names[0]][0]
+        tensors[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, fin, generator=g)
+        tensors[f"diffusion_model.{module}.lora_B.weight"] = torch.zeros(8, 2)
+    save_file(tensors, tmp_path / "z.safetensors")
+    prior = load_prior(tmp_path / "z.safetensors")
+    assert prior.base_model == "z-image" and prior.source == "peft"
+    assert list(validate_prior(prior, dims)) == list(ZIMAGE.resolve("all", dims))
+    qkv = tensors["diffusion_model.layers.0.attention.qkv.lora_A.weight"]
+    assert torch.equal(prior.downs["layers.0.attention.to_k"], qkv)  # a fused module's Down serves each part

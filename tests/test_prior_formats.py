@@ -14,7 +14,8 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file, save_file
 
-from metalora_core.formats.prior import _BFL_DOUBLE, _BFL_SINGLE, load_prior
+from metalora_core.formats.prior import load_prior
+from metalora_core.lora.families import FLUX1
 from metalora_core.lora.layers import FluxDims, resolve_targets
 
 DIMS = FluxDims(hidden=3072, mlp_hidden=12288, num_double=1, num_single=1)
@@ -25,11 +26,9 @@ def _bfl_modules() -> dict[str, tuple[str, tuple[str, ...], int, int]]:
     """BFL module name -> (block prefix, canonical suffixes, in, fused out) at FLUX.1 widths."""
     known = resolve_targets("all", DIMS)
     out = {}
-    for kind, table, canon in (("double_blocks", _BFL_DOUBLE, "transformer_blocks"),
-                               ("single_blocks", _BFL_SINGLE, "single_transformer_blocks")):
-        for module, names in table.items():
-            full = [f"{canon}.0.{n}" for n in names]
-            out[f"{kind}.0.{module}"] = (canon, tuple(full), known[full[0]][0], sum(known[n][1] for n in full))
+    for module, full in FLUX1.comfy_modules(DIMS).items():
+        canon = full[0].split(".")[0]
+        out[module] = (canon, full, known[full[0]][0], sum(known[n][1] for n in full))
     return out
 
 

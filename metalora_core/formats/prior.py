@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 import torch
 
 from .files import atomic_save_safetensors, content_sha256, read_safetensors
-from ..lora.layers import PRESETS, FluxDims, resolve_targets
+from ..lora.families import DEFAULT_FAMILY, FAMILIES, ModelFamily, family_named
+from ..lora.layers import resolve_targets
 
 PRIOR_FORMAT = "metalora.prior"
 PRIOR_VERSION = 1
@@ -33,7 +33,7 @@ class Prior:
     downs: dict[str, torch.Tensor]  # canonical name -> (r1, in)
     r1: int
     preset: str | None = None  # None when read from a LoRA file of unknown preset
-    base_model: str = "flux.1-dev"
+    base_model: str = DEFAULT_FAMILY.name
     domain: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "prior"  # "prior" or the LoRA flavour it was read from
@@ -125,7 +125,8 @@ def prior_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
                 f"{path}: prior format version {version} is newer than this pack reads ({PRIOR_VERSION}); update the pack"
             )
         found = {k[: -len(_SUFFIX)]: v for k, v in tensors.items() if k.endswith(_SUFFIX)}
-        downs = dict(sorted(found.items(), key=lambda kv: _order(kv[0])))  # model order, as saved
+        family = family_named(meta.get("base_model", "")) or DEFAULT_FAMILY
+        downs = dict(sorted(found.items(), key=lambda kv: family.order(kv[0])))  # model order, as saved
         if not downs:
             raise ValueError(f"{path}: prior file holds no '*{_SUFFIX}' tensors")
         _check_values({k + _SUFFIX: v for k, v in downs.items()}, path)
@@ -150,25 +151,32 @@ def prior_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         if t.ndim != 2:
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}; a LoRA down/A matrix must be 2-D "
                              "(rank, in), so the file is malformed; export the LoRA again")
-    downs, flavour = downs_from_lora(tensors)
+    family = family_named(meta.get("base_model", "")) or _lora_family(tensors)
+    downs, flavour = downs_from_lora(tensors, family)
     if not downs and lora_downs:
         from .describe import model_family
 
-        family = model_family(list(tensors))
-        if family not in ("flux", "unknown"):
-            raise ValueError(f"{path}: a LoRA for {family}, not FLUX (keys such as {min(lora_downs)!r}); Meta-LoRA "
+        other = model_family(list(tensors))
+        if other not in ("flux", "unknown"):
+            raise ValueError(f"{path}: a LoRA for {other}, not FLUX (keys such as {min(lora_downs)!r}); Meta-LoRA "
                              "needs a FLUX LoRA or a prior made by 'metalora meta-train'")
     if not downs:
         raise ValueError(
-            f"{path}: neither a Meta-LoRA prior (metadata format={PRIOR_FORMAT!r}) nor a FLUX LoRA with "
-            "lora_A / lora_down keys; pass a prior made by 'metalora meta-train' or a FLUX LoRA file"
+            f"{path}: neither a Meta-LoRA prior (metadata format={PRIOR_FORMAT!r}) nor a LoRA of a supported model "
+            f"({', '.join(f.title for f in FAMILIES.values())}) with lora_A / lora_down keys; pass a prior made by "
+            "'metalora meta-train' or a LoRA file of such a model"
         )
     ranks = {t.shape[0] for t in downs.values()}
     if len(ranks) != 1:
         name = next(n for n, t in downs.items() if t.shape[0] != next(iter(downs.values())).shape[0])
         raise ValueError(f"{path}: LoRA ranks differ between layers ({sorted(ranks)}, e.g. {name!r}); a prior needs one r1")
-    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", "flux"), source=flavour,
+    return Prior(downs=downs, r1=ranks.pop(), preset=None, base_model=meta.get("base_model", family.name), source=flavour,
                  provenance=_provenance(meta))
+
+
+def _lora_family(tensors: Mapping[str, torch.Tensor]) -> ModelFamily:
+    """The family whose names cover the most of a LoRA's layers (the default family on a tie)."""
+    return max(FAMILIES.values(), key=lambda f: (len(downs_from_lora(tensors, f)[0]), f is DEFAULT_FAMILY))
 
 
 def _provenance(meta: Mapping[str, str]) -> dict[str, str]:
@@ -176,99 +184,45 @@ def _provenance(meta: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k.startswith("source_")}
 
 
-# BFL / ComfyUI module names -> canonical names (a fused layer shares one Down).
+# Module names in LoRA files: a family's diffusers or ComfyUI/BFL names (``ModelFamily.canonical``;
+# a fused layer shares one Down), under one of these prefixes.
 # diffusers' FluxPipeline.lora_state_dict is not used here: it folds kohya's alpha/rank into Down,
-# chunks Down of a block-sparse fused Up, hard-codes FLUX.1 widths (3072) for kohya files and leaves
+# chunks Down of a block-sparse fused Up, hard-codes FLUX.1 widths for kohya files and leaves
 # BFL-named peft keys unconverted; tests/test_prior_formats.py pins where it agrees with these tables.
-_BFL_DOUBLE = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-_BFL_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
-_DIFF_DOUBLE = {s: (s,) for s, _, _ in PRESETS["all"][0]}
-_DIFF_SINGLE = {s: (s,) for s, _, _ in PRESETS["all"][1]}
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
 
 
-def _canonical(module: str) -> tuple[str, ...]:
-    """Canonical names for one LoRA module name in dotted form (diffusers or BFL)."""
+def _canonical(module: str, family: ModelFamily) -> tuple[str, ...]:
+    """Canonical names for one LoRA module name in dotted form (diffusers or ComfyUI/BFL)."""
     for p in _PREFIXES:
         if module.startswith(p):
             module = module[len(p) :]
             break
-    m = re.fullmatch(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
-    if not m:
-        return ()
-    kind, idx, rest = m.groups()
-    table = {
-        "double_blocks": (_BFL_DOUBLE, "transformer_blocks"),
-        "single_blocks": (_BFL_SINGLE, "single_transformer_blocks"),
-        "transformer_blocks": (_DIFF_DOUBLE, "transformer_blocks"),
-        "single_transformer_blocks": (_DIFF_SINGLE, "single_transformer_blocks"),
-    }[kind]
-    return tuple(f"{table[1]}.{idx}.{s}" for s in table[0].get(rest, ()))
+    return family.canonical(module)
 
 
-def _kohya_module(stem: str) -> tuple[str, ...]:
-    """Canonical names for a kohya key stem such as ``lora_unet_double_blocks_0_img_attn_qkv``."""
-    m = re.fullmatch(r"lora_(?:unet|transformer)_(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)_(\d+)_(.+)", stem)
-    if not m:
-        return ()
-    kind, idx, rest = m.groups()
-    table = {"double_blocks": _BFL_DOUBLE, "single_blocks": _BFL_SINGLE,
-             "transformer_blocks": _DIFF_DOUBLE, "single_transformer_blocks": _DIFF_SINGLE}[kind]
-    for suffix in table:
-        if suffix.replace(".", "_") == rest:
-            return _canonical(f"{kind}.{idx}.{suffix}")
-    return ()
-
-
-def downs_from_lora(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Extracts Down matrices (canonical name -> (r, in)) from LoRA tensors."""
+def downs_from_lora(tensors: Mapping[str, torch.Tensor],
+                    family: ModelFamily = DEFAULT_FAMILY) -> tuple[dict[str, torch.Tensor], str]:
+    """Extracts Down matrices (canonical name -> (r, in)) from LoRA tensors of a ``family`` model."""
     out: dict[str, torch.Tensor] = {}
     flavour = ""
     for key, t in tensors.items():
         if key.endswith(".lora_A.weight"):
-            names, flavour = _canonical(key[: -len(".lora_A.weight")]), "peft"
+            names, flavour = _canonical(key[: -len(".lora_A.weight")], family), "peft"
         elif key.endswith(".lora_down.weight"):
             stem = key[: -len(".lora_down.weight")]
-            names = _kohya_module(stem) or _canonical(stem)
+            names = family.kohya_canonical(stem) or _canonical(stem, family)
             flavour = "kohya"
         else:
             continue
         for n in names:
             out[n] = t.detach().to(torch.float32)
-    return dict(sorted(out.items(), key=lambda kv: _order(kv[0]))), flavour
+    return dict(sorted(out.items(), key=lambda kv: family.order(kv[0]))), flavour
 
 
-# Position of each layer inside its block, as resolve_targets lists them (presets share one order).
-_POSITION = {**{("transformer_blocks", s): i for i, (s, _, _) in enumerate(PRESETS["all"][0])},
-             **{("single_transformer_blocks", s): i for i, (s, _, _) in enumerate(PRESETS["all"][1])}}
-
-
-def _order(name: str) -> tuple[int, int, int, str]:
-    """Model order: double blocks, then single blocks, each layer where resolve_targets puts it."""
-    parts = name.split(".", 2)
-    if len(parts) != 3 or not parts[1].isdigit():  # not a layer name: last (validate_prior names it)
-        return (2, 0, 0, name)
-    kind, idx, rest = parts
-    return (0 if kind == "transformer_blocks" else 1, int(idx), _POSITION.get((kind, rest), len(_POSITION)), rest)
-
-
-def validate_prior(prior: Prior, dims: FluxDims, *, source: str = "prior") -> dict[str, tuple[int, int]]:
-    """Checks every layer of ``prior`` against a host model; fails on the first mismatch.
+def validate_prior(prior: Prior, dims: Any, *, source: str = "prior") -> dict[str, tuple[int, int]]:
+    """Checks ``prior`` against a host model (its dims: ``FluxDims``, ...): the family its base model
+    names, then every layer; fails on the first mismatch.
 
     Errors start with ``source``; the default names the prior's file when it has one.
 
@@ -276,24 +230,27 @@ def validate_prior(prior: Prior, dims: FluxDims, *, source: str = "prior") -> di
         canonical name -> (in, out) for the prior's layers, in model order.
 
     Raises:
-        ValueError: naming the layer and both shapes (or the missing layer).
+        ValueError: naming both families, or the layer and both shapes (or the missing layer).
     """
     if source == "prior":
         source = prior.label
+    family, made_for = dims.family, family_named(prior.base_model)
+    if made_for is not None and made_for is not family:
+        raise ValueError(f"{source} was made for {made_for.title} (base_model {prior.base_model!r}), this model is "
+                         f"{family.title}; use a prior made for {family.title}")
     known = resolve_targets("all", dims)
     if prior.preset is not None:
         for name in resolve_targets(prior.preset, dims):
             if name not in prior.downs:
                 raise ValueError(
                     f"{source}: layer {name!r} of preset {prior.preset!r} is missing from the prior; "
-                    f"the prior was made for a different model depth (this model has {dims.num_double} double "
-                    f"and {dims.num_single} single blocks)"
+                    f"the prior was made for a different model depth (this model has {dims.depth_text()})"
                 )
     for name in prior.downs:
         if name not in known:
             raise ValueError(
-                f"{source}: layer {name!r} does not exist in this FLUX model ({dims.num_double} double, "
-                f"{dims.num_single} single blocks); use a prior made for this model"
+                f"{source}: layer {name!r} does not exist in this {family.title} model ({dims.depth_text()}); "
+                "use a prior made for this model"
             )
     shapes: dict[str, tuple[int, int]] = {}
     for name in (n for n in known if n in prior.downs):  # model order
@@ -320,19 +277,20 @@ def check_rank(rank: int, prior: Prior | None, what: str = "rank") -> None:
 
 
 def make_prior(
-    dims: FluxDims,
+    dims: Any,
     *,
     r1: int,
     preset: str,
     generator: torch.Generator,
     domain: str = "",
-    base_model: str = "flux.1-dev",
+    base_model: str | None = None,
 ) -> Prior:
-    """A deterministic prior with orthonormal Down rows (a starting point, not a learned one)."""
+    """A deterministic prior with orthonormal Down rows (a starting point, not a learned one);
+    ``base_model`` defaults to the name of the family of ``dims``."""
     downs = {}
     for name, (fin, _) in resolve_targets(preset, dims).items():
         g = torch.randn(fin, r1, generator=generator, dtype=torch.float64)
         q, _ = torch.linalg.qr(g)  # (in, r1) orthonormal columns
         downs[name] = q.T.to(torch.float32).contiguous()
-    return Prior(downs=downs, r1=r1, preset=preset, base_model=base_model, domain=domain,
+    return Prior(downs=downs, r1=r1, preset=preset, base_model=base_model or dims.family.name, domain=domain,
                  training={"kind": "orthonormal-random", "note": "not meta-learned"})

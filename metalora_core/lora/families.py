@@ -77,6 +77,10 @@ class _Dims:
     def width(self, kind: str) -> int:
         raise NotImplementedError
 
+    def depth_text(self) -> str:
+        """The depth in words, for messages ("19 double and 38 single blocks")."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class FluxDims(_Dims):
@@ -89,6 +93,9 @@ class FluxDims(_Dims):
 
     family_name: ClassVar[str] = "flux.1-dev"
     _depths: ClassVar[tuple[str, ...]] = ("num_double", "num_single")
+
+    def depth_text(self) -> str:
+        return f"{self.num_double} double and {self.num_single} single blocks"
 
     def width(self, kind: str) -> int:
         h, m = self.hidden, self.mlp_hidden
@@ -120,6 +127,9 @@ class Flux2Dims(_Dims):
 
     family_name: ClassVar[str] = "flux.2"
     _depths: ClassVar[tuple[str, ...]] = ("num_double", "num_single")
+
+    def depth_text(self) -> str:
+        return f"{self.num_double} double and {self.num_single} single blocks"
 
     def width(self, kind: str) -> int:
         h, m = self.hidden, self.mlp_hidden
@@ -153,6 +163,9 @@ class ZImageDims(_Dims):
 
     family_name: ClassVar[str] = "z-image"
     _depths: ClassVar[tuple[str, ...]] = ("num_layers", "num_refiner")
+
+    def depth_text(self) -> str:
+        return f"{self.num_layers} layers, {self.num_refiner} noise and {self.num_refiner} context refiner blocks"
 
     def width(self, kind: str) -> int:
         h = self.hidden
