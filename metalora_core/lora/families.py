@@ -54,8 +54,9 @@ def _split(module: str, prefix: str, sep: str, numbered: bool) -> tuple[int, str
     return (0, module[len(prefix) + 1:]) if module.startswith(prefix + sep) else (0, None)
 
 
-class _Dims:
-    """Common checks of a dims type: widths positive, depths >= 0."""
+class ModelDims:
+    """Widths and depth of one family's transformer (the base of ``FluxDims``, ``Flux2Dims``, ...):
+    widths positive, depths >= 0; ``family`` names the family, ``width(kind)`` sizes its layers."""
 
     family_name: ClassVar[str]
     _depths: ClassVar[tuple[str, ...]]
@@ -83,7 +84,7 @@ class _Dims:
 
 
 @dataclass(frozen=True)
-class FluxDims(_Dims):
+class FluxDims(ModelDims):
     """Widths and depth of a FLUX.1 transformer, enough to name and size its layers."""
 
     hidden: int = 3072  # inner width (heads x head dim); FLUX.1-dev: 24 x 128
@@ -117,7 +118,7 @@ class FluxDims(_Dims):
 
 
 @dataclass(frozen=True)
-class Flux2Dims(_Dims):
+class Flux2Dims(ModelDims):
     """Widths and depth of a FLUX.2 transformer (SiLU-gated MLPs, fused single blocks)."""
 
     hidden: int = 6144  # inner width; FLUX.2-dev: 48 x 128
@@ -151,7 +152,7 @@ class Flux2Dims(_Dims):
 
 
 @dataclass(frozen=True)
-class ZImageDims(_Dims):
+class ZImageDims(ModelDims):
     """Widths and depth of a Z-Image transformer (single-stream, refiners before the main layers)."""
 
     hidden: int = 3840  # model width; Z-Image: 30 x 128

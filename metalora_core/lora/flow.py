@@ -12,9 +12,9 @@ import torch
 SIGMA_MODES = ("uniform", "logit_normal")
 
 
-def resolution_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift ``exp(mu)``, mu linear in the image token count."""
+def resolution_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
+    """A resolution-dependent shift ``exp(mu)``, mu linear in the image token count: ``base_shift`` at
+    ``base_seq`` tokens, ``max_shift`` at ``max_seq`` (a family's ``FlowShift`` holds the constants)."""
     m = (max_shift - base_shift) / (max_seq - base_seq)
     mu = base_shift + m * (seq_len - base_seq)
     return math.exp(mu)
@@ -40,7 +40,7 @@ def sample_sigmas(
         batch: number of sigmas.
         generator: the generator to draw from; the sigmas are made on its device.
         mode: "uniform" or "logit_normal" (sigmoid of a normal, as SD3/FLUX trainers use).
-        shift: optional resolution shift (see ``resolution_shift``).
+        shift: optional resolution shift (see ``resolution_shift``, ``ModelFamily.shift_for``).
 
     Returns:
         (batch,) float32 tensor on the generator's device.

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from ..lora.adapter import AdapterSet
-from ..lora.layers import FluxDims
+from ..lora.families import ModelDims
 
 
 class FlowHost(Protocol):
     """A frozen flow-matching model that adapters are trained against."""
 
-    dims: FluxDims
+    dims: ModelDims  # the model's family dims type (FluxDims for FLUX.1); dims.family describes the model
 
     @property
     def device(self) -> torch.device: ...

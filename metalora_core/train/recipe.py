@@ -21,7 +21,8 @@ from ..faces.crops import FaceCrops, cut_crops
 from ..formats.prior import Prior, validate_prior
 from ..formats.store import content_key, image_digest
 from ..lora.adapter import AdapterSet
-from ..lora.layers import DEFAULT_PRESET, FluxDims, resolve_targets
+from ..lora.families import ModelDims
+from ..lora.layers import DEFAULT_PRESET, resolve_targets
 from .host import FlowHost
 from .stage2 import Stage2Config, StepCallback, personalize
 
@@ -79,7 +80,7 @@ def face_crops(
 
 
 def build_adapters(
-    dims: FluxDims,
+    dims: ModelDims,
     prior: Prior | None,
     *,
     rank: int,

@@ -21,7 +21,7 @@ import torch
 
 from ..data.latents import Latent, check_latents, latent_shape, pick_orientation
 from ..lora.adapter import AdapterSet
-from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, resolution_shift, sample_sigmas, velocity_target
+from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, sample_sigmas, velocity_target
 from ..lora.layers import DEFAULT_PRESET, PRESETS
 from .host import FlowHost
 
@@ -42,7 +42,7 @@ class Stage2Config:
     rank: int = 1  # r2: LoRA-Mid output rank (Meta-LoRA) or r (plain LoRA): the exported LoRA's rank
     seed: int = 0  # drives Mid init, data order, noise and sigmas
     sigma_mode: str = "logit_normal"  # training sigma density: "logit_normal" or "uniform"
-    resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
+    resolution_shift: bool = False  # shift sigmas by the model family's token-count rule
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     batch_size: int = 1  # the paper trains Stage-2 at batch 1
     # Where noise and sigmas are drawn: "cpu" draws them from the seeded CPU generator and copies
@@ -131,7 +131,7 @@ def flow_step_loss(
     if rows is not None:
         shape = (len(latents), *latents[0].shape)
         noise = torch.randn(shape, generator=gen, device=gen.device)
-        shift = resolution_shift(shape[-1] * shape[-2] // 4) if use_shift else None
+        shift = host.dims.family.shift_for(shape[-2], shape[-1]) if use_shift else None
         sigma = sample_sigmas(shape[0], generator=gen, mode=sigma_mode, shift=shift)
         if not rows:
             return None
@@ -141,7 +141,7 @@ def flow_step_loss(
         return flow_loss(pred, velocity_target(x0, noise))
     x0 = torch.stack(list(latents)).to(dev, torch.float32)  # (B, C, h, w); a no-op copy when already there
     noise = torch.randn(x0.shape, generator=gen, device=gen.device)
-    shift = resolution_shift(x0.shape[-1] * x0.shape[-2] // 4) if use_shift else None
+    shift = host.dims.family.shift_for(x0.shape[-2], x0.shape[-1]) if use_shift else None
     sigma = sample_sigmas(x0.shape[0], generator=gen, mode=sigma_mode, shift=shift)
     noise, sigma = noise.to(dev), sigma.to(dev)
     pred = host.predict(add_noise(x0, noise, sigma), sigma, cond)

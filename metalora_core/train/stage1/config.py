@@ -26,7 +26,7 @@ class MetaTrainConfig:
     preset: str = DEFAULT_PRESET  # which canonical layers get adapters
     seed: int = 0  # drives Down/Mid init, bucket assignment, data order, flips, noise and sigmas
     sigma_mode: str = "logit_normal"  # training sigma density: "logit_normal" or "uniform"
-    resolution_shift: bool = False  # shift sigmas by FLUX's token-count rule
+    resolution_shift: bool = False  # shift sigmas by the model family's token-count rule
     max_grad_norm: float = 1.0  # global gradient clipping over the updated parameters; 0 disables it
 
     def __post_init__(self) -> None:

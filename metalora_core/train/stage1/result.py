@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ...formats.prior import Prior
+from ...lora.families import DEFAULT_FAMILY
 from .config import MetaTrainConfig
 from .schedule import BucketPlan
 
@@ -42,15 +43,17 @@ class MetaTrainResult:
     resumed_from: int = 0  # step the run resumed at (0: fresh)
     bank_bytes: int = 0  # CPU bytes of the identity bank at the end
     plan: BucketPlan | None = None  # N, buckets and identities visited
+    family: str = DEFAULT_FAMILY.name  # the host model's family (``ModelFamily.name``)
 
     @property
     def steps(self) -> int:
         return len(self.losses)
 
 
-def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-dev",
+def to_prior(result: MetaTrainResult, *, domain: str, base_model: str | None = None,
              data_summary: Mapping[str, Any] | None = None) -> Prior:
-    """The learned Down matrices as a ``Prior`` (identity layers are discarded, paper Sec. 3)."""
+    """The learned Down matrices as a ``Prior`` (identity layers are discarded, paper Sec. 3);
+    ``base_model`` defaults to the name of the family the run trained on."""
     for name, t in result.downs.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"layer {name!r} holds NaN or inf; the meta-training diverged, no prior was made")
@@ -72,5 +75,5 @@ def to_prior(result: MetaTrainResult, *, domain: str, base_model: str = "flux.1-
         "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
         "data": dict(data_summary or {}),
     }
-    return Prior(downs=dict(result.downs), r1=c.r1, preset=c.preset, base_model=base_model, domain=domain,
+    return Prior(downs=dict(result.downs), r1=c.r1, preset=c.preset, base_model=base_model or result.family, domain=domain,
                  training=training)

@@ -248,7 +248,8 @@ class MetaTrainer:
         return MetaTrainResult(downs={n: p.detach().to("cpu", torch.float32).clone() for n, p in self.downs.items()},
                                losses=list(self.losses), buckets=[list(b) for b in self.buckets],
                                identities=list(self.data.identities), config=c, seconds=seconds,
-                               resumed_from=self.resumed_from, bank_bytes=bank_bytes, plan=self.plan)
+                               resumed_from=self.resumed_from, bank_bytes=bank_bytes, plan=self.plan,
+                               family=self.host.dims.family.name)
 
     def _train_step(self, pt: SchedulePoint) -> tuple[float, tuple[int, ...], tuple[bool, ...]]:
         """One iteration on the live bucket: Mid/Up always, Down after the bucket's warm-up.
