@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..lora.adapter import AdapterSet
+from ..lora.families import DEFAULT_FAMILY, ModelFamily
 from .files import atomic_save_safetensors, read_safetensors
 
 LORA_FORMAT = "metalora.lora"
@@ -34,26 +35,28 @@ def lora_state_dict(adapters: AdapterSet, dtype: torch.dtype = torch.float32) ->
     return out
 
 
-def lora_metadata(adapters: AdapterSet, **extra: object) -> dict[str, str]:
+def lora_metadata(adapters: AdapterSet, family: ModelFamily = DEFAULT_FAMILY, **extra: object) -> dict[str, str]:
+    """String metadata of a LoRA of a ``family`` model: Meta-LoRA keys, ``modelspec.*`` and ``extra``."""
     meta = {
         "format": LORA_FORMAT,
         "mode": adapters.mode,
         "rank": str(adapters.rank),
         "r1": str(adapters.r1 or ""),
         "preset": adapters.preset or "",
-        "base_model": "flux.1-dev",
+        "base_model": family.name,
     }
     for k, v in extra.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    return {**modelspec(adapters, meta.get("resolution")), **meta}
+    return {**modelspec(adapters, meta.get("resolution"), family), **meta}
 
 
-def modelspec(adapters: AdapterSet, resolution: object = None) -> dict[str, str]:
+def modelspec(adapters: AdapterSet, resolution: object = None,
+              family: ModelFamily = DEFAULT_FAMILY) -> dict[str, str]:
     """``modelspec.*`` keys (what LoRA managers read): architecture, title, resolution, date (UTC day)."""
     import datetime
 
-    out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "flux-1-dev/lora",
-           "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+    out = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.modelspec_architecture,
+           "modelspec.implementation": family.modelspec_implementation,
            "modelspec.title": f"Meta-LoRA {adapters.mode} rank {adapters.rank}",
            "modelspec.date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
     if resolution not in (None, "", "0", 0):
@@ -62,9 +65,10 @@ def modelspec(adapters: AdapterSet, resolution: object = None) -> dict[str, str]
 
 
 def save_lora(adapters: AdapterSet, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              **metadata: object) -> Path:
-    """Writes the merged LoRA atomically, with metadata (steps, prior hash, image hash, ...)."""
-    return atomic_save_safetensors(lora_state_dict(adapters, dtype), path, lora_metadata(adapters, **metadata))
+              family: ModelFamily = DEFAULT_FAMILY, **metadata: object) -> Path:
+    """Writes the merged LoRA of a ``family`` model atomically, with metadata (steps, prior hash, image hash, ...)."""
+    return atomic_save_safetensors(lora_state_dict(adapters, dtype), path,
+                                   lora_metadata(adapters, family, **metadata))
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
