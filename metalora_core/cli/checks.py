@@ -145,7 +145,8 @@ def check_personalize(args: argparse.Namespace) -> None:
     from ..faces import load_image
     from ..faces.augment import check_resolution
     from ..formats.prior import check_rank, load_prior, validate_prior
-    from ..lora.layers import DEFAULT_PRESET, FluxDims, resolve_targets
+    from ..lora.families import family_of_diffusers_config
+    from ..lora.layers import DEFAULT_PRESET, resolve_targets
     from .commands import training_caption
 
     check_device(args.device)
@@ -159,7 +160,7 @@ def check_personalize(args: argparse.Namespace) -> None:
     config = check_model_folder(args.model, transformer=args.transformer)
     if args.transformer:
         check_transformer_file(args.transformer)
-    dims = FluxDims.from_diffusers_config(config)
+    dims = family_of_diffusers_config(config).dims_from_diffusers_config(config)
     for p in args.image:
         load_image(p)  # missing or unreadable photo: a clear error now, not after loading FLUX
     if args.prior:

@@ -17,7 +17,8 @@ import torch
 from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
 from ..formats.lora import save_lora
 from ..formats.files import atomic_save_png, atomic_write_bytes
-from ..lora.layers import DEFAULT_PRESET, FluxDims
+from ..lora.families import family_of_diffusers_config
+from ..lora.layers import DEFAULT_PRESET
 from ..draw.charts import line_plot
 from ..formats.prior import load_prior, make_prior, save_prior
 from ..train.recipe import class_caption, face_crops, run_stage2
@@ -53,7 +54,8 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     pipe.set_progress_bar_config(disable=True)
 
     prior_path = save_prior(
-        make_prior(FluxDims.from_diffusers_config(pipe.transformer.config), r1=r1, preset=DEFAULT_PRESET,
+        make_prior(family_of_diffusers_config(pipe.transformer.config).dims_from_diffusers_config(
+            pipe.transformer.config), r1=r1, preset=DEFAULT_PRESET,
                    generator=torch.Generator().manual_seed(seed), domain="demo"), out / "prior.safetensors")
     prior = load_prior(prior_path)
 

@@ -172,6 +172,7 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
     import torch
 
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
+    from ..lora.families import family_of_diffusers_config
     from ..formats.files import atomic_save_png, atomic_write_bytes, file_content_sha256
     from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
     from ..train.stage1 import meta_train, to_prior
@@ -206,7 +207,8 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
             raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers FLUX folder), or --tiny")
         pipe = load_flux_pipeline(args.model, dtype=args.dtype,
                                   device=str(group.device) if group is not None else args.device)
-        data_dir, max_len, base_model = Path(args.data), args.max_sequence_length, "flux.1-dev"
+        data_dir, max_len = Path(args.data), args.max_sequence_length
+        base_model = family_of_diffusers_config(pipe.transformer.config).name
 
     resolution = _pick(args.resolution, tiny, "resolution", None)
     caption = args.caption or class_caption(args.domain)
