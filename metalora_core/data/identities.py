@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from ..formats.files import atomic_save_safetensors, read_safetensors, sha256_tensors
+from ..lora.families import DEFAULT_FAMILY
 from .latents import Latent, MetaTrainData, encode_flip_pairs
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class DatasetConfig:
 
     augment: bool = False  # True: the Stage-2 crop grid around the face per photo; False: each photo once
     bucket_area: int = 512 * 512  # pixels per training image (resized to the paper's aspect buckets)
-    multiple: int = 16  # image sides are multiples of this (FLUX: VAE 8 x patch 2)
+    multiple: int = DEFAULT_FAMILY.pixels_per_token  # image sides are multiples of a token's pixels
     detector: str = "auto"  # face detector backend (faces.get_detector), used by the crop grid only
     seed: int = 0  # kept in the cache key of crop-grid runs (the grid itself is deterministic)
     class_caption: str = "a photo of a person"  # caption of images without a .txt file

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..lora.families import DEFAULT_FAMILY
 from .detect import Face
 from .image import load_image
 
 logger = logging.getLogger(__name__)
 
 PAPER_RATIOS: tuple[tuple[int, int], ...] = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16))  # width:height (Sec. 3)
+_TOKEN_PIXELS = DEFAULT_FAMILY.pixels_per_token  # image pixels per token side (FLUX.1: VAE 8 x patch 2)
 
 
 def check_resolution(side: int, what: str = "resolution", multiple: int = 16) -> None:
@@ -45,7 +47,7 @@ class AugmentConfig:
     scales: tuple[float, ...] = (1.5, 2.0, 2.5, 3.5, 4.5)  # shorter crop side / f_long
     flip_prob: float = 0.5  # probability of a horizontal flip per crop
     bucket_area: int = 512 * 512  # output pixels per crop (1024*1024 for full-size FLUX training)
-    multiple: int = 16  # output sides are multiples of this (FLUX: VAE 8 x patch 2)
+    multiple: int = _TOKEN_PIXELS  # output sides are multiples of this (a token's pixels)
 
     def __post_init__(self) -> None:
         if not self.ratios:
@@ -231,7 +233,7 @@ def fit_to_ratio(size: tuple[int, int], ratios: Sequence[tuple[int, int]] = PAPE
     return ratio, (x0, y0, x0 + cw, y0 + ch)
 
 
-def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 16,
+def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = _TOKEN_PIXELS,
                      ratios: Sequence[tuple[int, int]] = PAPER_RATIOS) -> Image.Image:
     """A whole photo (no face grid, no flip) as one training image: the one "no augmentation" rule.
 
@@ -246,7 +248,7 @@ def resize_to_bucket(image: Image.Image, area: int = 512 * 512, multiple: int = 
     return image.resize(bucket_size(ratio, area, multiple), Image.Resampling.LANCZOS, box=box)
 
 
-def whole_photo_crop(image: Image.Image, face: Face, area: int = 512 * 512, multiple: int = 16) -> Crop:
+def whole_photo_crop(image: Image.Image, face: Face, area: int = 512 * 512, multiple: int = _TOKEN_PIXELS) -> Crop:
     """The photo itself as one training image (no grid, no flip): the paper's plain-LoRA input.
 
     The photo becomes ``resize_to_bucket``'s image; the face box is carried into its pixels.
