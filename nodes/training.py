@@ -26,11 +26,12 @@ from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, check_rank, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
+from ..metalora_core.lora.families import DEFAULT_FAMILY, ModelFamily
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.faces.crops import FaceCrops
 from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2, plan_stage2
 from ..metalora_core.train.stage2 import Stage2Config
-from .comfy_host import ComfyFluxCond, ComfyFluxHost
+from .comfy_host import ComfyFluxCond, ComfyFluxHost, flux_dims
 from .folders import cache_folder
 from .images import image_to_pils, pils_to_image
 
@@ -68,26 +69,18 @@ class TrainSettings:
 
 
 MEMORY_CHOICES = ("auto", "fast", "low")
-# Elements of the compute dtype autograd keeps per token, per block and per unit of hidden width in
-# one Stage-2 step of the ComfyUI host, every layer adapted: measured with bench/gpu_stage2.py
-# (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny width, 57 blocks; a test holds it
-# there) at 17.4, with every block checkpointed 1.06. (Computed in float32, as ComfyUI does on a
-# CPU: 14.4 and 1.05.) The constants are set above those figures on purpose: the plan must not
-# under-estimate (running out of memory mid-run loses the run; one checkpointed block too many only
-# costs time), the figures come from one tiny model shape, and the checkpointed figure leaves out
-# backward recomputing a checkpointed block, whose activations are then held in full.
-_SAVED_PER_TOKEN_WIDTH = 20
-_CKPT_PER_TOKEN_WIDTH = 2
+TRAINED_FAMILIES = (DEFAULT_FAMILY,)  # the model families the Train node's host trains
 
 
 def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, tokens: int, hidden: int,
-                    element_size: int, free_bytes: int | None) -> int:
+                    element_size: int, free_bytes: int | None, family: ModelFamily = DEFAULT_FAMILY) -> int:
     """How many blocks apart to checkpoint: 0 none, 1 every block, k every k-th block.
 
     ``gradient_checkpointing`` on always means every block (what the switch did before ``memory``
     existed). "fast": none; "low": every block; "auto": none when the estimated activations fit
     in 80% of ``free_bytes`` (None: unknown, e.g. on the CPU: none), else the widest spacing
-    that fits, else every block.
+    that fits, else every block. The estimate uses the ``family``'s measured activation widths;
+    a family without them checkpoints every block under "auto" on a card.
 
     Raises:
         ValueError: ``memory`` is not one of ``MEMORY_CHOICES``.
@@ -98,8 +91,11 @@ def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, t
         return 1
     if memory == "fast" or free_bytes is None:
         return 0
-    full = tokens * hidden * element_size * _SAVED_PER_TOKEN_WIDTH
-    kept = tokens * hidden * element_size * _CKPT_PER_TOKEN_WIDTH
+    if family.activation_widths is None:
+        return 1
+    saved, checkpointed = family.activation_widths
+    full = tokens * hidden * element_size * saved
+    kept = tokens * hidden * element_size * checkpointed
     budget = 0.8 * free_bytes
     for k in [0] + list(range(blocks, 1, -1)):  # no checkpointing first, then ever denser
         n_ckpt = 0 if k == 0 else len(range(0, blocks, k))
@@ -163,19 +159,19 @@ def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops,
 
 def _plan_checkpointing(model: Any, settings: TrainSettings, images: list, cond: ComfyFluxCond) -> int:
     """``checkpoint_plan`` for this run: the largest crop's tokens, the card's free memory."""
-    dm = model.model.diffusion_model
-    tokens = max(im.size[0] * im.size[1] for im in images) // 256 + cond.context.shape[1]  # 16 px per token
+    dims = flux_dims(model)
+    family = dims.family
+    tokens = max(im.size[0] * im.size[1] for im in images) // family.pixels_per_token ** 2 + cond.context.shape[1]
     dev = model.load_device
     free = None
     if torch.device(dev).type != "cpu":
         free = int(comfy.model_management.get_free_memory(dev))
         if not model.loaded_size():  # the weights still have to come onto the card
             free -= int(model.model_size())
-    hidden = int(dm.params.hidden_size)
     plan = checkpoint_plan(settings.memory, settings.gradient_checkpointing,
-                           blocks=len(dm.double_blocks) + len(dm.single_blocks), tokens=tokens, hidden=hidden,
+                           blocks=family.block_count(dims), tokens=tokens, hidden=dims.hidden,
                            element_size=torch.finfo(model.model.get_dtype_inference()).bits // 8,
-                           free_bytes=free)
+                           free_bytes=free, family=family)
     log.info("Stage-2 memory %s: checkpointing %s", settings.memory,
              {0: "off", 1: "every block"}.get(plan, f"every {plan}th block"))
     return plan

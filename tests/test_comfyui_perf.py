@@ -228,6 +228,8 @@ def test_memory_choice_plans_checkpointing(env):
     assert 1 < k < 57  # some blocks recomputed, not all
     assert plan("auto", False, **flux, free_bytes=12 * gib // 2) < k  # less room: denser
     assert plan("auto", False, **flux, free_bytes=1) == 1
+    zimage = pack("metalora_core.lora.families").ZIMAGE  # no measured activation widths: every block
+    assert plan("auto", False, **flux, free_bytes=40 * gib, family=zimage) == 1
     with pytest.raises(ValueError, match="memory must be one of .*got 'medium'"):
         plan("medium", False, **flux, free_bytes=None)
 
@@ -269,12 +271,12 @@ def test_adapted_step_kernels_within_a_quarter_of_comfyuis_at_flux_depth(preset)
     # the Train node's memory "auto" plans with elements kept per token, block and unit of width: at
     # least what this step keeps (computed in bf16, 256 wide), without checkpointing and with every
     # block checkpointed
-    training = pack("nodes.training")
+    widths = dict(zip(("off", "all"), pack("metalora_core.lora.families").FLUX1.activation_widths))
     for r in runs:
         if r["mode"] == "metalora":
             assert r["compute_dtype"] == "bfloat16", r
             per_unit = r["saved_bytes"] / (57 * (r["image_tokens"] + r["text_tokens"]) * 256 * 2)
-            limit = {"off": training._SAVED_PER_TOKEN_WIDTH, "all": training._CKPT_PER_TOKEN_WIDTH}[r["checkpoint"]]
+            limit = widths[r["checkpoint"]]
             assert per_unit <= limit, (r["checkpoint"], per_unit, limit)
     # the composed figures (what FLUX width is measured with) equal the whole depth's on this host too
     composed = {r["mode"]: r for r in bench("--compose", "19,38") if "composed" in r}

@@ -240,6 +240,10 @@ class ModelFamily:
     modelspec_architecture: str  # modelspec.architecture of an exported LoRA
     modelspec_implementation: str  # modelspec.implementation of an exported LoRA
     aliases: tuple[str, ...] = ()  # other base-model strings that name this family
+    # Elements of the compute dtype autograd keeps per image token, per block and per unit of
+    # ``dims.hidden`` in one Stage-2 step of the ComfyUI host, every layer adapted: (no block
+    # checkpointed, every block checkpointed). None: not measured for this family.
+    activation_widths: tuple[float, float] | None = None
 
     @property
     def pixels_per_token(self) -> int:
@@ -259,6 +263,10 @@ class ModelFamily:
         if self.shift is None:
             raise ValueError(f"{self.title} has no resolution-shift rule; turn resolution_shift off")
         return self.shift.at(self.image_tokens(latent_h, latent_w))
+
+    def block_count(self, dims: Any) -> int:
+        """Number of transformer blocks (every numbered group)."""
+        return sum(getattr(dims, g.depth) for g in self.groups if g.depth is not None)
 
     def names(self) -> tuple[str, ...]:
         """Every base-model string that names this family."""
@@ -406,6 +414,14 @@ FLUX1 = ModelFamily(
     modelspec_architecture="flux-1-dev/lora",
     modelspec_implementation="https://github.com/black-forest-labs/flux",
     aliases=("flux", "flux.1", "flux-1-dev"),
+    # Measured with bench/gpu_stage2.py (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny
+    # width, 57 blocks; tests/test_comfyui_perf.py holds it there) at 17.4, with every block
+    # checkpointed 1.06. (Computed in float32, as ComfyUI does on a CPU: 14.4 and 1.05.) Set above
+    # those figures on purpose: a memory plan must not under-estimate (running out of memory mid-run
+    # loses the run; one checkpointed block too many only costs time), the figures come from one tiny
+    # model shape, and the checkpointed figure leaves out backward recomputing a checkpointed block,
+    # whose activations are then held in full.
+    activation_widths=(20, 2),
 )
 
 # ---------------------------------------------------------------------------------------------
