@@ -54,6 +54,9 @@ def check_saves_of(prompt: dict | None, train_id: str | None) -> None:
             raise ValueError(f"Meta-LoRA Save (node {node_id}) would refuse its name, so nothing was trained: {problem}")
 
 
+_TRAINED = " or ".join(f.title for f in training.TRAINED_FAMILIES)  # "FLUX.1-dev"
+
+
 class MetaLoRAPriorLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -134,8 +137,8 @@ class MetaLoRATrain(io.ComfyNode):
             search_aliases=["train lora", "face lora", "identity lora", "personalize"],
             description="Trains LoRA-Mid/Up on the crops (plain LoRA without a prior) on a clone of the MODEL.",
             inputs=[
-                io.Model.Input("model", tooltip="FLUX.1 diffusion MODEL; it is cloned, never modified."),
-                io.Vae.Input("vae", tooltip="FLUX VAE that encodes the crops (and decodes previews)."),
+                io.Model.Input("model", tooltip=f"{_TRAINED} diffusion MODEL; it is cloned, never modified."),
+                io.Vae.Input("vae", tooltip=f"The {_TRAINED} VAE that encodes the crops (and decodes previews)."),
                 FaceCropsType.Input("crops", tooltip="Crops from Meta-LoRA Face Augment."),
                 io.Conditioning.Input("positive", tooltip="The class caption encoded, e.g. 'a photo of a man'. Trains at "
                                                           "FLUX guidance 1.0 unless a FluxGuidance node sets it."),
