@@ -426,7 +426,9 @@ FLUX1 = ModelFamily(
 
 # ---------------------------------------------------------------------------------------------
 # FLUX.2 (diffusers Flux2Transformer2DModel; ComfyUI comfy/ldm/flux with global_modulation and
-# mlp_silu_act, model_base.Flux2). Modulation Linears are shared by all blocks, at the top level.
+# mlp_silu_act, model_base.Flux2). Modulation Linears are shared by all blocks, at the top level;
+# ComfyUI 0.33's diffusers key map has no entry for them, so there a LoRA reaches them by their
+# ComfyUI names only (tests/test_comfyui_families.py).
 
 _F2_DOUBLE_MLP: tuple[Layer, ...] = (
     ("ff.linear_in", "h", "2m"),  # gate and value in one Linear
