@@ -188,3 +188,14 @@ def test_a_comfyui_named_zimage_lora_reads_as_a_zimage_prior(tmp_path):
     assert list(validate_prior(prior, dims)) == list(ZIMAGE.resolve("all", dims))
     qkv = tensors["diffusion_model.layers.0.attention.qkv.lora_A.weight"]
     assert torch.equal(prior.downs["layers.0.attention.to_k"], qkv)  # a fused module's Down serves each part
+
+
+def test_the_family_module_imports_without_torch():
+    """The bottom layer: torch-free code (the CLI's --help, Stage-1's config) reads presets from it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, metalora_core.lora.families, metalora_core.lora.layers, metalora_core.train.stage1.config; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-500:]

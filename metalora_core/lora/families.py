@@ -14,7 +14,8 @@ holds that, and every package asks it (hosts, priors, exports, the CLI and the n
   ``lora_transformer_<canonical name>`` with ``_`` for ``.``;
 - patch and token constants, the flow's resolution shift, base-model and ``modelspec`` strings.
 
-This module sits at the bottom (it imports only ``flow``), so every package can import it.
+This module sits at the bottom and imports neither torch nor another package of the pack (``flow``
+only when a shift is computed), so every package can import it, torch-free code included.
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
-
-from .flow import resolution_shift
 
 PRESET_NAMES = ("attn", "attn_mlp", "all")  # every family offers these three
 DEFAULT_PRESET = "all"
@@ -218,6 +217,8 @@ class FlowShift:
     max_shift: float
 
     def at(self, seq_len: int) -> float:
+        from .flow import resolution_shift  # here: flow imports torch, and this module must not
+
         return resolution_shift(seq_len, self.base_seq, self.max_seq, self.base_shift, self.max_shift)
 
 
