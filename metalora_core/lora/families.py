@@ -222,9 +222,12 @@ class FlowShift:
         return resolution_shift(seq_len, self.base_seq, self.max_seq, self.base_shift, self.max_shift)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelFamily:
-    """One model family: layers, dims, names, token constants and identity strings (see the module doc)."""
+    """One model family: layers, dims, names, token constants and identity strings (see the module doc).
+
+    Families compare and hash by identity: there is one object per family (``FAMILIES``).
+    """
 
     name: str  # the base-model string priors and LoRAs carry: "flux.1-dev"
     title: str  # how messages name it: "FLUX.1-dev"
