@@ -12,6 +12,7 @@ import torch
 
 from metalora_core.cli import main
 from metalora_core.formats.lora import load_lora
+from metalora_core.lora.families import FLUX1
 from metalora_core.lora.layers import FluxDims
 from metalora_core.formats.prior import make_prior, save_prior
 from sample_photos import sample_photo
@@ -38,6 +39,8 @@ def test_personalize_then_export_from_state(tmp_path):
     again, meta2 = load_lora(exported)
     assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
     assert meta2["prior_sha256"] == meta["prior_sha256"]
+    for m in (meta, meta2):  # the host's family names the model, in the LoRA and in its export from the state
+        assert (m["base_model"], m["modelspec.architecture"]) == (FLUX1.name, FLUX1.modelspec_architecture)
     # plain-LoRA baseline without augmentation
     plain = tmp_path / "out" / "plain.safetensors"
     assert main(["personalize", "--model", str(model_dir), "--image", str(sample_photo("obama")), "--out", str(plain),

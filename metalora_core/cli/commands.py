@@ -146,9 +146,10 @@ def _personalize(args: argparse.Namespace) -> str:
         run = run_stage2(host, made, cond, prior, config, progress, caption=caption,
                          prior_source=str(args.prior))
     meta = run.metadata()
-    out = save_lora(run.adapters, args.out, **meta)
+    family = host.dims.family
+    out = save_lora(run.adapters, args.out, family=family, **meta)
     if args.state:
-        save_adapter_state(run.adapters, args.state, **meta)
+        save_adapter_state(run.adapters, args.state, family=family, **meta)
     adapters = run.adapters
     return (f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank}, "
             f"loss {run.losses[0]:.4f} -> {run.losses[-1]:.4f})")
@@ -158,6 +159,7 @@ def _export(args: argparse.Namespace) -> str:
     from ..formats.lora import load_adapter_state, save_lora
     from .checks import check_export
     from ..hosts.diffusers_flux import DTYPES
+    from ..lora.families import DEFAULT_FAMILY, family_named
     from ..train.recipe import Provenance
 
     check_export(args)
@@ -166,5 +168,6 @@ def _export(args: argparse.Namespace) -> str:
         provenance = Provenance.from_metadata(meta)
     except ValueError as e:
         raise ValueError(f"{args.state}: {e}; make the state again with 'metalora personalize --state'") from e
-    out = save_lora(adapters, args.out, dtype=DTYPES[args.dtype], **provenance.to_metadata())
+    family = family_named(meta.get("base_model", "")) or DEFAULT_FAMILY  # the state names its model's family
+    out = save_lora(adapters, args.out, dtype=DTYPES[args.dtype], family=family, **provenance.to_metadata())
     return f"wrote {out} ({len(adapters.names)} layers, rank {adapters.rank})"

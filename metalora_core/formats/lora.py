@@ -99,15 +99,16 @@ def check_lora(tensors: Mapping[str, torch.Tensor], where: str = "LoRA") -> None
 STATE_FORMAT = "metalora.adapters"
 
 
-def save_adapter_state(adapters: AdapterSet, path: str | os.PathLike, **metadata: object) -> Path:
-    """Saves the three-layer adapters (Down, Mid, Up per layer) for later export or reuse."""
+def save_adapter_state(adapters: AdapterSet, path: str | os.PathLike, *, family: ModelFamily = DEFAULT_FAMILY,
+                       **metadata: object) -> Path:
+    """Saves the three-layer adapters (Down, Mid, Up per layer) of a ``family`` model for later export or reuse."""
     tensors: dict[str, torch.Tensor] = {}
     for name, a in adapters.items():
         tensors[f"{name}.down"] = a.down
         if a.mid is not None:
             tensors[f"{name}.mid"] = a.mid
         tensors[f"{name}.up"] = a.up
-    meta = lora_metadata(adapters, **metadata)
+    meta = lora_metadata(adapters, family, **metadata)
     meta.update(format=STATE_FORMAT, scale=repr(adapters[adapters.names[0]].scale))
     return atomic_save_safetensors(tensors, path, meta)
 
