@@ -188,6 +188,9 @@ def test_a_comfyui_named_zimage_lora_reads_as_a_zimage_prior(tmp_path):
     assert list(validate_prior(prior, dims)) == list(ZIMAGE.resolve("all", dims))
     qkv = tensors["diffusion_model.layers.0.attention.qkv.lora_A.weight"]
     assert torch.equal(prior.downs["layers.0.attention.to_k"], qkv)  # a fused module's Down serves each part
+    with pytest.raises(ValueError, match=r"z.safetensors was made for Z-Image \(base_model 'z-image'\), this model "
+                                         r"is FLUX.1-dev; use a prior made for FLUX.1-dev"):
+        validate_prior(prior, FluxDims(hidden=64, mlp_hidden=256, num_double=1, num_single=1))
 
 
 def test_the_family_module_imports_without_torch():
