@@ -122,18 +122,24 @@ def canonical_to_comfy(model_patcher: Any) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def map_adapters(model_patcher: Any, adapters: AdapterSet) -> dict[str, list[_Slot]]:
+def map_adapters(model_patcher: Any, adapters: AdapterSet,
+                 table: dict[str, tuple[str, int, int | None]] | None = None) -> dict[str, list[_Slot]]:
     """Groups adapters by the ComfyUI Linear they write to, each with its row slice.
+
+    Args:
+        table: canonical layer -> (ComfyUI module name, first row, rows or None for all); None:
+            FLUX's (``canonical_to_comfy``).
 
     Raises:
         ValueError: a canonical layer has no ComfyUI counterpart or the shapes disagree.
     """
-    table = canonical_to_comfy(model_patcher)
+    table = canonical_to_comfy(model_patcher) if table is None else table
     dm = model_patcher.model.diffusion_model
     out: dict[str, list[_Slot]] = {}
     for name, a in adapters.items():
         if name not in table:
-            raise ValueError(f"layer {name!r} has no counterpart in ComfyUI's FLUX model")
+            raise ValueError(f"layer {name!r} has no counterpart in this ComfyUI {type(model_patcher.model).__name__} "
+                             "model")
         module_name, start, size = table[name]
         mod = dm.get_submodule(module_name)
         size = mod.out_features if size is None else size
@@ -143,6 +149,10 @@ def map_adapters(model_patcher: Any, adapters: AdapterSet) -> dict[str, list[_Sl
                              f"({a.in_features} -> {a.out_features})")
         out.setdefault(module_name, []).append(_Slot(a, start, size))
     return out
+
+
+class BlockMismatch(RuntimeError):
+    """This ComfyUI's FLUX block computes differently from the out-of-place training copy."""
 
 
 class _Blocks:
@@ -456,7 +466,7 @@ class _Blocks:
         for key, m in mine.items():
             agrees, worst = block_agrees(m, ref[key])
             if not agrees:
-                raise RuntimeError(
+                raise BlockMismatch(
                     f"this ComfyUI's FLUX {kind} block computes differently from MetaLoRA's training copy "
                     f"(largest difference {worst:.3g} in '{key}'); training would optimise the wrong model, so it "
                     "stops here. Update ComfyUI-MetaLoRA to a release made for this ComfyUI version."
@@ -512,7 +522,57 @@ class _Detach:
         self._host.patcher = None  # the clone (and its patches) is dropped
 
 
-class ComfyFluxHost:
+class ComfyHost:
+    """What every ComfyUI host shares: the caller's MODEL (never modified), its VAE, latents, identity.
+
+    Args:
+        model: the caller's MODEL; training patches only a clone of it.
+        vae: the ComfyUI VAE that ``encode_images`` uses (and previews decode with).
+    """
+
+    def __init__(self, model: Any, *, vae: Any = None) -> None:
+        self.source = model
+        self.vae = vae
+        self.patcher: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.source.model.get_dtype_inference()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """VAE-encodes images into the model's latent space: (C, h, w) each.
+
+        Images encoded before by the same VAE (equal pixels) come from ``latents.CACHE``.
+        """
+        return [self.source.model.process_latent_in(z).float() for z in self.encoder(images)]
+
+    @property
+    def encoder(self) -> VaeEncoder:
+        """The host's VAE as a ``VaeEncoder``: raw VAE latents through ``latents.CACHE``."""
+        if self.vae is None:
+            raise ValueError(f"this {type(self).__name__} has no VAE; pass vae= (the model's VAE) to encode images")
+        if getattr(self, "_encoder", None) is None:
+            self._encoder = VaeEncoder(self.vae)
+        return self._encoder
+
+    def collate(self, conds: Sequence[Any]) -> Any:
+        """The shared conditioning of a batch (ComfyUI's Stage-2 trains one caption)."""
+        first = conds[0]
+        if any(c is not first for c in conds):
+            raise ValueError("the ComfyUI host trains one caption per run; every batch item must share its "
+                             "conditioning")
+        return first
+
+    def identity(self) -> str:
+        """See ``model_identity``."""
+        return model_identity(self.source)
+
+
+class ComfyFluxHost(ComfyHost):
     """FlowHost on a ComfyUI FLUX ``ModelPatcher``; the caller's patcher is never modified.
 
     Args:
@@ -530,17 +590,11 @@ class ComfyFluxHost:
                  checkpoint_every: int = 1) -> None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
+        super().__init__(model, vae=vae)
         self.checkpoint_every = int(checkpoint_every)
-        self.source = model
-        self.vae = vae
         self.dims = flux_dims(model)
         self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.patcher: Any = None
         self._blocks: _Blocks | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.source.load_device
 
     def _on_device(self, cond: ComfyFluxCond, dev, dt) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conditioning on the device, copied once per caption (not once per step)."""
@@ -553,41 +607,8 @@ class ComfyFluxHost:
         self._cond_memo = (key, src, out)
         return out
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.source.model.get_dtype_inference()
-
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """VAE-encodes images into the model's latent space: (C, h, w) each.
-
-        Images encoded before by the same VAE (equal pixels) come from ``latents.CACHE``.
-        """
-        return [self.source.model.process_latent_in(z).float() for z in self.encoder(images)]
-
-    @property
-    def encoder(self) -> VaeEncoder:
-        """The host's VAE as a ``VaeEncoder``: raw VAE latents through ``latents.CACHE``."""
-        if self.vae is None:
-            raise ValueError("this ComfyFluxHost has no VAE; pass vae= (the FLUX VAE) to encode images")
-        if getattr(self, "_encoder", None) is None:
-            self._encoder = VaeEncoder(self.vae)
-        return self._encoder
-
-    def collate(self, conds: Sequence[ComfyFluxCond]) -> ComfyFluxCond:
-        """The shared conditioning of a batch (ComfyUI's Stage-2 trains one caption)."""
-        first = conds[0]
-        if any(c is not first for c in conds):
-            raise ValueError("the ComfyUI host trains one caption per run; every batch item must share its "
-                             "conditioning")
-        return first
-
-    def identity(self) -> str:
-        """See ``model_identity``."""
-        return model_identity(self.source)
-
-    def attach(self, adapters: AdapterSet) -> _Detach:
-        """Clones the patcher and replaces every block of the clone with the adapted one."""
-        slots = map_adapters(self.source, adapters)
+    def _patched(self, slots: dict[str, list[_Slot]]) -> tuple[Any, _Blocks]:
+        """A clone of the caller's patcher whose every block is replaced by the out-of-place one."""
         dm = self.source.model.diffusion_model
         clone = self.source.clone()
         blocks = _Blocks(dm, slots, self.gradient_checkpointing, self.checkpoint_every)
@@ -595,8 +616,36 @@ class ComfyFluxHost:
             clone.set_model_patch_replace(blocks.double_patch(i), "dit", "double_block", i)
         for i in range(len(dm.single_blocks)):
             clone.set_model_patch_replace(blocks.single_patch(i), "dit", "single_block", i)
-        self.patcher, self._blocks = clone, blocks
+        return clone, blocks
+
+    def attach(self, adapters: AdapterSet) -> _Detach:
+        """Clones the patcher and replaces every block of the clone with the adapted one."""
+        self.patcher, self._blocks = self._patched(map_adapters(self.source, adapters))
         return _Detach(self)
+
+    def self_check(self, cond: ComfyFluxCond) -> None:
+        """Compares each block kind of the training copy with this ComfyUI's own block, before any
+        training: one forward without autograd of a small noisy latent (8x8) through a clone whose
+        blocks run the comparison (``_Blocks.check_against_comfy``).
+
+        Raises:
+            BlockMismatch: a block kind computes differently from ComfyUI's.
+        """
+        if self.patcher is not None:
+            raise RuntimeError("self_check runs before adapters are attached")
+        clone, blocks = self._patched({})
+        channels = int(self.source.model.latent_format.latent_channels)
+        x = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        comfy.model_management.load_models_gpu([clone])
+        self.patcher, self._blocks = clone, blocks
+        previous = comfy.model_management.in_training
+        comfy.model_management.in_training = True  # the functions the blocks call while training
+        try:
+            with torch.no_grad():
+                self.predict(x, torch.tensor([0.5]), cond)
+        finally:
+            self.patcher = self._blocks = None
+            comfy.model_management.in_training = previous
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2,
 from ..metalora_core.train.stage2 import Stage2Config
 from .comfy_host import ComfyFluxCond, ComfyFluxHost, flux_dims
 from .folders import cache_folder
+from .generic_host import flux_host_or_generic
 from .images import image_to_pils, pils_to_image
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit
     check_output_folders(cache_dir)
+    host, note = flux_host_or_generic(host, cond)  # ComfyUI's own model where the fast copy disagrees
+    if note is not None:
+        log.warning("%s", note)
+        send_text(note, node_id)
     send_text(encode_crops(host, plan.images, node_id), node_id)
     try:
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))

@@ -627,6 +627,34 @@ def random_meta_adapters(pack_module, dims, preset: str, seed: int = 0):
     return ad
 
 
+def model_output(model, seed: int = 3) -> torch.Tensor:
+    """A FLUX MODEL's ``apply_model`` output on a fixed random input (inference mode, as sampling runs)."""
+    import comfy.model_management
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    ctx, pooled = torch.randn(1, 77, 768, generator=g), torch.randn(1, 768, generator=g)
+    comfy.model_management.load_models_gpu([model])
+    with torch.inference_mode():
+        return model.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=pooled,
+                                       guidance=torch.tensor([1.0]),
+                                       transformer_options=model.model_options.get("transformer_options", {})).clone()
+
+
+def assert_untouched(model, before: torch.Tensor) -> None:
+    """The caller's MODEL after training: same output, no patches, hooks or module forwards left."""
+    import comfy.model_management
+
+    assert torch.equal(model_output(model), before), "the caller's MODEL output changed"
+    assert model.patches == {}, f"patches left on the caller's MODEL: {list(model.patches)[:3]}"
+    assert not model.model_options.get("transformer_options", {}).get("patches_replace"), "block patches left"
+    hooks = [n for n, m in model.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooks, f"hooks left on {hooks[:3]}"
+    forwards = [n for n, m in model.model.named_modules() if "forward" in m.__dict__]
+    assert not forwards, f"a forward left on {forwards[:3]}"
+    assert comfy.model_management.in_training is False
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]  # the pack's root folder
 
 
