@@ -120,6 +120,19 @@ def test_generic_and_fast_flux1_agree_on_one_step(models):
     torch.testing.assert_close(again, adapted, rtol=0, atol=0)
 
 
+def test_generic_and_fast_flux1_agree_on_fp8_weights(env, models):
+    """Weights stored as float8 (Load Diffusion Model's fp8_e4m3fn), computed in float32 by ComfyUI's
+    own cast: the generic host's step equals the fast host's."""
+    fp8 = env.nodes.UNETLoader().load_unet(env.names["unet"], "fp8_e4m3fn")[0]
+    assert fp8.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    fast, generic = _host("fast", fp8), _host("generic", fp8)
+    ad = _adapters(fast, torch.float32, seed=4)
+    loss_f, mid_f, up_f = _step(fast, ad, torch.float32)
+    loss_g, mid_g, up_g = _step(generic, ad, torch.float32)
+    assert abs(loss_g - loss_f) <= 1e-6 * loss_f
+    assert _rel(mid_g, mid_f) < 1e-5 and _rel(up_g, up_f) < 1e-5
+
+
 def test_velocity_from_the_denoised_latent_where_no_wrapper_runs(models, monkeypatch):
     """A family whose diffusion model runs no ``diffusion_model`` wrapper: the velocity comes from
     ``apply_model``'s denoised latent and equals the raw output to float32 rounding."""
@@ -235,12 +248,12 @@ def loaded(env):
     return env.nodes.VAELoader().load_vae(env.names["vae"])[0], crops, cond
 
 
-def _train(model, loaded, *, steps: int, seed: int):
+def _train(model, loaded, *, steps: int, seed: int, preview_every: int = 0):
     training, stage2 = pack("nodes.training"), pack("metalora_core.train.stage2")
     vae, crops, cond = loaded
     messages = []
     settings = training.TrainSettings(stage2.Stage2Config(steps=steps, lr=2e-2, seed=seed), resolution=64,
-                                      preview_every=0, force_retrain=True)
+                                      preview_every=preview_every, force_retrain=True)
     real = training.send_text
     training.send_text = lambda msg, node_id: messages.append(msg)
     try:
@@ -254,7 +267,7 @@ def test_altered_comfy_block_trains_on_the_generic_path(models, loaded, monkeypa
     model = models["fp32"]
     _altered_single_block(monkeypatch)
     before = model_output(model)
-    result, messages = _train(model, loaded, steps=3, seed=5)
+    result, messages = _train(model, loaded, steps=3, seed=5, preview_every=2)  # previews on the generic host too
     notes = [m for m in messages if "own model instead" in m]
     assert len(notes) == 1 and "FLUX single block computes differently" in notes[0], messages
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
