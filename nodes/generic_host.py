@@ -279,7 +279,7 @@ def flux_host_or_generic(host: ComfyFluxHost, cond: ComfyFluxCond) -> tuple[Any,
     try:
         host.self_check(cond)
     except BlockMismatch as e:
-        note = (f"{e.args[0].split('; ')[0]}: training through ComfyUI's own model instead (slower, more memory, "
-                "no gradient checkpointing)")
+        note = (f"{e.args[0].split('; ')[0]}: training through ComfyUI's own model instead (more memory: no "
+                "gradient checkpointing)")
         return ComfyGenericHost.flux(host.source, vae=host.vae), note
     return host, None
