@@ -169,6 +169,20 @@ class _Detach:
         host.patcher = None  # the clone (and its injections) is dropped
 
 
+def family_layers(dims: Any) -> LayerTable:
+    """The layer table of ``dims``' model family, from its ComfyUI name table: a ComfyUI module
+    holds the outputs of its canonical layers side by side, in the table's order."""
+    family = dims.family
+    widths = family.resolve("all", dims)
+    out: LayerTable = {}
+    for module, names in family.comfy_modules(dims).items():
+        row = 0
+        for name in names:
+            out[name] = (module, row, widths[name][1])
+            row += widths[name][1]
+    return out
+
+
 # ---------------------------------------------------------------- the host
 
 
@@ -200,6 +214,11 @@ class ComfyGenericHost(ComfyHost):
     def flux(cls, model: Any, *, vae: Any = None) -> "ComfyGenericHost":
         """The generic host on a ComfyUI FLUX.1 MODEL, with the fast host's layer table."""
         return cls(model, dims=flux_dims(model), layers=canonical_to_comfy(model), vae=vae)
+
+    @classmethod
+    def of_family(cls, model: Any, dims: Any, *, vae: Any = None) -> "ComfyGenericHost":
+        """The generic host with the layer table of ``dims``' model family (``family_layers``)."""
+        return cls(model, dims=dims, layers=family_layers(dims), vae=vae)
 
     def attach(self, adapters: AdapterSet) -> _Detach:
         """Clones the patcher and gives the clone a bypass injection per adapted Linear."""

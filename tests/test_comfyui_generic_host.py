@@ -133,6 +133,23 @@ def test_generic_and_fast_flux1_agree_on_fp8_weights(env, models):
     assert _rel(mid_g, mid_f) < 1e-5 and _rel(up_g, up_f) < 1e-5
 
 
+def test_family_layer_table_is_the_fast_hosts_on_flux1(models):
+    """The table the model family gives (what later families use) names the same ComfyUI module
+    and rows for every FLUX.1 layer as the fast host's, read from ComfyUI's own key map."""
+    comfy_host, generic = pack("nodes.comfy_host"), pack("nodes.generic_host")
+    model = models["fp32"]
+    dm = model.model.diffusion_model
+    table = generic.family_layers(comfy_host.flux_dims(model))
+    fast = comfy_host.canonical_to_comfy(model)
+    fast = {k: (m, start, dm.get_submodule(m).out_features if size is None else size)
+            for k, (m, start, size) in fast.items() if k in table}
+    assert len(table) == 2 * 14 + 2 * 6 and table == fast
+    host = generic.ComfyGenericHost.of_family(model, comfy_host.flux_dims(model))
+    ad = _adapters(host, torch.float32, seed=5)
+    torch.testing.assert_close(_step(host, ad, torch.float32)[1], _step(_host("generic", model), ad, torch.float32)[1],
+                               rtol=0, atol=0)
+
+
 def test_velocity_from_the_denoised_latent_where_no_wrapper_runs(models, monkeypatch):
     """A family whose diffusion model runs no ``diffusion_model`` wrapper: the velocity comes from
     ``apply_model``'s denoised latent and equals the raw output to float32 rounding."""
