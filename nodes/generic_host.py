@@ -39,7 +39,7 @@ import comfy.samplers
 from comfy.weight_adapter.bypass import BypassInjectionManager
 
 from ..metalora_core.lora.adapter import AdapterSet
-from ..metalora_core.lora.layers import FluxDims
+from ..metalora_core.lora.families import ModelDims
 from .comfy_host import (BlockMismatch, ComfyFluxCond, ComfyFluxHost, ComfyHost, _Slot, canonical_to_comfy,
                          flux_dims, map_adapters, release_inference_tensors)
 
@@ -169,7 +169,7 @@ class _Detach:
         host.patcher = None  # the clone (and its injections) is dropped
 
 
-def family_layers(dims: Any) -> LayerTable:
+def family_layers(dims: ModelDims) -> LayerTable:
     """The layer table of ``dims``' model family, from its ComfyUI name table: a ComfyUI module
     holds the outputs of its canonical layers side by side, in the table's order."""
     family = dims.family
@@ -200,7 +200,7 @@ class ComfyGenericHost(ComfyHost):
         ValueError: the model's sampling is not flow matching as the trainer draws it.
     """
 
-    def __init__(self, model: Any, *, dims: FluxDims, layers: LayerTable, vae: Any = None) -> None:
+    def __init__(self, model: Any, *, dims: ModelDims, layers: LayerTable, vae: Any = None) -> None:
         super().__init__(model, vae=vae)
         sampling = model.get_model_object("model_sampling")  # with a sampling node's override
         if not isinstance(sampling, comfy.model_sampling.CONST) or getattr(sampling, "noise_scale", 1.0) != 1.0:
@@ -216,7 +216,7 @@ class ComfyGenericHost(ComfyHost):
         return cls(model, dims=flux_dims(model), layers=canonical_to_comfy(model), vae=vae)
 
     @classmethod
-    def of_family(cls, model: Any, dims: Any, *, vae: Any = None) -> "ComfyGenericHost":
+    def of_family(cls, model: Any, dims: ModelDims, *, vae: Any = None) -> "ComfyGenericHost":
         """The generic host with the layer table of ``dims``' model family (``family_layers``)."""
         return cls(model, dims=dims, layers=family_layers(dims), vae=vae)
 
