@@ -4,7 +4,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..metalora_core.faces import DETECTOR_NAMES, AugmentConfig
+from ..metalora_core.faces import DETECTOR_NAMES
 from ..metalora_core.faces.person import OTHER_FACES, labelled_preview, person_crops
 from ..metalora_core.formats.prior import load_prior
 from ..metalora_core.formats.store import check_save_name, save_lora_new
@@ -123,7 +123,7 @@ class MetaLoRAFaceAugment(io.ComfyNode):
         photos = [pil for batch in (image if isinstance(image, (list, tuple)) else [image])
                   for pil in image_to_pils(batch)]
         crops, report = person_crops(photos, detector=one(detector), seed=one(seed), face_index=one(face_index),
-                                     others=one(other_faces), augment=AugmentConfig(bucket_area=one(bucket_resolution) ** 2),
+                                     others=one(other_faces), resolution=one(bucket_resolution),
                                      insightface_root=insightface_root(), grid=one(augmentation) == "paper_grid")
         training.send_text(report.text(), _node_id(cls))
         return io.NodeOutput(crops, pils_to_image([labelled_preview(crops.crops, report)]), report.text())

@@ -40,9 +40,8 @@ def loaded(env):
     vae = nodes.VAELoader().load_vae(env.names["vae"])[0]
     from PIL import Image
 
-    recipe, faces = pack("metalora_core.train.recipe"), pack("metalora_core.faces")
-    crops = recipe.face_crops([Image.open(env.base_dir / "input" / "obama.jpg")], detector="yunet", seed=0,
-                              augment=faces.AugmentConfig(bucket_area=64 * 64))
+    person = pack("metalora_core.faces.person")
+    crops = person.person_crops([Image.open(env.base_dir / "input" / "obama.jpg")], detector="yunet", seed=0, resolution=64)[0]
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 77, 768, generator=g) * 0.5, {"pooled_output": torch.randn(1, 768, generator=g)}]]
     return model, vae, crops, cond

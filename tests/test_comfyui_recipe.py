@@ -30,6 +30,7 @@ def env(tmp_path_factory, sample):
     from PIL import Image
 
     Image.open(sample("obama")).convert("RGB").save(base / "input" / "obama.png")
+    Image.open(sample("t1")).convert("RGB").save(base / "input" / "group.png")  # six people
     state.names = names
     return state
 
@@ -185,12 +186,11 @@ def test_comfy_host_and_conditioning(env):
 def test_train_resolution_other_than_the_crops_recuts_them_once(env):
     from PIL import Image
 
-    training, recipe = pack("nodes.training"), pack("metalora_core.train.recipe")
-    faces, store = pack("metalora_core.faces"), pack("metalora_core.formats.store")
+    training, person = pack("nodes.training"), pack("metalora_core.faces.person")
+    store = pack("metalora_core.formats.store")
     model = env.nodes.UNETLoader().load_unet(env.names["unet"], "default")[0]
     vae = env.nodes.VAELoader().load_vae(env.names["vae"])[0]
-    crops = recipe.face_crops([Image.open(env.base_dir / "input" / "obama.png")], detector="yunet", seed=0,
-                              augment=faces.AugmentConfig(bucket_area=64 * 64))
+    crops = person.person_crops([Image.open(env.base_dir / "input" / "obama.png")], detector="yunet", seed=0, resolution=64)[0]
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 77, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
     config = pack("metalora_core.train.stage2").Stage2Config(steps=1, seed=3)
@@ -200,6 +200,30 @@ def test_train_resolution_other_than_the_crops_recuts_them_once(env):
     p = result.provenance
     assert p.resolution == 96 and p.images_sha256 == store.image_digest(crops.at_resolution(96).images)
     assert p.images_sha256 != store.image_digest(crops.images)
+
+
+def test_face_augment_node_and_the_crops_command_cut_the_same_crops_of_a_group_photo(env, tmp_path):
+    """The same group photo and settings: the node (LoadImage's IMAGE in) and ``metalora crops`` give
+    identical crops, with the other five people's faces blurred in both."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from metalora_core.cli import main
+
+    image = env.nodes.LoadImage().load_image("group.png")[0]
+    node = pack("nodes.definitions").MetaLoRAFaceAugment
+    crops, _, info = node.execute([image], ["yunet"], [3], [160], other_faces=["blur"]).args
+    out = tmp_path / "cli"
+    assert main(["crops", str(env.base_dir / "input" / "group.png"), "--out", str(out), "--detector", "yunet",
+                 "--seed", "3", "--resolution", "160", "--other-faces", "blur"]) == 0
+    listed = json.loads((out / "crops.json").read_text())
+    assert listed["blurred"] >= 7 and f"{listed['blurred']} with other faces blurred" in info
+    assert len(listed["crops"]) == len(crops.crops) and crops.resolution == 160 and crops.others == "blur"
+    for entry, crop in zip(listed["crops"], crops.crops):
+        with Image.open(out / entry["file"]) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(crop.image)), entry["file"]
 
 
 def test_image_conversion_roundtrips_and_refuses_mixed_sizes(env):

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from metalora_core.faces import AugmentConfig, get_detector
-from metalora_core.faces.person import _inside_share, box_in_crop, labelled_preview, person_crops
+from metalora_core.faces.crops import box_in_crop, inside_share
+from metalora_core.faces.person import labelled_preview, person_crops
 
 SMALL = AugmentConfig(bucket_area=160 * 160)
 
@@ -36,7 +37,7 @@ def test_other_faces_are_blurred_and_the_person_is_not(group):
     others = [f.box for f in det.detect(group)][1:]
     assert len(others) == 5
     assert len(keep.crops) == len(blur.crops) == rb.crops
-    showing = [i for i, c in enumerate(keep.crops) if any(_inside_share(c, b) > 1e-3 for b in others)]
+    showing = [i for i, c in enumerate(keep.crops) if any(inside_share(c, b) > 1e-3 for b in others)]
     assert rb.photos[0].blurred == len(showing) >= 7, (rb.photos[0].blurred, len(showing))
     seen_before = seen_after = 0
     for i in showing:
@@ -58,7 +59,7 @@ def test_drop_leaves_only_crops_without_other_faces(group):
     drop, rd = _crops(group, "drop")
     others = [f.box for f in get_detector("yunet").detect(group)][1:]
     assert len(drop.crops) == len(keep.crops) - rd.photos[0].dropped and rd.photos[0].dropped >= 7
-    assert all(_inside_share(c, b) <= 1e-3 for c in drop.crops for b in others)
+    assert all(inside_share(c, b) <= 1e-3 for c in drop.crops for b in others)
     assert f"{rd.photos[0].dropped} dropped (other faces)" in rd.text()
 
 
@@ -94,14 +95,35 @@ def test_bad_arguments():
 
 
 def test_cut_again_at_another_resolution_keeps_other_faces_hidden(group):
-    from metalora_core.faces.crops import FaceCrops
-
     drop, _ = _crops(group, "drop")
     again = drop.at_resolution(96)
     assert len(again.crops) == len(drop.crops) and again.crops[0].size != drop.crops[0].size
     assert [c.box for c in again.crops] == [c.box for c in drop.crops]  # the same crops, the dropped ones still out
     blur, _ = _crops(group, "blur")
     hidden = blur.at_resolution(96)
-    plain = FaceCrops.at_resolution(blur, 96)  # the base class cuts again without hiding anyone
-    assert [c.box for c in hidden.crops] == [c.box for c in plain.crops]
-    assert sum(a.image.tobytes() != b.image.tobytes() for a, b in zip(hidden.crops, plain.crops)) >= 7
+    shown = _crops(group, "keep")[0].at_resolution(96)
+    assert [c.box for c in hidden.crops] == [c.box for c in shown.crops]
+    assert sum(a.image.tobytes() != b.image.tobytes() for a, b in zip(hidden.crops, shown.crops)) >= 7
+    direct, _ = person_crops([group], detector="yunet", others="blur", resolution=96, seed=0)
+    assert [c.image.tobytes() for c in hidden.crops] == [c.image.tobytes() for c in direct.crops]
+    assert blur.at_resolution(160) is blur and hidden.resolution == 96
+
+
+@pytest.mark.parametrize("others", ["blur", "drop"])
+def test_cli_crops_and_the_face_augment_node_cut_the_same_crops(group, sample, tmp_path, others):
+    """`metalora crops` and the Face Augment node's core (``person_crops``) give the same crops of a group photo."""
+    import json
+
+    from metalora_core.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["crops", str(sample("t1")), "--out", str(out), "--detector", "yunet", "--seed", "3",
+                 "--resolution", "160", "--other-faces", others]) == 0
+    listed = json.loads((out / "crops.json").read_text())
+    node, report = person_crops([group], detector="yunet", seed=3, face_index=0, others=others, resolution=160)
+    assert len(listed["crops"]) == len(node.crops) == report.crops
+    assert report.photos[0].blurred + report.photos[0].dropped >= 7  # the photo does show other people
+    assert listed["blurred"] == report.photos[0].blurred and listed["dropped"] == report.photos[0].dropped
+    for entry, crop in zip(listed["crops"], node.crops):
+        with Image.open(out / entry["file"]) as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(crop.image))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metalora_core.cli import main
-from metalora_core.faces import AugmentConfig
+from metalora_core.faces.person import person_crops
 from metalora_core.formats.files import read_safetensors
 from metalora_core.formats.lora import load_adapter_state, load_lora
 from metalora_core.formats.prior import load_prior, make_prior, save_prior
@@ -17,7 +17,7 @@ from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
 from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from metalora_core.lora.layers import FluxDims
 from metalora_core.train import host as host_protocol
-from metalora_core.train.recipe import (Provenance, face_crops, plan_stage2, resolve_preset, run_stage2,
+from metalora_core.train.recipe import (Provenance, plan_stage2, resolve_preset, run_stage2,
                                         stage2_key)
 from metalora_core.train.stage2 import Stage2Config
 
@@ -33,7 +33,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def crops(sample):
-    return face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=64 * 64), seed=0)
+    return person_crops([sample("obama")], detector="yunet", resolution=64, seed=0)[0]
 
 
 def _key(config: Stage2Config, preset="from-config", **parts) -> str:
@@ -145,7 +145,7 @@ def test_cache_entry_refuses_a_different_key(tmp_path, pipe):
 def test_crops_at_another_resolution_are_cut_from_the_photo(sample, crops):
     assert crops.at_resolution(64) is crops and crops.resolution == 64
     again = crops.at_resolution(96)
-    direct = face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=96 * 96), seed=0)
+    direct = person_crops([sample("obama")], detector="yunet", resolution=96, seed=0)[0]
     assert again.resolution == 96 and len(again.crops) == len(direct.crops)
     assert [c.box for c in again.crops] == [c.box for c in direct.crops]
     assert [c.flipped for c in again.crops] == [c.flipped for c in direct.crops]
@@ -170,7 +170,7 @@ def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, 
     _, m_export = load_lora(exported)
     p = Provenance.from_metadata(m_lora)
     assert Provenance.from_metadata(m_state) == p == Provenance.from_metadata(m_export)
-    made = face_crops([sample("obama")], detector="yunet", augment=AugmentConfig(bucket_area=64 * 64), seed=4)
+    made = person_crops([sample("obama")], detector="yunet", resolution=64, seed=4)[0]
     assert p.images_sha256 == image_digest(made.images)  # the training pixels, not the file bytes
     assert p.prior_sha256 == load_prior(prior_path).sha256 and p.mode == "meta" and p.preset == "attn"
     assert (p.steps, p.seed, p.rank, p.guidance, p.caption) == (2, 4, 2, 1.5, "a photo of a man")

@@ -221,6 +221,7 @@ def check_crops(args: argparse.Namespace) -> list[str]:
     """
     from ..formats.outputs import previous_crops
 
+    check_positive_int("--resolution", getattr(args, "resolution", None))
     out = check_output_folder(args.out)
     before = previous_crops(out)
     if before and not getattr(args, "overwrite", False):

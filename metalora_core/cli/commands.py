@@ -5,6 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..faces.names import OTHER_FACES
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="train on the photo alone (paper's plain-LoRA baseline)")
     p.add_argument("--resolution", type=int, default=512, help="training bucket side (area = side^2)")
     p.add_argument("--detector", default="auto")
+    p.add_argument("--face", type=int, default=0, help="face index when a photo shows several (0 = largest)")
+    p.add_argument("--other-faces", default="blur", choices=OTHER_FACES,
+                   help="crops that show other people's faces: blur those faces (default), drop the crop, or keep it")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
@@ -119,11 +124,12 @@ def training_caption(caption: str | None, class_noun: str | None) -> str:
 def _personalize(args: argparse.Namespace) -> str:
     import torch
 
-    from ..faces import AugmentConfig, load_image
+    from ..faces import load_image
+    from ..faces.person import person_crops
     from ..formats.lora import save_adapter_state, save_lora
     from ..formats.prior import load_prior
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt, load_flux_pipeline
-    from ..train.recipe import face_crops, run_stage2
+    from ..train.recipe import run_stage2
     from ..lora.layers import DEFAULT_PRESET
     from ..train.stage2 import Stage2Config
     from .checks import check_personalize
@@ -134,8 +140,8 @@ def _personalize(args: argparse.Namespace) -> str:
     pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
     prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
-    made = face_crops(images, detector=args.detector, augment=AugmentConfig(bucket_area=args.resolution ** 2),
-                      seed=args.seed, grid=not args.no_augment)
+    made, _ = person_crops(images, detector=args.detector, face_index=args.face, others=args.other_faces,
+                           resolution=args.resolution, seed=args.seed, grid=not args.no_augment)
     config = Stage2Config(steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
                           preset=args.preset or DEFAULT_PRESET)
     host = DiffusersFluxHost.from_pipeline(pipe, gradient_checkpointing=args.gradient_checkpointing)

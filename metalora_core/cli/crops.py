@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..faces.names import DETECTOR_NAMES
+from ..faces.names import DETECTOR_NAMES, OTHER_FACES
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -20,6 +20,8 @@ def _run(args: argparse.Namespace) -> str:
         detector=args.detector,
         seed=args.seed,
         face_index=args.face,
+        others=args.other_faces,
+        resolution=args.resolution,
         insightface_root=args.insightface_root,
     )
     gone = remove_stale_crops(args.out, before, [c["file"] for c in result["crops"]])
@@ -39,11 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="detect the face in a photo and write the paper's augmented crops",
         description="Writes crop PNGs, faces.png, contact_sheet.png and crops.json into --out.",
     )
-    p.add_argument("image", help="photo with one person (the largest face is used)")
+    p.add_argument("image", help="photo of the person (the largest face is used unless --face says otherwise)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--detector", default="auto", choices=DETECTOR_NAMES, help="face detector backend")
     p.add_argument("--seed", type=int, default=0, help="seed of the random flips")
     p.add_argument("--face", type=int, default=None, help="face index when there are several (0 = largest)")
+    p.add_argument("--other-faces", default="blur", choices=OTHER_FACES,
+                   help="crops that show other people's faces: blur those faces (default), drop the crop, or keep it")
+    p.add_argument("--resolution", type=int, default=512, help="crop side: each crop has about side^2 pixels")
     p.add_argument(
         "--insightface-root",
         default=None,

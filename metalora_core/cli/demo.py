@@ -21,7 +21,8 @@ from ..lora.families import family_of_diffusers_config
 from ..lora.layers import DEFAULT_PRESET
 from ..draw.charts import line_plot
 from ..formats.prior import load_prior, make_prior, save_prior
-from ..train.recipe import class_caption, face_crops, run_stage2
+from ..faces.person import person_crops
+from ..train.recipe import class_caption, run_stage2
 from ..hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from ..train.stage2 import Stage2Config
 
@@ -35,13 +36,13 @@ DEMO_PROMPTS = (
 
 
 def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r2: int = 1,
-             photo: str | Path | None = None, bucket_area: int = 256 * 256, sample_size: int = 128,
+             photo: str | Path | None = None, resolution: int = 256, sample_size: int = 128,
              sample_steps: int = 4) -> dict:
     """Runs the demo and writes prior, LoRA, samples, loss plot and report into ``out``.
 
     ``photo``: a photo of one person (``make demo`` fetches a public-domain one first).
     """
-    from ..faces import AugmentConfig, contact_sheet, labelled_sheet
+    from ..faces import contact_sheet, labelled_sheet
 
     if photo is None or not Path(photo).is_file():
         raise FileNotFoundError(
@@ -60,7 +61,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     prior = load_prior(prior_path)
 
     photo_path = Path(photo)
-    made = face_crops([photo_path], augment=AugmentConfig(bucket_area=bucket_area), seed=seed)
+    made, _ = person_crops([photo_path], resolution=resolution, seed=seed)
     atomic_save_png(contact_sheet(made.crops, tile=128), out / "crops.png")
     caption = class_caption("woman")
     config = Stage2Config(steps=steps, rank=r2, seed=seed)

@@ -214,8 +214,11 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
     caption = args.caption or class_caption(args.domain)
     if args.crop_grid and args.no_augment:
         raise ValueError("--crop-grid and --no-augment contradict each other; pass one (default: --no-augment)")
+    from ..faces.crops import bucket_config
+
     dcfg = DatasetConfig(augment=args.crop_grid, detector=args.detector, seed=args.seed, class_caption=caption,
-                         flip=not args.no_flip, **({"bucket_area": resolution * resolution} if resolution else {}))
+                         flip=not args.no_flip,
+                         **({"bucket_area": bucket_config(resolution).bucket_area} if resolution else {}))
     config = meta_train_config(args)
     every = _pick(args.checkpoint_every, tiny, "checkpoint_every", CHECKPOINT_EVERY)
 

@@ -10,23 +10,21 @@ made / blurred / dropped), for the node's text and preview labels rather than on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
-from .augment import AugmentConfig, Crop, make_crops, whole_photo_crop
-from .detect import get_detector
+from .augment import AugmentConfig, Crop
+from .crops import FaceCrops, bucket_config, cut_crops
+from .detect import FaceDetector, get_detector
 from .image import contact_sheet, load_image
-from .crops import FaceCrops
+from .names import OTHER_FACES
 
 log = logging.getLogger(__name__)
 
-OTHER_FACES = ("blur", "drop", "keep")
 MIN_FACE = 64  # px: below this the identity detail is poor (and detectors disagree between sizes)
-_OVERLAP = 1e-3  # an other face counts when any of its box (above rounding) lies inside the crop
-_GROW = 0.35  # blur a box this much larger than the detector's (hair, ears, chin)
 
 
 @dataclass
@@ -35,6 +33,8 @@ class PhotoReport:
     faces: int
     used: int  # index into the faces, largest first
     face_size: tuple[int, int]
+    found: list = field(default_factory=list)  # every face detected (faces.Face), largest first
+    detect_seconds: float = 0.0
     crops: int = 0
     blurred: int = 0
     dropped: int = 0
@@ -73,94 +73,28 @@ class PersonReport:
         return "\n".join(self.lines())
 
 
-@dataclass
-class PersonCrops(FaceCrops):
-    """``FaceCrops`` that remember the other people's faces, so a crop cut again keeps them hidden."""
-
-    others: str = "keep"
-    other_boxes: list = field(default_factory=list)  # per source photo: the other faces' boxes (source px)
-
-    def at_resolution(self, side: int) -> "PersonCrops":
-        if side * side == self.augment.bucket_area:
-            return self
-        config = replace(self.augment, bucket_area=side * side)
-        crops, _ = _cut(self.sources, self.faces, self.other_boxes, config, self.seed, self.grid, self.others)
-        log.info("crops cut again at %dx%d area, other faces %s as before", side, side, self.others)
-        return PersonCrops(crops=crops, faces=self.faces, detector=self.detector, sources=self.sources,
-                           augment=config, seed=self.seed, grid=self.grid, others=self.others,
-                           other_boxes=self.other_boxes)
-
-
-def box_in_crop(crop: Crop, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """A source-pixel box in the crop's output pixels (resize, then the flip), not clipped."""
-    x0, y0, x1, y1 = crop.box
-    w, h = crop.size
-    sx, sy = w / (x1 - x0), h / (y1 - y0)
-    bx0, by0, bx1, by1 = (box[0] - x0) * sx, (box[1] - y0) * sy, (box[2] - x0) * sx, (box[3] - y0) * sy
-    if crop.flipped:
-        bx0, bx1 = w - bx1, w - bx0
-    return bx0, by0, bx1, by1
-
-
-def _inside_share(crop: Crop, box: tuple[float, float, float, float]) -> float:
-    x0, y0, x1, y1 = crop.box
-    ix = max(0.0, min(x1, box[2]) - max(x0, box[0]))
-    iy = max(0.0, min(y1, box[3]) - max(y0, box[1]))
-    area = max(1e-6, (box[2] - box[0]) * (box[3] - box[1]))
-    return ix * iy / area
-
-
-def blur_faces(crop: Crop, boxes: list[tuple[float, float, float, float]]) -> Crop:
-    """The crop with each (source-pixel) box blurred beyond recognition."""
-    img = crop.image.copy()
-    w, h = img.size
-    for box in boxes:
-        bx0, by0, bx1, by1 = box_in_crop(crop, box)
-        gw, gh = (bx1 - bx0) * _GROW / 2, (by1 - by0) * _GROW / 2
-        r = (max(0, int(bx0 - gw)), max(0, int(by0 - gh)), min(w, int(bx1 + gw) + 1), min(h, int(by1 + gh) + 1))
-        if r[2] <= r[0] or r[3] <= r[1]:
-            continue
-        region = img.crop(r)
-        # down to 3x3 colours and smoothly back up: the colours stay, no face structure does
-        smooth = region.resize((3, 3), Image.Resampling.BOX).resize(region.size, Image.Resampling.BILINEAR)
-        img.paste(smooth.filter(ImageFilter.GaussianBlur(max(2.0, min(region.size) / 8))), r[:2])
-    return replace(crop, image=img)
-
-
-def _cut(sources: list, faces: list, other_boxes: list, config: AugmentConfig, seed: int, grid: bool,
-         others: str) -> tuple[list[Crop], list[tuple[int, int, int]]]:
-    """The crops of every photo with other faces blurred or dropped; per photo (made, blurred, dropped).
-
-    Which crops show another face depends only on the crop boxes (not on the bucket size), so cutting
-    again at another resolution blurs and drops the same crops.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    crops: list[Crop] = []
-    counts = []
-    for im, face, rest in zip(sources, faces, other_boxes):
-        made = make_crops(im, face, config, gen) if grid else [whole_photo_crop(im, face, config.bucket_area, config.multiple)]
-        blurred = dropped = 0
-        for c in made:
-            near = [b for b in rest if _inside_share(c, b) >= _OVERLAP]
-            if not near or others == "keep":
-                crops.append(c)
-            elif others == "drop":
-                dropped += 1
-            else:
-                crops.append(blur_faces(c, near))
-                blurred += 1
-        counts.append((len(made), blurred, dropped))
-    return crops, counts
-
-
-def person_crops(images: list[Any], *, detector: str = "auto", face_index: int = 0, others: str = "blur",
-                 augment: AugmentConfig | None = None, seed: int = 0, insightface_root: str | None = None,
-                 grid: bool = True, min_face: int = MIN_FACE):
+def person_crops(images: list[Any], *, detector: str | FaceDetector = "auto", face_index: int = 0,
+                 others: str = "blur", resolution: int | None = None, augment: AugmentConfig | None = None,
+                 seed: int = 0, insightface_root: str | None = None, grid: bool = True,
+                 min_face: int = MIN_FACE) -> tuple[FaceCrops, PersonReport]:
     """Crops of one person from one or more photos (any sizes), with a :class:`PersonReport`.
 
+    The one crop pipeline: ``metalora crops``, ``metalora personalize``, the demo and the Face
+    Augment node all cut their crops here.
+
+    Args:
+        images: photos (paths or PIL images) of one person.
+        detector: a backend name for ``get_detector`` or a ready ``FaceDetector``.
+        face_index: which face when a photo shows several (0: the largest).
+        others: what to do with crops that show other faces: "blur", "drop" or "keep".
+        resolution: crop side (about ``resolution`` x ``resolution`` pixels); None: ``augment``'s bucket.
+        augment: grid settings (None: the paper's).
+        seed: seed of the random flips.
+        grid: False takes each photo as it is (one crop per photo, never flipped).
+
     Returns:
-        (:class:`PersonCrops`, a ``train.recipe.FaceCrops`` that cuts again at another resolution
-        with the same faces blurred or dropped; ``PersonReport``).
+        (:class:`FaceCrops`, which cuts again at another resolution with the same faces blurred
+        or dropped; ``PersonReport``).
 
     Raises:
         ValueError: no photo, unknown ``others``, no face in a photo, ``face_index`` out of range, or
@@ -172,13 +106,15 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
         raise ValueError(f"other_faces {others!r}: choose one of {list(OTHER_FACES)}")
     if face_index < 0:
         raise ValueError(f"face_index must be >= 0 (0 = the largest face), got {face_index}")
-    det = get_detector(detector, insightface_root=insightface_root)
-    config = augment or AugmentConfig()
+    det = detector if isinstance(detector, FaceDetector) else get_detector(detector, insightface_root=insightface_root)
+    config = bucket_config(resolution, augment)
     report = PersonReport(detector=det.name, others=others)
     sources, faces, other_boxes = [], [], []
     for i, im in enumerate(images):
         im = load_image(im)
+        t0 = time.perf_counter()
         found = det.detect(im)  # largest first
+        seconds = time.perf_counter() - t0
         where = f"photo {i + 1} of {len(images)} ({im.size[0]}x{im.size[1]})"
         if not found:
             raise ValueError(f"{where}: no face found by {det.name!r}; use a photo where the face is clearly "
@@ -188,7 +124,7 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
                              f"use 0..{len(found) - 1} (0 = the largest)")
         face = found[face_index]
         pr = PhotoReport(size=im.size, faces=len(found), used=face_index,
-                         face_size=(round(face.width), round(face.height)))
+                         face_size=(round(face.width), round(face.height)), found=found, detect_seconds=seconds)
         if min(face.width, face.height) < min_face:
             pr.warnings.append(f"the face is small ({pr.face_size[0]}x{pr.face_size[1]} px, under {min_face}): "
                                "identity detail will be poor and the detector may pick a different person; "
@@ -199,7 +135,7 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
         faces.append(face)
         other_boxes.append([f.box for j, f in enumerate(found) if j != face_index])
         report.photos.append(pr)
-    crops, counts = _cut(sources, faces, other_boxes, config, seed, grid, others)
+    crops, counts = cut_crops(sources, faces, other_boxes, config, seed, grid, others)
     for pr, (made, blurred, dropped) in zip(report.photos, counts):
         pr.crops, pr.blurred, pr.dropped = made - dropped, blurred, dropped
     if not crops:
@@ -207,8 +143,8 @@ def person_crops(images: list[Any], *, detector: str = "auto", face_index: int =
                          "of the person alone")
     for line in report.lines():
         log.info("%s", line)
-    result = PersonCrops(crops=crops, faces=faces, detector=det.name, sources=sources, augment=config, seed=seed,
-                         grid=grid, others=others, other_boxes=other_boxes)
+    result = FaceCrops(crops=crops, faces=faces, detector=det.name, sources=sources, augment=config, seed=seed,
+                       grid=grid, others=others, other_boxes=other_boxes)
     return result, report
 
 

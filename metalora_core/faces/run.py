@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-
 from ..formats.files import atomic_save_png, atomic_write_bytes
-from .augment import AugmentConfig, make_crops
-from .detect import Face, FaceDetector, get_detector, select_face
+from .augment import AugmentConfig
+from .detect import FaceDetector
 from .image import contact_sheet, draw_faces, load_image
+from .person import person_crops
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +25,12 @@ def run_crops(
     config: AugmentConfig | None = None,
     *,
     face_index: int | None = None,
+    others: str = "blur",
+    resolution: int | None = None,
     insightface_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Detects the face in a photo and writes the paper's augmented crops.
+    """Detects the face in a photo and writes the paper's augmented crops (``person_crops``, the
+    same crops the Face Augment node makes from the same photo and settings).
 
     Writes into ``out_dir`` (each file atomically): ``crop_NN_<w>x<h>_s<scale>[_flip].png``,
     ``faces.png`` (the source with every detected face drawn), ``contact_sheet.png`` (all crops
@@ -44,6 +44,8 @@ def run_crops(
         seed: seed of the flip generator.
         config: grid settings (default ``AugmentConfig()``).
         face_index: which face when there are several (default: largest).
+        others: crops showing other people's faces: "blur" those faces, "drop" the crop or "keep" it.
+        resolution: crop side in pixels (None: ``config``'s bucket, 512 by default).
         insightface_root: see ``get_detector``.
 
     Returns:
@@ -53,46 +55,35 @@ def run_crops(
         ValueError: no face found, or a bad index.
         FileNotFoundError: no such photo, or a requested insightface pack is missing.
     """
-    config = config or AugmentConfig()
     image = load_image(image_path)
-    det = detector if isinstance(detector, FaceDetector) else get_detector(detector, insightface_root=insightface_root)
-    t0 = time.perf_counter()
-    faces = det.detect(image)
-    detect_s = time.perf_counter() - t0
-    face = select_face(image, _Fixed(det, faces), index=face_index)
-    crops = make_crops(image, face, config, torch.Generator().manual_seed(seed))
+    made, report = person_crops([image], detector=detector, face_index=face_index or 0, others=others,
+                                resolution=resolution, augment=config, seed=seed,
+                                insightface_root=None if insightface_root is None else str(insightface_root))
+    photo = report.photos[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, crop in enumerate(crops):
+    for i, crop in enumerate(made.crops):
         flip = "_flip" if crop.flipped else ""
         name = f"crop_{i:02d}_{crop.ratio[0]}x{crop.ratio[1]}_s{crop.requested_scale:g}{flip}.png"
         atomic_save_png(crop.image, out / name)
         entries.append({"file": name, **crop.to_dict()})
-    atomic_save_png(draw_faces(image, faces), out / "faces.png")
-    atomic_save_png(contact_sheet(crops), out / "contact_sheet.png")
-    report: dict[str, Any] = {
+    atomic_save_png(draw_faces(image, photo.found), out / "faces.png")
+    atomic_save_png(contact_sheet(made.crops), out / "contact_sheet.png")
+    result: dict[str, Any] = {
         "image": str(Path(image_path)),
         "image_size": list(image.size),
-        "detector": det.name,
-        "detect_seconds": round(detect_s, 4),
-        "faces_found": len(faces),
-        "face": face.to_dict(),
+        "detector": made.detector,
+        "detect_seconds": round(photo.detect_seconds, 4),
+        "faces_found": photo.faces,
+        "face": made.faces[0].to_dict(),
+        "other_faces": others,
+        "blurred": photo.blurred,
+        "dropped": photo.dropped,
         "seed": seed,
-        "config": config.to_dict(),
+        "config": made.augment.to_dict(),
         "crops": entries,
     }
-    atomic_write_bytes(out / "crops.json", (json.dumps(report, indent=2) + "\n").encode())
-    logger.info("wrote %d crops to %s", len(crops), out)
-    return {**report, "out_dir": str(out)}
-
-
-class _Fixed(FaceDetector):
-    """Replays already computed detections so select_face does not detect twice."""
-
-    def __init__(self, inner: FaceDetector, faces: list[Face]) -> None:
-        self.name = inner.name
-        self._faces = faces
-
-    def detect(self, image: Image.Image) -> list[Face]:
-        return list(self._faces)
+    atomic_write_bytes(out / "crops.json", (json.dumps(result, indent=2) + "\n").encode())
+    logger.info("wrote %d crops to %s", len(made.crops), out)
+    return {**result, "out_dir": str(out)}

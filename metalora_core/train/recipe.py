@@ -1,6 +1,6 @@
 """The personalization recipe shared by the CLI, the demo and the ComfyUI nodes.
 
-photo -> face -> augmented crops (paper Sec. 3) ; prior (or none) -> adapters ;
+photo -> face -> augmented crops (paper Sec. 3, ``faces.person.person_crops``) ; prior (or none) -> adapters ;
 crops + caption conditioning + adapters -> Stage-2 on any ``FlowHost`` -> trained adapters with
 their provenance. ``run_stage2`` is the one Stage-2 pipeline; ``plan_stage2`` gives the cache
 key and provenance before training (a front end with a cache looks the key up first).
@@ -17,7 +17,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data.latents import encode_flip_pairs
-from ..faces.crops import FaceCrops, cut_crops
+from ..faces.crops import FaceCrops
 from ..formats.prior import Prior, validate_prior
 from ..formats.store import content_key, image_digest
 from ..lora.adapter import AdapterSet
@@ -35,48 +35,6 @@ _INIT_SALT = 0x5EED  # keeps the adapter-init stream apart from the training str
 def class_caption(noun: str) -> str:
     """A training caption made of the class noun alone, no trigger word (the paper states no caption)."""
     return CLASS_CAPTIONS.get(noun, f"a photo of a {noun}")
-
-
-def face_crops(
-    images: list[Image.Image],
-    *,
-    detector: str = "auto",
-    face_index: int | None = None,
-    augment=None,
-    seed: int = 0,
-    insightface_root: str | None = None,
-    grid: bool = True,
-) -> FaceCrops:
-    """Detects the face in each photo and makes the paper's crop grid around it.
-
-    Args:
-        images: one photo, or a few of the same person.
-        detector: face detector backend name ("auto" picks the best available).
-        face_index: which face when a photo has several (None: the largest).
-        augment: ``faces.AugmentConfig`` (None: the paper's grid at 512x512 area).
-        seed: drives the random flips.
-        grid: False trains on each photo as it is (one crop per photo, no flips): the paper's
-            un-augmented LoRA baseline.
-    """
-    from ..faces import AugmentConfig, get_detector, load_image, select_face
-
-    if not images:
-        raise ValueError("no photo given; pass one photo of the person (or a few)")
-    det = get_detector(detector, insightface_root=insightface_root)
-    config = augment or AugmentConfig()
-    sources, faces = [], []
-    for i, im in enumerate(images):
-        im = load_image(im)
-        try:
-            face = select_face(im, det, index=face_index)
-        except ValueError as e:
-            raise ValueError(f"photo {i + 1} of {len(images)}: {e}") from e
-        sources.append(im)
-        faces.append(face)
-    crops = cut_crops(sources, faces, config, seed, grid)
-    log.info("augmentation: %d crops from %d photo(s), detector %s", len(crops), len(images), det.name)
-    return FaceCrops(crops=crops, faces=faces, detector=det.name, sources=sources, augment=config, seed=seed,
-                     grid=grid)
 
 
 def build_adapters(
