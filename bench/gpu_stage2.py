@@ -103,11 +103,14 @@ def flop_model(shape: Shape, img_tokens: int, txt_tokens: int, checkpointed_bloc
             "tflop": total / 1e12, "attention_share": (3 * n_blocks * attn) / total}
 
 
+def _every(checkpoint: str) -> int:
+    """A host's checkpoint_every for the --checkpoint choice: off 0, all 1, k every k-th block."""
+    return {"off": 0, "all": 1}.get(checkpoint) if checkpoint in ("off", "all") else int(checkpoint)
+
+
 def checkpointed(n_blocks: int, checkpoint: str) -> int:
-    if checkpoint == "off":
-        return 0
-    k = 1 if checkpoint == "all" else int(checkpoint)
-    return len(range(0, n_blocks, k))
+    k = _every(checkpoint)
+    return len(range(0, n_blocks, k)) if k else 0
 
 
 # ----------------------------------------------------------------------------- model
@@ -157,8 +160,7 @@ class CoreBench:
         self.dims = FluxDims.from_diffusers_config(transformer.config)
 
     def host(self, checkpoint: str, compile_on: bool):
-        return DiffusersFluxHost(self.transformer, gradient_checkpointing=checkpoint != "off",
-                                 checkpoint_every=1 if checkpoint in ("off", "all") else int(checkpoint),
+        return DiffusersFluxHost(self.transformer, checkpoint_every=_every(checkpoint),
                                  compile_blocks=compile_on)
 
     def cond(self, g: torch.Generator):
@@ -230,8 +232,7 @@ class ComfyBench(CoreBench):
     def host(self, checkpoint: str, compile_on: bool):
         if compile_on:
             raise RuntimeError("compile is not wired into the ComfyUI host")
-        return self.comfy_host.ComfyFluxHost(self.model, gradient_checkpointing=checkpoint != "off",
-                                             checkpoint_every=1 if checkpoint in ("off", "all") else int(checkpoint))
+        return self.comfy_host.ComfyFluxHost(self.model, checkpoint_every=_every(checkpoint))
 
     def cond(self, g: torch.Generator):
         a = self.args

@@ -37,7 +37,7 @@ from ..metalora_core.formats.store import weights_identity
 from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, add_low_rank, add_rows,
                                            down_project, frozen_meta, shared_down)
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
-from ..metalora_core.lora.layers import FluxDims
+from ..metalora_core.lora.layers import FluxDims, check_checkpoint_every
 from ..metalora_core.lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual,
                                               modulated_norm, plain_modulated_norm)
 from .latents import VaeEncoder
@@ -158,10 +158,9 @@ class BlockMismatch(RuntimeError):
 class _Blocks:
     """Out-of-place FLUX block forwards with bypass adapters (the ``patches_replace`` targets)."""
 
-    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint: bool,
-                 checkpoint_every: int = 1):
-        self.dm, self.slots, self.checkpoint = diffusion_model, slots, checkpoint
-        self.checkpoint_every = int(checkpoint_every)
+    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint_every: int = 0):
+        self.dm, self.slots = diffusion_model, slots
+        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.fp8_recast = True  # False: ComfyUI's own cast (keeps a compute-dtype copy of each weight)
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
@@ -442,7 +441,7 @@ class _Blocks:
 
     def _run(self, index: int, fn, *args):
         """Runs block ``index`` (double blocks first, then single), checkpointed every k-th block."""
-        if self.checkpoint and torch.is_grad_enabled() and index % self.checkpoint_every == 0:
+        if self.checkpoint_every and torch.is_grad_enabled() and index % self.checkpoint_every == 0:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -578,22 +577,18 @@ class ComfyFluxHost(ComfyHost):
     Args:
         model: the caller's MODEL (FLUX); only a clone of it is patched.
         vae: the ComfyUI VAE that ``encode_images`` uses (and previews decode with).
-        gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint,
-            non-reentrant) to save activation memory.
-        checkpoint_every: with checkpointing on, recompute only every k-th block (double blocks
-            then single blocks, counted from 0); 1 checkpoints all of them.
+        checkpoint_every: recompute blocks in backward (torch.utils.checkpoint, non-reentrant) to
+            save activation memory, every k-th block (double blocks then single blocks, counted
+            from 0): 0 none, 1 all of them. It may be set after construction (planned from
+            ``dims``, see ``nodes.training.checkpoint_plan``); ``attach`` reads it.
 
     The distilled-guidance input comes from the conditioning (``ComfyFluxCond.guidance``).
     """
 
-    def __init__(self, model: Any, *, vae: Any = None, gradient_checkpointing: bool = False,
-                 checkpoint_every: int = 1) -> None:
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
+    def __init__(self, model: Any, *, vae: Any = None, checkpoint_every: int = 0) -> None:
         super().__init__(model, vae=vae)
-        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.dims = flux_dims(model)
-        self.gradient_checkpointing = bool(gradient_checkpointing)
         self._blocks: _Blocks | None = None
 
     def _on_device(self, cond: ComfyFluxCond, dev, dt) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -611,7 +606,7 @@ class ComfyFluxHost(ComfyHost):
         """A clone of the caller's patcher whose every block is replaced by the out-of-place one."""
         dm = self.source.model.diffusion_model
         clone = self.source.clone()
-        blocks = _Blocks(dm, slots, self.gradient_checkpointing, self.checkpoint_every)
+        blocks = _Blocks(dm, slots, self.checkpoint_every)
         for i in range(len(dm.double_blocks)):
             clone.set_model_patch_replace(blocks.double_patch(i), "dit", "double_block", i)
         for i in range(len(dm.single_blocks)):

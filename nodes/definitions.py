@@ -155,7 +155,7 @@ class MetaLoRATrain(io.ComfyNode):
                                      "this bucket_resolution are used as they are; otherwise they are cut again from "
                                      "the photos at this size (one resize, same crops and flips) and the node says so."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute each block in backward: much less activation memory, slower steps (each block runs forward twice)."),
+                                 tooltip="On: the same as memory 'low' (recompute each block in backward: much less activation memory, slower steps)."),
                 io.Int.Input("preview_every", default=25, min=0, max=100000,
                              tooltip="Show a one-step denoised preview every N steps (0: never)."),
                 io.Boolean.Input("force_retrain", default=False,
@@ -184,8 +184,9 @@ class MetaLoRATrain(io.ComfyNode):
                 prior=None, memory: str = "auto", layers: str = DEFAULT_PRESET) -> io.NodeOutput:
         check_saves_of(cls.hidden.prompt if getattr(cls, "hidden", None) else None, _node_id(cls))
         config = Stage2Config(steps=steps, rank=rank, lr=learning_rate, seed=seed, preset=layers)
-        settings = training.TrainSettings(config, resolution=resolution, gradient_checkpointing=gradient_checkpointing,
-                                          preview_every=preview_every, force_retrain=force_retrain, memory=memory)
+        settings = training.TrainSettings(config, resolution=resolution, preview_every=preview_every,
+                                          force_retrain=force_retrain,
+                                          memory=training.memory_choice(memory, gradient_checkpointing))
         result = training.train_meta_lora(model, vae, prior, crops, positive, settings, node_id=_node_id(cls))
         curve = interop.labelled(training.loss_plot(result.losses), interop.run_summary(result, prior))
         return io.NodeOutput(result, curve, interop.lora_model(result), interop.loss_map(result.losses))

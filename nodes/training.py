@@ -26,12 +26,12 @@ from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, check_rank, validate_prior
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
 from ..metalora_core.lora.adapter import AdapterSet
-from ..metalora_core.lora.families import DEFAULT_FAMILY, ModelFamily
+from ..metalora_core.lora.families import DEFAULT_FAMILY, ModelDims
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.faces.crops import FaceCrops
 from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2, plan_stage2
 from ..metalora_core.train.stage2 import Stage2Config
-from .comfy_host import ComfyFluxCond, ComfyFluxHost, flux_dims
+from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
 from .generic_host import flux_host_or_generic
 from .images import image_to_pils, pils_to_image
@@ -62,41 +62,45 @@ class TrainSettings:
     """The Train node's inputs: the core config (everything that affects the result) plus ComfyUI's part."""
 
     config: Stage2Config = field(default_factory=Stage2Config)
-    resolution: int = 512  # crops are cut at about resolution^2 pixels (see FaceCrops.at_resolution)
-    gradient_checkpointing: bool = False
+    resolution: int = 512  # crop side: crops are cut at about resolution^2 pixels (FaceCrops.at_resolution)
     preview_every: int = 25
     force_retrain: bool = False
-    memory: str = "auto"  # "fast" (no checkpointing), "low" (every block), "auto" (what fits)
+    memory: str = "auto"  # "fast" (no checkpointing), "low" (every block), "auto" (what fits): checkpoint_plan
 
 
 MEMORY_CHOICES = ("auto", "fast", "low")
 TRAINED_FAMILIES = (DEFAULT_FAMILY,)  # the model families the Train node's host trains
 
 
-def checkpoint_plan(memory: str, gradient_checkpointing: bool, *, blocks: int, tokens: int, hidden: int,
-                    element_size: int, free_bytes: int | None, family: ModelFamily = DEFAULT_FAMILY) -> int:
-    """How many blocks apart to checkpoint: 0 none, 1 every block, k every k-th block.
+def memory_choice(memory: str, gradient_checkpointing: bool) -> str:
+    """The Train node's ``memory``; its older ``gradient_checkpointing`` switch on means "low"."""
+    return "low" if gradient_checkpointing else memory
 
-    ``gradient_checkpointing`` on always means every block (what the switch did before ``memory``
-    existed). "fast": none; "low": every block; "auto": none when the estimated activations fit
-    in 80% of ``free_bytes`` (None: unknown, e.g. on the CPU: none), else the widest spacing
-    that fits, else every block. The estimate uses the ``family``'s measured activation widths;
-    a family without them checkpoints every block under "auto" on a card.
+
+def checkpoint_plan(memory: str, dims: ModelDims, *, tokens: int, element_size: int, free_bytes: int | None) -> int:
+    """A host's ``checkpoint_every`` for a run: 0 none, 1 every block, k every k-th block.
+
+    "fast": none; "low": every block; "auto": none when the estimated activations of the model
+    (``dims``: its width, its blocks and its family's measured activation widths) fit in 80% of
+    ``free_bytes`` (None: unknown, e.g. on the CPU: none), else the widest spacing that fits, else
+    every block; a family without measured widths checkpoints every block under "auto" on a card.
 
     Raises:
         ValueError: ``memory`` is not one of ``MEMORY_CHOICES``.
     """
     if memory not in MEMORY_CHOICES:
         raise ValueError(f"memory must be one of {MEMORY_CHOICES}, got {memory!r}")
-    if gradient_checkpointing or memory == "low":
+    if memory == "low":
         return 1
     if memory == "fast" or free_bytes is None:
         return 0
+    family = dims.family
     if family.activation_widths is None:
         return 1
     saved, checkpointed = family.activation_widths
-    full = tokens * hidden * element_size * saved
-    kept = tokens * hidden * element_size * checkpointed
+    blocks = family.block_count(dims)
+    full = tokens * dims.hidden * element_size * saved
+    kept = tokens * dims.hidden * element_size * checkpointed
     budget = 0.8 * free_bytes
     for k in [0] + list(range(blocks, 1, -1)):  # no checkpointing first, then ever denser
         n_ckpt = 0 if k == 0 else len(range(0, blocks, k))
@@ -158,24 +162,20 @@ def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops,
         return _train(model, vae, prior, crops, positive, settings, node_id)
 
 
-def _plan_checkpointing(model: Any, settings: TrainSettings, images: list, cond: ComfyFluxCond) -> int:
-    """``checkpoint_plan`` for this run: the largest crop's tokens, the card's free memory."""
-    dims = flux_dims(model)
-    family = dims.family
-    tokens = max(im.size[0] * im.size[1] for im in images) // family.pixels_per_token ** 2 + cond.context.shape[1]
-    dev = model.load_device
-    free = None
-    if torch.device(dev).type != "cpu":
-        free = int(comfy.model_management.get_free_memory(dev))
+def _plan_checkpointing(host: ComfyFluxHost, settings: TrainSettings, images: list, cond: ComfyFluxCond) -> int:
+    """``checkpoint_plan`` for this run: the host's model, the largest crop's tokens, the card's free memory."""
+    per_token = host.dims.family.pixels_per_token ** 2
+    tokens = max(im.size[0] * im.size[1] for im in images) // per_token + cond.context.shape[1]
+    model, free = host.source, None
+    if torch.device(host.device).type != "cpu":
+        free = int(comfy.model_management.get_free_memory(host.device))
         if not model.loaded_size():  # the weights still have to come onto the card
             free -= int(model.model_size())
-    plan = checkpoint_plan(settings.memory, settings.gradient_checkpointing,
-                           blocks=family.block_count(dims), tokens=tokens, hidden=dims.hidden,
-                           element_size=torch.finfo(model.model.get_dtype_inference()).bits // 8,
-                           free_bytes=free, family=family)
+    every = checkpoint_plan(settings.memory, host.dims, tokens=tokens,
+                            element_size=torch.finfo(host.dtype).bits // 8, free_bytes=free)
     log.info("Stage-2 memory %s: checkpointing %s", settings.memory,
-             {0: "off", 1: "every block"}.get(plan, f"every {plan}th block"))
-    return plan
+             {0: "off", 1: "every block"}.get(every, f"every {every}th block"))
+    return every
 
 
 def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainedLoRA | None:
@@ -202,8 +202,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
                   f"(Face Augment made them at {crops.resolution})", node_id)
     cond = ComfyFluxCond.from_conditioning(positive)
-    every = _plan_checkpointing(model, settings, used.images, cond)
-    host = ComfyFluxHost(model, vae=vae, gradient_checkpointing=every > 0, checkpoint_every=max(every, 1))
+    host = ComfyFluxHost(model, vae=vae)
+    host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
     if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
         validate_prior(prior, host.dims)
     plan = plan_stage2(host, used, cond, prior, settings.config)
@@ -223,7 +223,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
         comfy.model_management.soft_empty_cache()
-        tips = [] if every == 1 else ["turn on gradient_checkpointing"]
+        tips = [] if host.checkpoint_every == 1 else ["set memory to low (or turn on gradient_checkpointing)"]
         tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
         tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "

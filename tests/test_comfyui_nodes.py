@@ -256,7 +256,7 @@ def test_out_of_memory_gives_advice_and_leaves_model_clean(env, loaded, monkeypa
 
     monkeypatch.setattr(training, "execute_stage2", oom)
     settings = training.TrainSettings(stage2_config(steps=3, seed=12), resolution=64, preview_every=0, force_retrain=True)
-    with pytest.raises(RuntimeError, match="ran out of GPU memory: turn on gradient_checkpointing;.*fp8_e4m3fn"), \
+    with pytest.raises(RuntimeError, match="ran out of GPU memory: set memory to low .or turn on gradient_checkpointing.;.*fp8_e4m3fn"), \
             torch.inference_mode():
         training.train_meta_lora(model, vae, None, crops, cond, settings)
     assert_untouched(model, before)
@@ -280,7 +280,7 @@ def _batch():
 
 def _grads(model, *, checkpointing: bool, dtype, seed: int = 0):
     host_mod = pack("nodes.comfy_host")
-    host = host_mod.ComfyFluxHost(model, gradient_checkpointing=checkpointing)
+    host = host_mod.ComfyFluxHost(model, checkpoint_every=int(checkpointing))
     ad = _prior_adapters(host.dims, seed, dtype)
     x0, noise, sigma, cond = _batch()
     handle = host.attach(ad)
@@ -310,7 +310,7 @@ def test_out_of_place_blocks_equal_comfy_blocks(env, loaded):
     model = loaded[0]
     host_mod = pack("nodes.comfy_host")
     dm = model.model.diffusion_model
-    blocks = host_mod._Blocks(dm, {}, checkpoint=False)
+    blocks = host_mod._Blocks(dm, {}, checkpoint_every=0)
     g = torch.Generator().manual_seed(0)
     img, txt, vec = torch.randn(1, 16, 256, generator=g), torch.randn(1, 77, 256, generator=g), torch.randn(1, 256, generator=g)
     ids = torch.zeros(1, 93, 3)

@@ -43,8 +43,7 @@ def _step(model, *, adapters=True, checkpoint_every=None, dtype=torch.float32, f
     """One step through the ComfyUI host: (Mid/Up grads, saved bytes, ops by name)."""
     profile = pack("metalora_core.train.profile")
     host_mod = pack("nodes.comfy_host")
-    host = host_mod.ComfyFluxHost(model, gradient_checkpointing=checkpoint_every is not None,
-                                  checkpoint_every=checkpoint_every or 1)
+    host = host_mod.ComfyFluxHost(model, checkpoint_every=checkpoint_every or 0)
     ad = random_meta_adapters(pack, host.dims, preset, seed).to(dtype)
     if not adapters:
         for _, a in ad.items():
@@ -216,27 +215,30 @@ def test_fp8_weights_stay_fp8_through_backward(models):
 
 
 def test_memory_choice_plans_checkpointing(env):
-    plan = pack("nodes.training").checkpoint_plan
-    flux = dict(blocks=57, tokens=1536, hidden=3072, element_size=2)
+    training = pack("nodes.training")
+    plan = training.checkpoint_plan
+    dims = pack("metalora_core.lora.families").FluxDims()  # FLUX.1: width 3072, 19 + 38 blocks
+    flux = dict(tokens=1536, element_size=2)
     gib = 1024**3
-    assert plan("fast", False, **flux, free_bytes=1 * gib) == 0
-    assert plan("low", False, **flux, free_bytes=200 * gib) == 1
-    assert plan("fast", True, **flux, free_bytes=200 * gib) == 1  # the old switch still means every block
-    assert plan("auto", False, **flux, free_bytes=None) == 0  # CPU: nothing to plan for
-    assert plan("auto", False, **flux, free_bytes=40 * gib) == 0  # ~10 GiB of activations fit
-    k = plan("auto", False, **flux, free_bytes=12 * gib)
+    assert plan("fast", dims, **flux, free_bytes=1 * gib) == 0
+    assert plan("low", dims, **flux, free_bytes=200 * gib) == 1
+    # the node's old switch is the "low" choice
+    assert training.memory_choice("fast", True) == "low" and training.memory_choice("fast", False) == "fast"
+    assert plan("auto", dims, **flux, free_bytes=None) == 0  # CPU: nothing to plan for
+    assert plan("auto", dims, **flux, free_bytes=40 * gib) == 0  # ~10 GiB of activations fit
+    k = plan("auto", dims, **flux, free_bytes=12 * gib)
     assert 1 < k < 57  # some blocks recomputed, not all
-    assert plan("auto", False, **flux, free_bytes=12 * gib // 2) < k  # less room: denser
-    assert plan("auto", False, **flux, free_bytes=1) == 1
-    zimage = pack("metalora_core.lora.families").ZIMAGE  # no measured activation widths: every block
-    assert plan("auto", False, **flux, free_bytes=40 * gib, family=zimage) == 1
+    assert plan("auto", dims, **flux, free_bytes=12 * gib // 2) < k  # less room: denser
+    assert plan("auto", dims, **flux, free_bytes=1) == 1
+    zimage = pack("metalora_core.lora.families").ZImageDims()  # no measured activation widths: every block
+    assert plan("auto", zimage, **flux, free_bytes=40 * gib) == 1
     with pytest.raises(ValueError, match="memory must be one of .*got 'medium'"):
-        plan("medium", False, **flux, free_bytes=None)
+        plan("medium", dims, **flux, free_bytes=None)
 
 
-def test_checkpoint_every_must_be_positive(models):
-    with pytest.raises(ValueError, match="checkpoint_every must be >= 1 .*got 0"):
-        pack("nodes.comfy_host").ComfyFluxHost(models["fp32"], checkpoint_every=0)
+def test_checkpoint_every_must_be_an_int_from_zero(models):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 0 .*got -1"):
+        pack("nodes.comfy_host").ComfyFluxHost(models["fp32"], checkpoint_every=-1)
 
 
 @pytest.mark.parametrize("preset", ["attn_mlp", "all"])

@@ -170,7 +170,7 @@ def assert_matches_float64(transformer, adapters, loss, x0, noise, sigma, cond) 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_stage2_gradients_only_mid_up_and_match_float64_reference(pipe, prior, cond, checkpointing):
-    host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=checkpointing)
+    host = DiffusersFluxHost(pipe.transformer, checkpoint_every=int(checkpointing))
     adapters = build_adapters(host.dims, prior, rank=2, seed=0)
     _randomize_up(adapters, scale=0.1)
     g = torch.Generator().manual_seed(5)

@@ -71,8 +71,7 @@ def test_training_forwards_match_the_float64_reference(pipe, cond, checkpoint, b
     """Trained modulation (preset all): loss and every Mid/Up gradient against diffusers' own
     blocks in float64 with the deltas merged into the weights; checkpointed (the first block's
     check runs inside a checkpoint), every 2nd block, and a batch (the recomputing modulated norm)."""
-    host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=checkpoint != "off",
-                             checkpoint_every=2 if checkpoint == "2" else 1)
+    host = DiffusersFluxHost(pipe.transformer, checkpoint_every={"off": 0, "2": 2}.get(checkpoint, 1))
     adapters = _adapters(pipe)
     x0, noise, sigma = _data(batch)
     ran = []

@@ -144,7 +144,7 @@ def _personalize(args: argparse.Namespace) -> str:
                            resolution=args.resolution, seed=args.seed, grid=not args.no_augment)
     config = Stage2Config(steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
                           preset=args.preset or DEFAULT_PRESET)
-    host = DiffusersFluxHost.from_pipeline(pipe, gradient_checkpointing=args.gradient_checkpointing)
+    host = DiffusersFluxHost.from_pipeline(pipe, checkpoint_every=int(args.gradient_checkpointing))
     cond = encode_prompt(pipe, caption, guidance=args.guidance)
     progress = StepLog(args.steps, log)
 

@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
             module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    host = DiffusersFluxHost(pipe.transformer, gradient_checkpointing=args.gradient_checkpointing)
+    host = DiffusersFluxHost(pipe.transformer, checkpoint_every=int(args.gradient_checkpointing))
     result = meta_train(host, data, config, callback=Progress() if root else None,
                         checkpoint_path=out / "checkpoint.safetensors", checkpoint_every=every, resume=args.resume,
                         group=group)

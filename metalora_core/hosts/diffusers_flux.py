@@ -21,7 +21,7 @@ from PIL import Image
 from ..formats.files import sha256_tensors
 from ..formats.store import weights_identity
 from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
-from ..lora.layers import FluxDims
+from ..lora.layers import FluxDims, check_checkpoint_every
 from .diffusers_blocks import MODULATION_SUFFIXES, TrainingBlocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,9 +100,8 @@ class DiffusersFluxHost:
         pipe: the ``FluxPipeline`` the transformer belongs to (``from_pipeline`` sets it): while
             training, its VAE and text encoders wait on the CPU (``encoders_off_device``); without
             it, ``vae`` does.
-        gradient_checkpointing: recompute block activations in backward to save memory.
-        checkpoint_every: with checkpointing on, recompute only every k-th block (counting
-            double then single blocks from 0): 1 checkpoints all, 2 half of them, ...
+        checkpoint_every: recompute block activations in backward to save memory, every k-th
+            block (counting double then single blocks from 0): 0 none, 1 all, 2 half of them, ...
         compile_blocks: ``torch.compile`` the transformer blocks while training (off by default;
             see ``compiled_blocks``): each run compiles its own graphs.
 
@@ -110,14 +109,11 @@ class DiffusersFluxHost:
     """
 
     def __init__(self, transformer: torch.nn.Module, *, vae: torch.nn.Module | None = None, pipe: Any = None,
-                 gradient_checkpointing: bool = False, checkpoint_every: int = 1, compile_blocks: bool = False):
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (1 checkpoints every block), got {checkpoint_every}")
+                 checkpoint_every: int = 0, compile_blocks: bool = False):
         self.transformer = transformer
         self.vae = vae
         self.pipe = pipe
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.compile_blocks = bool(compile_blocks)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
         self._cond_memo: tuple | None = None  # the conditioning on the device: no copy per step
@@ -155,10 +151,10 @@ class DiffusersFluxHost:
         return run
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, *, gradient_checkpointing: bool = False) -> "DiffusersFluxHost":
+    def from_pipeline(cls, pipe: Any, *, checkpoint_every: int = 0) -> "DiffusersFluxHost":
         """The host of a ``FluxPipeline``: its transformer, with its VAE for ``encode_images``; the VAE
         and the text encoders leave the device while training."""
-        return cls(pipe.transformer, vae=pipe.vae, pipe=pipe, gradient_checkpointing=gradient_checkpointing)
+        return cls(pipe.transformer, vae=pipe.vae, pipe=pipe, checkpoint_every=checkpoint_every)
 
     @property
     def device(self) -> torch.device:
@@ -210,14 +206,14 @@ class DiffusersFluxHost:
     def _frozen(self) -> Iterator[None]:
         flags = [p.requires_grad for p in self.transformer.parameters()]
         self.transformer.requires_grad_(False)
-        if self.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing(
-                None if self.checkpoint_every == 1 else self._checkpoint_func())
+        every = check_checkpoint_every(self.checkpoint_every)
+        if every:
+            self.transformer.enable_gradient_checkpointing(None if every == 1 else self._checkpoint_func())
         try:
             with compiled_blocks(self._blocks(), self.compile_blocks):
                 yield
         finally:
-            if self.gradient_checkpointing:
+            if every:
                 self.transformer.disable_gradient_checkpointing()
             for p, f in zip(self.transformer.parameters(), flags):
                 p.requires_grad_(f)

@@ -30,3 +30,14 @@ def resolve_targets(preset: str, dims: Any) -> dict[str, tuple[int, int]]:
         ValueError: unknown preset.
     """
     return dims.family.resolve(preset, dims)
+
+
+def check_checkpoint_every(k: int) -> int:
+    """A host's ``checkpoint_every``: 0 no checkpointing, 1 every block, k every k-th block.
+
+    Raises:
+        ValueError: not an int >= 0.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0 off, 1 every block, k every k-th block), got {k!r}")
+    return k

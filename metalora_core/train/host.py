@@ -21,6 +21,9 @@ class FlowHost(Protocol):
     """A frozen flow-matching model that adapters are trained against."""
 
     dims: ModelDims  # the model's family dims type (FluxDims for FLUX.1); dims.family describes the model
+    # blocks apart to recompute in backward while training (``lora.layers.check_checkpoint_every``):
+    # 0 none, 1 every block (double blocks then single blocks, counted from 0), k every k-th block
+    checkpoint_every: int
 
     @property
     def device(self) -> torch.device: ...
