@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..metalora_core.formats.lora import lora_state_dict
-from .training import TrainedLoRA
+from ..metalora_core.train.stage2 import TrainResult
 
 
-def lora_model(trained: TrainedLoRA, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def lora_model(trained: TrainResult, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The LORA_MODEL socket value: merged LoRA tensors (``B @ A`` = each layer's trained delta)."""
     return lora_state_dict(trained.adapters, dtype)
 
@@ -34,11 +34,11 @@ def describe_prior(prior) -> str:
     return f"prior: r1 {prior.r1}, {len(prior.downs)} layers, {kind}, sha256 {prior.sha256[:12]}{src}"
 
 
-def run_summary(trained: TrainedLoRA, prior) -> str:
+def run_summary(trained: TrainResult, prior) -> str:
     """What the node shows when the run is over: loss, steps and the prior used."""
     losses = trained.losses
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps" if losses else "no loss record"
-    where = " (from the cache)" if getattr(trained, "from_cache", False) else ""
+    where = " (from the cache)" if trained.from_cache else ""
     return f"done{where}: {loss}; {describe_prior(prior)}"
 
 

@@ -23,35 +23,19 @@ from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.data.latents import encode_flip_pairs
 from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.outputs import check_output_folder
-from ..metalora_core.formats.prior import Prior, check_rank, validate_prior
+from ..metalora_core.formats.prior import Prior, check_rank
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
-from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.families import DEFAULT_FAMILY, ModelDims
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.faces.crops import FaceCrops
 from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2, plan_stage2
-from ..metalora_core.train.stage2 import Stage2Config
+from ..metalora_core.train.stage2 import Stage2Config, TrainResult
 from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
 from .generic_host import flux_host_or_generic
 from .images import image_to_pils, pils_to_image
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainedLoRA:
-    """The META_LORA socket value: trained adapters plus how they were made."""
-
-    adapters: AdapterSet
-    losses: list[float]
-    provenance: Provenance
-    from_cache: bool = False
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """What every save writes (``Provenance.to_metadata``)."""
-        return self.provenance.to_metadata()
 
 
 # ---------------------------------------------------------------- training
@@ -153,7 +137,7 @@ def send_text(msg: str, node_id: str | None) -> None:
 
 
 def train_meta_lora(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
-                    settings: TrainSettings, node_id: str | None = None) -> TrainedLoRA:
+                    settings: TrainSettings, node_id: str | None = None) -> TrainResult:
     """Stage-2 on a ComfyUI FLUX MODEL (its clone), with the disk cache in front.
 
     The caller's MODEL is never patched: the host works on a clone and drops it in ``finally``.
@@ -178,7 +162,7 @@ def _plan_checkpointing(host: ComfyFluxHost, settings: TrainSettings, images: li
     return every
 
 
-def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainedLoRA | None:
+def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainResult | None:
     hit = load_cached_adapters(cache_dir, key, on_ignored=lambda why: send_text(why, node_id))
     if hit is None:
         return None
@@ -191,11 +175,11 @@ def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainedLoRA
         send_text(why, node_id)
         return None
     losses = [float(x) for x in meta.get("losses", "").split(",") if x]
-    return TrainedLoRA(adapters, losses, provenance, from_cache=True)
+    return TrainResult(adapters, losses, provenance=provenance, from_cache=True)
 
 
 def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
-           settings: TrainSettings, node_id: str | None) -> TrainedLoRA:
+           settings: TrainSettings, node_id: str | None) -> TrainResult:
     check_rank(settings.config.rank, prior)  # the CLI's --rank check: before any crop is cut or encoded
     used = crops.at_resolution(settings.resolution)
     if used is not crops:
@@ -204,9 +188,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     cond = ComfyFluxCond.from_conditioning(positive)
     host = ComfyFluxHost(model, vae=vae)
     host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
-    if prior is not None:  # a prior that does not fit this MODEL fails now, before any crop is encoded
-        validate_prior(prior, host.dims)
-    plan = plan_stage2(host, used, cond, prior, settings.config)
+    plan = plan_stage2(host, used, cond, prior, settings.config)  # a prior that does not fit this MODEL fails here
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
         hit = _cached(cache_dir, key, node_id)
@@ -229,8 +211,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "
                            "nothing was saved and your MODEL is unchanged") from e
     store_cached_adapters(cache_dir, key, run.adapters, losses=",".join(f"{x:.6g}" for x in run.losses),
-                          **run.metadata())
-    return TrainedLoRA(run.adapters, run.losses, run.provenance)
+                          **run.metadata)
+    return run
 
 
 def encode_crops(host: ComfyFluxHost, images: tuple, node_id: str | None = None) -> str:
@@ -269,7 +251,7 @@ def loss_plot(losses: list[float]) -> torch.Tensor:
 # ---------------------------------------------------------------- apply
 
 
-def apply_meta_lora(model: Any, lora: TrainedLoRA, strength: float) -> Any:
+def apply_meta_lora(model: Any, lora: TrainResult, strength: float) -> Any:
     """MODEL + trained adapters -> patched clone, exactly as ComfyUI's LoraLoaderModelOnly does."""
     sd = comfy.lora_convert.convert_lora(lora_state_dict(lora.adapters))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})

@@ -130,7 +130,8 @@ def test_cache_hit_after_apply_sample_and_restart_restores_provenance(env):
     m_train, m_hit = saved_metadata(env, trained), saved_metadata(env, hit)
     assert m_hit == m_train  # the same provenance keys and values, after a restart too
     p = pack("metalora_core.train.recipe").Provenance.from_metadata(m_hit)
-    assert (p.seed, p.steps, p.rank, p.lr, p.mode, p.detector, p.resolution) == (32, 2, 1, 1e-2, "lora", "yunet", 64)
+    assert (p.config.seed, p.config.steps, p.config.rank, p.config.lr, p.mode, p.detector, p.resolution) == \
+        (32, 2, 1, 1e-2, "lora", "yunet", 64)
     cache = pathlib.Path(env.folder_paths.get_folder_paths("meta_lora_cache")[0])
     assert (cache / f"{p.cache_key}.safetensors").is_file()
     assert len(list(cache.glob("*.safetensors"))) == 2  # seeds 31 and 32: no duplicate entry

@@ -11,13 +11,13 @@ from metalora_core.cli import main
 from metalora_core.faces.person import person_crops
 from metalora_core.formats.files import read_safetensors
 from metalora_core.formats.lora import load_adapter_state, load_lora
-from metalora_core.formats.prior import load_prior, make_prior, save_prior
+from metalora_core.formats.prior import load_prior, make_prior, save_prior, validate_prior
 from metalora_core.formats.store import image_digest, store_cached_adapters, weights_identity
 from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, encode_prompt
 from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from metalora_core.lora.layers import FluxDims
 from metalora_core.train import host as host_protocol
-from metalora_core.train.recipe import (Provenance, plan_stage2, resolve_preset, run_stage2,
+from metalora_core.train.recipe import (RESULT_NEUTRAL, Provenance, plan_stage2, resolve_preset, run_stage2,
                                         stage2_key)
 from metalora_core.train.stage2 import Stage2Config
 
@@ -36,33 +36,37 @@ def crops(sample):
     return person_crops([sample("obama")], detector="yunet", resolution=64, seed=0)[0]
 
 
-def _key(config: Stage2Config, preset="from-config", **parts) -> str:
+def _key(config: Stage2Config, **parts) -> str:
     base = dict(model_id="m", images_sha256="i", prior_sha256="p", cond_sha256="c")
     base.update(parts)
-    return stage2_key(config, preset=config.preset if preset == "from-config" else preset, **base)
+    return stage2_key(config, **base)
 
 
-def test_cache_key_covers_every_config_field_and_input():
+def test_cache_key_covers_every_result_setting_and_input():
     assert set(CHANGED) == {f.name for f in dataclasses.fields(Stage2Config)}, "add the new field to CHANGED"
     base = Stage2Config()
     keys = {_key(base)}
     for name, value in CHANGED.items():
         assert getattr(base, name) != value
-        keys.add(_key(dataclasses.replace(base, **{name: value})))
+        key = _key(dataclasses.replace(base, **{name: value}))
+        assert (key == _key(base)) == (name in RESULT_NEUTRAL), name  # only the neutral ones share the key
+        keys.add(key)
     for part in ("model_id", "images_sha256", "prior_sha256", "cond_sha256"):
         keys.add(_key(base, **{part: "other"}))
-    assert len(keys) == 1 + len(CHANGED) + 4, "a config field or input does not reach the cache key"
+    keys.add(_key(base, flips=False))
+    assert len(keys) == 1 + len(CHANGED) - len(RESULT_NEUTRAL) + 5, "a setting or input does not reach the cache key"
+    assert RESULT_NEUTRAL == ("sync_every",)
 
 
-def test_prior_preset_wins_over_the_setting(pipe):
-    dims = FluxDims.from_diffusers_config(pipe.transformer.config)
-    prior = make_prior(dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0))
+def test_prior_preset_wins_over_the_setting(pipe, crops):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    prior = make_prior(host.dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0))
     assert resolve_preset(prior, Stage2Config(preset="all")) == "attn"
     assert resolve_preset(None, Stage2Config(preset="all")) == "all"
     # with a prior the plain-LoRA setting does not change the result, so it does not split the cache
-    k1 = _key(Stage2Config(preset="all"), preset=resolve_preset(prior, Stage2Config(preset="all")))
-    k2 = _key(Stage2Config(preset="attn_mlp"), preset=resolve_preset(prior, Stage2Config(preset="attn_mlp")))
-    assert k1 == k2
+    p1, p2 = (plan_stage2(host, crops, cond, prior, Stage2Config(preset=s)).provenance for s in ("all", "attn_mlp"))
+    assert p1 == p2 and p1.preset == p1.config.preset == "attn" and p1.cache_key == p2.cache_key
 
 
 def test_diffusers_host_implements_flow_host(pipe):
@@ -109,16 +113,17 @@ def test_run_stage2_provenance(pipe, crops):
     run = run_stage2(host, crops, cond, None, config, caption="a photo of a man")
     p = run.provenance
     assert len(run.losses) == 2 and run.adapters.rank == 2 and run.adapters.preset == "attn"
-    assert (p.steps, p.rank, p.seed, p.lr, p.preset, p.mode) == (2, 2, 3, config.lr, "attn", "lora")
+    assert p.config == config and (p.preset, p.mode) == ("attn", "lora")
     assert p.images_sha256 == image_digest(crops.images) and p.images == len(crops.images)
     assert p.cond_sha256 == cond.digest() and p.guidance == 2.0 and p.prior_sha256 == ""
     assert (p.detector, p.augmentation, p.resolution, p.caption) == ("yunet", "paper_grid", 64, "a photo of a man")
     assert p.model_id == host.identity()
-    assert p.cache_key == stage2_key(config, preset="attn", model_id=p.model_id, images_sha256=p.images_sha256,
-                                     prior_sha256="", cond_sha256=p.cond_sha256)
+    assert p.cache_key == stage2_key(config, model_id=p.model_id, images_sha256=p.images_sha256,
+                                     prior_sha256="", cond_sha256=p.cond_sha256, flips=True)
     assert plan_stage2(host, crops, cond, None, config, caption="a photo of a man").provenance == p
-    meta = run.metadata()
-    assert set(meta) == {f.name for f in dataclasses.fields(Provenance)}
+    meta = run.metadata
+    config_keys = {f.name for f in dataclasses.fields(Stage2Config)} - {"preset"}
+    assert set(meta) == {f.name for f in dataclasses.fields(Provenance)} - {"config"} | config_keys
     assert Provenance.from_metadata(meta) == p
 
 
@@ -153,7 +158,11 @@ def test_crops_at_another_resolution_are_cut_from_the_photo(sample, crops):
     assert image_digest(again.images) != image_digest([c.image.resize(d.size) for c, d in zip(crops.crops, direct.crops)])
 
 
-def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, pipe):
+def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, pipe, monkeypatch):
+    from metalora_core.train import recipe
+
+    fits = []  # the prior is checked against the model once per run: the CLI's early check hands its fit on
+    monkeypatch.setattr(recipe, "validate_prior", lambda *a, **k: fits.append(a) or validate_prior(*a, **k))
     model_dir = tmp_path / "flux"
     pipe.save_pretrained(str(model_dir))
     dims = FluxDims.from_diffusers_config(pipe.transformer.config)
@@ -164,6 +173,7 @@ def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, 
                  "--out", str(lora), "--state", str(state), "--steps", "2", "--resolution", "64", "--seed", "4",
                  "--rank", "2", "--dtype", "float32", "--device", "cpu", "--caption", "a photo of a man",
                  "--guidance", "1.5", "--detector", "yunet"]) == 0
+    assert len(fits) == 1
     assert main(["export", str(state), "--out", str(exported)]) == 0
     _, m_lora = load_lora(lora)
     _, m_state = load_adapter_state(state)
@@ -173,13 +183,68 @@ def test_cli_personalize_and_export_write_the_same_provenance(tmp_path, sample, 
     made = person_crops([sample("obama")], detector="yunet", resolution=64, seed=4)[0]
     assert p.images_sha256 == image_digest(made.images)  # the training pixels, not the file bytes
     assert p.prior_sha256 == load_prior(prior_path).sha256 and p.mode == "meta" and p.preset == "attn"
-    assert (p.steps, p.seed, p.rank, p.guidance, p.caption) == (2, 4, 2, 1.5, "a photo of a man")
+    assert (p.config.steps, p.config.seed, p.config.rank, p.guidance, p.caption) == (2, 4, 2, 1.5, "a photo of a man")
     # an adapter state without provenance (older version) is refused with the fix
     from metalora_core.formats.lora import save_adapter_state
 
     adapters, _ = load_adapter_state(state)
     old = save_adapter_state(adapters, tmp_path / "old.safetensors", steps="2")
     assert main(["export", str(old), "--out", str(tmp_path / "y.safetensors")]) == 2
+
+
+def test_a_prior_fitted_to_other_dims_is_fitted_again_and_a_misfit_fails_before_encoding(pipe, crops, monkeypatch):
+    from metalora_core.train import recipe
+
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    prior = make_prior(host.dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0))
+    fitted = recipe.fit_prior(prior, host.dims)
+    fits = []
+    monkeypatch.setattr(recipe, "validate_prior", lambda *a, **k: fits.append(a[1]) or validate_prior(*a, **k))
+    assert plan_stage2(host, crops, cond, fitted, Stage2Config(steps=1)).shapes == fitted.shapes and fits == []
+    other = FluxDims(hidden=host.dims.hidden, mlp_hidden=host.dims.mlp_hidden, num_double=host.dims.num_double + 1,
+                     num_single=host.dims.num_single)
+    plan = plan_stage2(host, crops, cond, recipe.FittedPrior(prior, other, {}), Stage2Config(steps=1))
+    assert fits == [host.dims] and plan.shapes == fitted.shapes  # a fit for another model: fitted again to this one
+    wide = make_prior(dataclasses.replace(host.dims, hidden=2 * host.dims.hidden), r1=2, preset="attn",
+                      generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(host, "encode_images", lambda images: pytest.fail("encoded before the prior was checked"))
+    with pytest.raises(ValueError, match="^my prior"):
+        run_stage2(host, crops, cond, wide, Stage2Config(steps=1), prior_source="my prior")
+
+
+def test_photos_as_they_are_train_unflipped_and_grid_crops_flipped(pipe, sample):
+    from metalora_core.train.recipe import prepare_stage2
+
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    whole, _ = person_crops([sample("obama")], detector="yunet", resolution=64, seed=0, grid=False)
+    grid, _ = person_crops([sample("obama")], detector="yunet", resolution=64, seed=0)
+    plans = [plan_stage2(host, c, cond, None, Stage2Config(steps=1)) for c in (whole, grid)]
+    assert [p.flips for p in plans] == [False, True] and not any(c.flipped for c in whole.crops)
+    (_, single), (_, pairs) = (prepare_stage2(host, p) for p in plans)
+    assert all(isinstance(z, torch.Tensor) for z in single) and all(isinstance(z, tuple) for z in pairs)
+    # the same pixels trained without flips are another result
+    unflipped = plan_stage2(host, whole.images, cond, None, Stage2Config(steps=1)).provenance.cache_key
+    assert plans[0].provenance.cache_key != unflipped and plans[0].provenance.images_sha256 == image_digest(whole.images)
+
+
+def test_a_result_without_provenance_has_no_metadata(pipe):
+    from metalora_core.train.stage2 import TrainResult
+
+    with pytest.raises(ValueError, match="has no provenance; train it with train.recipe.run_stage2"):
+        TrainResult(adapters=None).metadata
+
+
+def test_provenance_of_a_prior_files_own_layers_reads_back(pipe, crops):
+    host = DiffusersFluxHost.from_pipeline(pipe)
+    cond = encode_prompt(pipe, "a photo of a man", max_sequence_length=TINY_T5_LEN)
+    prior = make_prior(host.dims, r1=2, preset="attn", generator=torch.Generator().manual_seed(0))
+    own = dataclasses.replace(prior, preset=None)  # layers of the file, no preset name
+    p = plan_stage2(host, crops, cond, own, Stage2Config(preset="attn_mlp", steps=1)).provenance
+    assert p.preset == "" and p.to_metadata()["preset"] == "" and Provenance.from_metadata(p.to_metadata()) == p
+    with pytest.raises(ValueError, match="provenance settings do not make a Stage-2 config: steps must be >= 1"):
+        Provenance.from_metadata({**p.to_metadata(), "steps": "0"})
 
 
 def _noise_images(n: int, size: int = 32):

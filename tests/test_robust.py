@@ -510,6 +510,18 @@ def test_outputs_must_be_safetensors_and_resolution_errors_name_the_flag(flux, t
     assert not jpg.exists() and not state.exists() and not (tmp_path / "mt").exists()
 
 
+def test_a_crop_side_the_grid_cannot_cut_fails_before_flux_loads(flux, tmp_path, capsys, monkeypatch):
+    from metalora_core.hosts import diffusers_flux
+
+    monkeypatch.setattr(diffusers_flux, "load_flux_pipeline", lambda *a, **k: pytest.fail("FLUX loaded"))
+    out = tmp_path / "l.safetensors"
+    assert main(personalize_args(flux, out, "--resolution", "16")) == 2
+    one_error_line(capsys.readouterr().err, "--resolution 16 is too small: a crop needs at least 32x32 pixels")
+    assert main(["crops", str(sample_photo("obama")), "--out", str(tmp_path / "c"), "--resolution", "0"]) == 2
+    one_error_line(capsys.readouterr().err, "--resolution 0 is too small")
+    assert not out.exists() and not (tmp_path / "c").exists()
+
+
 def test_prior_of_another_width_fails_before_training_naming_the_file(tmp_path, flux, capsys):
     _, _, dims = flux
     wide = FluxDims(hidden=dims.hidden * 2, mlp_hidden=dims.mlp_hidden * 2, num_double=dims.num_double,

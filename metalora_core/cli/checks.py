@@ -140,13 +140,19 @@ def lora_file_bytes(shapes: dict[str, tuple[int, int]], rank: int, *, r1: int | 
     return 4 * n + 200 * len(shapes) + 4096
 
 
-def check_personalize(args: argparse.Namespace) -> None:
-    """Everything ``personalize`` can check before it loads the model and trains."""
+def check_personalize(args: argparse.Namespace) -> Any:
+    """Everything ``personalize`` can check before it loads the model and trains.
+
+    Returns:
+        The ``--prior`` loaded and fitted to the model folder's dims (``train.recipe.FittedPrior``,
+        which the run uses as it is), or None without ``--prior``.
+    """
     from ..faces import load_image
     from ..faces.augment import check_resolution
-    from ..formats.prior import check_rank, load_prior, validate_prior
+    from ..formats.prior import check_rank, load_prior
     from ..lora.families import family_of_diffusers_config
     from ..lora.layers import DEFAULT_PRESET, resolve_targets
+    from ..train.recipe import fit_prior
     from .commands import training_caption
 
     check_device(args.device)
@@ -163,9 +169,11 @@ def check_personalize(args: argparse.Namespace) -> None:
     dims = family_of_diffusers_config(config).dims_from_diffusers_config(config)
     for p in args.image:
         load_image(p)  # missing or unreadable photo: a clear error now, not after loading FLUX
+    fitted = None
     if args.prior:
         prior = load_prior(args.prior)
-        shapes = validate_prior(prior, dims, source=f"--prior {args.prior}")
+        fitted = fit_prior(prior, dims, source=f"--prior {args.prior}")
+        shapes = fitted.shapes
         check_rank(args.rank, prior, "--rank")
         r1 = prior.r1
     else:
@@ -178,6 +186,7 @@ def check_personalize(args: argparse.Namespace) -> None:
         check_distinct("--out", args.out, "--state", args.state)
         check_output_file(args.state, what="--state", overwrite=overwrite, inputs=inputs,
                           expected_bytes=lora_file_bytes(shapes, args.rank, r1=r1, state=True), suffix=".safetensors")
+    return fitted
 
 
 def check_export(args: argparse.Namespace) -> None:
@@ -221,7 +230,9 @@ def check_crops(args: argparse.Namespace) -> list[str]:
     """
     from ..formats.outputs import previous_crops
 
-    check_positive_int("--resolution", getattr(args, "resolution", None))
+    from ..faces.augment import check_resolution
+
+    check_resolution(args.resolution, "--resolution")
     out = check_output_folder(args.out)
     before = previous_crops(out)
     if before and not getattr(args, "overwrite", False):

@@ -127,7 +127,6 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..faces import load_image
     from ..faces.person import person_crops
     from ..formats.lora import save_adapter_state, save_lora
-    from ..formats.prior import load_prior
     from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt, load_flux_pipeline
     from ..train.recipe import run_stage2
     from ..lora.layers import DEFAULT_PRESET
@@ -135,10 +134,9 @@ def _personalize(args: argparse.Namespace) -> str:
     from .checks import check_personalize
     from .progress import StepLog
 
-    check_personalize(args)  # inputs and outputs, before loading FLUX or training
+    prior = check_personalize(args)  # inputs and outputs (the prior fitted to the model), before loading FLUX
     caption = training_caption(args.caption, args.class_noun)
     pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
-    prior = load_prior(args.prior) if args.prior else None
     images = [load_image(p) for p in args.image]
     made, _ = person_crops(images, detector=args.detector, face_index=args.face, others=args.other_faces,
                            resolution=args.resolution, seed=args.seed, grid=not args.no_augment)
@@ -151,7 +149,7 @@ def _personalize(args: argparse.Namespace) -> str:
     with torch.random.fork_rng(devices=[]):
         run = run_stage2(host, made, cond, prior, config, progress, caption=caption,
                          prior_source=str(args.prior))
-    meta = run.metadata()
+    meta = run.metadata
     family = host.dims.family
     out = save_lora(run.adapters, args.out, family=family, **meta)
     if args.state:

@@ -69,7 +69,7 @@ def run_demo(out: str | Path, *, steps: int = 375, seed: int = 0, r1: int = 8, r
     result = run_stage2(DiffusersFluxHost.from_pipeline(pipe), made, cond, prior, config, caption=caption,
                         prior_source=str(prior_path))
 
-    lora_path = save_lora(result.adapters, out / "lora.safetensors", **result.metadata())
+    lora_path = save_lora(result.adapters, out / "lora.safetensors", **result.metadata)
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     # Same prompts and seeds without and with the LoRA, loaded by diffusers itself.

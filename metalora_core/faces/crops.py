@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image, ImageFilter
 
-from .augment import AugmentConfig, Crop, make_crops, whole_photo_crop
+from .augment import AugmentConfig, Crop, check_resolution, make_crops, whole_photo_crop
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ def bucket_config(resolution: int | None, augment: AugmentConfig | None = None) 
     config = augment or AugmentConfig()
     if resolution is None:
         return config
-    if not isinstance(resolution, int) or resolution < 2 * config.multiple:
-        raise ValueError(f"resolution {resolution!r} is too small: crops need at least {2 * config.multiple} px a "
-                         f"side; use 512 (the paper's) or another multiple of {config.multiple} (--resolution, "
-                         "bucket_resolution)")
+    check_resolution(resolution, "resolution", config.multiple)
     return replace(config, bucket_area=resolution * resolution)
 
 

@@ -56,7 +56,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     result = run_stage2(host, images, arts.cond(None), arts.prior,
                         Stage2Config(steps=steps, rank=1, lr=DOMAIN_LR, seed=seed, preset=arts.prior.preset or "all"),
                         caption="a photo of a face")
-    save_lora(result.adapters, out / "lora.safetensors", domain="synthfaces", **result.metadata())
+    save_lora(result.adapters, out / "lora.safetensors", domain="synthfaces", **result.metadata)
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     contexts = list(CONTEXTS)

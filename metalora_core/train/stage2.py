@@ -78,13 +78,25 @@ class Stage2Config:
 
 @dataclass
 class TrainResult:
+    """A Stage-2 result: trained adapters (CPU, float32), per-step losses and, from the recipe
+    (``train.recipe``), how they were made; ``from_cache`` when read from a training cache."""
+
     adapters: AdapterSet
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    provenance: Any = None  # train.recipe.Provenance; None straight from ``personalize``
+    from_cache: bool = False
 
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / max(1, len(self.losses))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What every save writes (``Provenance.to_metadata``)."""
+        if self.provenance is None:
+            raise ValueError("this result has no provenance; train it with train.recipe.run_stage2")
+        return self.provenance.to_metadata()
 
 
 StepCallback = Callable[[int, float], None]
