@@ -74,13 +74,13 @@ class VaeEncoder:
         self.reused += len(latents) - new
         return latents
 
-    def summary(self, crops: int) -> str:
-        """One line on what encoding ``crops`` crops and their mirror images took."""
+    def summary(self, crops: int, *, mirrored: bool = True) -> str:
+        """One line on what encoding ``crops`` crops (and their mirror images) took."""
+        what = f"{crops} crops and their mirror images" if mirrored else f"{crops} crops"
         if self.encoded == 0:
-            return f"crop latents reused: {crops} crops and their mirror images were encoded before (no VAE work)"
+            return f"crop latents reused: {what} were encoded before (no VAE work)"
         part = "" if self.reused == 0 else f" ({self.reused} of {self.encoded + self.reused} images reused)"
-        return (f"encoded {crops} crops and their mirror images in {self.seconds:.1f} s{part}; "
-                f"kept for runs that change only training settings")
+        return f"encoded {what} in {self.seconds:.1f} s{part}; kept for runs that change only training settings"
 
 
 __all__ = ["CACHE", "LATENT_CACHE_BYTES", "VaeEncoder", "vae_identity"]

@@ -200,7 +200,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     if note is not None:
         log.warning("%s", note)
         send_text(note, node_id)
-    send_text(encode_crops(host, plan.images, node_id), node_id)
+    send_text(encode_crops(host, plan.images, node_id, flips=plan.flips), node_id)
     try:
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
@@ -215,22 +215,27 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
     return run
 
 
-def encode_crops(host: ComfyFluxHost, images: tuple, node_id: str | None = None) -> str:
-    """VAE-encodes the crops and their mirror images into ``latents.CACHE`` (what is there already
-    is reused), so that training finds them there; returns what it did, in one line."""
+def encode_crops(host: ComfyFluxHost, images: tuple, node_id: str | None = None, *, flips: bool = True) -> str:
+    """VAE-encodes the crops (and, for crops trained with flips, their mirror images) into
+    ``latents.CACHE`` (what is there already is reused), so that training finds them there;
+    returns what it did, in one line."""
     encoder = host.encoder
+    what = "crops and their mirror images" if flips else "crops"
 
     def announce(n: int) -> None:
         if encoder.encoded == 0:  # before the first VAE batch (crops or mirror images) only
-            send_text(f"encoding {len(images)} crops and their mirror images with the VAE (once: runs that "
-                      "change only training settings reuse them)", node_id)
+            send_text(f"encoding {len(images)} {what} with the VAE (once: runs that change only training "
+                      "settings reuse them)", node_id)
 
     encoder.before_encode = announce
     try:
-        encode_flip_pairs(encoder, images)
+        if flips:
+            encode_flip_pairs(encoder, images)
+        else:
+            encoder(list(images))
     finally:
         encoder.before_encode = None
-    line = encoder.summary(len(images))
+    line = encoder.summary(len(images), mirrored=flips)
     log.info("Meta-LoRA Train: %s", line)
     return line
 

@@ -49,7 +49,7 @@ def vae_calls(monkeypatch):
 
 
 def graph(env, *, steps: int = 2, lr: float = 4e-4, rank: int = 1, seed: int = 0, layers: str = "all",
-          memory: str = "auto", vae: str | None = None) -> dict:
+          memory: str = "auto", vae: str | None = None, augmentation: str = "paper_grid") -> dict:
     n = env.names
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": "default"}},
@@ -58,7 +58,8 @@ def graph(env, *, steps: int = 2, lr: float = 4e-4, rank: int = 1, seed: int = 0
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a man", "clip": ["2", 0]}},
         "5": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
         "6": {"class_type": "MetaLoRAFaceAugment",
-              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 64}},
+              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 64,
+                         "augmentation": augmentation}},
         "7": {"class_type": "MetaLoRATrain",
               "inputs": {"model": ["1", 0], "vae": ["3", 0], "crops": ["6", 0], "positive": ["4", 0],
                          "steps": steps, "rank": rank, "learning_rate": lr, "seed": seed, "resolution": 64,
@@ -93,6 +94,17 @@ def test_training_settings_change_encodes_nothing_in_an_old_graph(env, vae_calls
                                  "before (no VAE work)"), change
         assert any(t.startswith("step 1/") for t in texts(run)), change
         assert vae_calls == [], change
+
+
+def test_the_photo_as_it_is_encodes_no_mirror_image(env, vae_calls):
+    """augmentation none trains the photo unflipped: the VAE encodes the one crop, not its mirror."""
+    pack("nodes.latents").CACHE.clear()
+    run = run_prompt(graph(env, augmentation="none", seed=7), executor=new_executor())
+    said, line = texts(run)[:2]
+    assert said.startswith("encoding 1 crops with the VAE (once"), said
+    assert line.startswith("encoded 1 crops in "), line
+    assert vae_calls == [1], vae_calls
+    assert any(t.startswith("step 1/") for t in texts(run))
 
 
 def test_another_vae_or_other_pixels_encode_again(env, vae_calls):
