@@ -208,7 +208,7 @@ class ComfyGenericHost(ComfyHost):
             raise ValueError(f"MetaLoRA trains flow-matching models (x_t = (1 - sigma) x0 + sigma noise); this MODEL "
                              f"({type(model.model).__name__}) samples with {kind}")
         self.dims, self.layers = dims, layers
-        self.gradient_checkpointing = False  # see the module docstring
+        self.checkpoint_every = 0  # no checkpointing on this path: see the module docstring
 
     @classmethod
     def flux(cls, model: Any, *, vae: Any = None) -> "ComfyGenericHost":

@@ -205,7 +205,8 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         run = execute_stage2(host, plan, _Progress(node_id, settings, host, plan))
     except torch.cuda.OutOfMemoryError as e:
         comfy.model_management.soft_empty_cache()
-        tips = [] if host.checkpoint_every == 1 else ["set memory to low (or turn on gradient_checkpointing)"]
+        can_checkpoint = isinstance(host, ComfyFluxHost) and host.checkpoint_every != 1  # the generic path cannot
+        tips = ["set memory to low (or turn on gradient_checkpointing)"] if can_checkpoint else []
         tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
         tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "
