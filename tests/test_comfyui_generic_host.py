@@ -257,9 +257,9 @@ def _altered_fast_copy(monkeypatch):
 def loaded(env):
     from PIL import Image
 
-    recipe, faces = pack("metalora_core.train.recipe"), pack("metalora_core.faces")
-    crops = recipe.face_crops([Image.open(env.base_dir / "input" / "obama.jpg")], detector="yunet", seed=0,
-                              augment=faces.AugmentConfig(bucket_area=64 * 64))
+    person = pack("metalora_core.faces.person")
+    crops, _ = person.person_crops([Image.open(env.base_dir / "input" / "obama.jpg")], detector="yunet", seed=0,
+                                   resolution=64)
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 77, 768, generator=g) * 0.5, {"pooled_output": torch.randn(1, 768, generator=g)}]]
     return env.nodes.VAELoader().load_vae(env.names["vae"])[0], crops, cond
