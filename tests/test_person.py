@@ -127,3 +127,16 @@ def test_cli_crops_and_the_face_augment_node_cut_the_same_crops(group, sample, t
     for entry, crop in zip(listed["crops"], node.crops):
         with Image.open(out / entry["file"]) as im:
             assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(crop.image))
+
+
+def test_stage1_crop_grid_is_stage2s_crops_unflipped_with_other_faces_blurred(group):
+    from metalora_core.data.identities import DatasetConfig, _prepare_images
+
+    images, mode = _prepare_images(group, DatasetConfig(augment=True, bucket_area=SMALL.bucket_area), get_detector("yunet"))
+    stage2, _ = person_crops([group], detector="yunet", augment=AugmentConfig(bucket_area=SMALL.bucket_area, flip_prob=0.0))
+    assert mode == "face-grid" and len(images) == len(stage2.crops) and not any(c.flipped for c in stage2.crops)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, stage2.images))
+    kept, report = person_crops([group], detector="yunet", others="keep",
+                                augment=AugmentConfig(bucket_area=SMALL.bucket_area, flip_prob=0.0))
+    differ = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, kept.images))
+    assert differ >= 7, differ  # the other five people's faces are not in Stage-1's data either

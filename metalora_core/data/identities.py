@@ -149,19 +149,20 @@ Encoder = Callable[[list[Image.Image]], list[torch.Tensor]]
 
 def _prepare_images(image: Image.Image, config: DatasetConfig, detector: Any) -> tuple[list[Image.Image], str]:
     """The training images of one photo and the mode that made them."""
-    from ..faces import AugmentConfig, make_crops, resize_to_bucket, select_face
+    from ..faces import AugmentConfig, resize_to_bucket
+    from ..faces.person import person_crops
 
     if not config.augment:
         return [resize_to_bucket(image, config.bucket_area, config.multiple)], "resize"
+    # Stage-2's crop pipeline (other people's faces blurred), unflipped: the flip is drawn per step
+    # from the cached (plain, mirrored) pair.
+    grid = AugmentConfig(bucket_area=config.bucket_area, multiple=config.multiple, flip_prob=0.0)
     try:
-        face = select_face(image, detector)
-    except ValueError as e:
+        crops, _ = person_crops([image], detector=detector, augment=grid, seed=0)
+    except ValueError as e:  # one photo, other faces blurred: only "no face found" is left
         log.warning("%s; using the whole photo instead of the face grid", e)
         return [resize_to_bucket(image, config.bucket_area, config.multiple)], "resize-no-face"
-    # Crops unflipped: the flip is drawn per step from the cached (plain, mirrored) pair.
-    grid = AugmentConfig(bucket_area=config.bucket_area, multiple=config.multiple, flip_prob=0.0)
-    crops = make_crops(image, face, grid, torch.Generator().manual_seed(0))
-    return [c.image for c in crops], "face-grid"
+    return crops.images, "face-grid"
 
 
 def prepare_dataset(
