@@ -566,6 +566,23 @@ class ComfyHost:
                              "conditioning")
         return first
 
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Loads the attached clone through ComfyUI's memory manager (its injections in place, if
+        it has any); ``in_training`` only inside."""
+        if self.patcher is None:
+            raise RuntimeError("attach adapters before training")
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.patcher.inject_model()  # a no-op when loading injected them, or with no injections
+        release_inference_tensors(self.patcher.model.diffusion_model)
+        previous = comfy.model_management.in_training
+        comfy.model_management.in_training = True
+        try:
+            with torch.inference_mode(False):
+                yield
+        finally:
+            comfy.model_management.in_training = previous
+
     def identity(self) -> str:
         """See ``model_identity``."""
         return model_identity(self.source)
@@ -640,21 +657,6 @@ class ComfyFluxHost(ComfyHost):
                 self.predict(x, torch.tensor([0.5]), cond)
         finally:
             self.patcher = self._blocks = None
-            comfy.model_management.in_training = previous
-
-    @contextlib.contextmanager
-    def training(self) -> Iterator[None]:
-        """Loads the clone through ComfyUI's memory manager; ``in_training`` only inside."""
-        if self.patcher is None:
-            raise RuntimeError("attach adapters before training")
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-        release_inference_tensors(self.patcher.model.diffusion_model)
-        previous = comfy.model_management.in_training
-        comfy.model_management.in_training = True
-        try:
-            with torch.inference_mode(False):
-                yield
-        finally:
             comfy.model_management.in_training = previous
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: ComfyFluxCond) -> torch.Tensor:

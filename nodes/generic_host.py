@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
@@ -41,7 +40,7 @@ from comfy.weight_adapter.bypass import BypassInjectionManager
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.families import ModelDims
 from .comfy_host import (BlockMismatch, ComfyFluxCond, ComfyFluxHost, ComfyHost, _Slot, canonical_to_comfy,
-                         flux_dims, map_adapters, release_inference_tensors)
+                         flux_dims, map_adapters)
 
 INJECTION_KEY = "metalora_train"
 _WRAPPER_KEY = "metalora_velocity"
@@ -232,23 +231,6 @@ class ComfyGenericHost(ComfyHost):
         plain = [dm.get_submodule(n) for n in slots if "forward" not in dm.get_submodule(n).__dict__]
         self.patcher = clone
         return _Detach(self, plain)
-
-    @contextlib.contextmanager
-    def training(self) -> Iterator[None]:
-        """Loads the clone (which injects the adapters) through ComfyUI's memory manager;
-        ``in_training`` only inside."""
-        if self.patcher is None:
-            raise RuntimeError("attach adapters before training")
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-        self.patcher.inject_model()  # a no-op when loading injected them
-        release_inference_tensors(self.patcher.model.diffusion_model)
-        previous = comfy.model_management.in_training
-        comfy.model_management.in_training = True
-        try:
-            with torch.inference_mode(False):
-                yield
-        finally:
-            comfy.model_management.in_training = previous
 
     def model_conds(self, cond: Any, x_t: torch.Tensor) -> dict[str, Any]:
         """The conditioning as the model's ``apply_model`` takes it, built by ComfyUI's own
