@@ -54,7 +54,7 @@ def check_saves_of(prompt: dict | None, train_id: str | None) -> None:
             raise ValueError(f"Meta-LoRA Save (node {node_id}) would refuse its name, so nothing was trained: {problem}")
 
 
-_TRAINED = " or ".join(f.title for f in training.TRAINED_FAMILIES)  # "FLUX.1-dev"
+_TRAINED = ", ".join(f.title for f in training.TRAINED_FAMILIES[:-1]) + " or " + training.TRAINED_FAMILIES[-1].title
 
 
 class MetaLoRAPriorLoader(io.ComfyNode):
@@ -239,6 +239,8 @@ class MetaLoRASave(io.ComfyNode):
     @classmethod
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
         path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
+                             family=meta_lora.family,
+                             stems=training.comfy_lora_stems(meta_lora.adapters, meta_lora.family),
                              **meta_lora.metadata, **{"modelspec.title": filename_prefix})
         training.refresh_lora_list()
         name = training.relative_lora_name(path)

@@ -25,14 +25,15 @@ from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, check_rank
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
-from ..metalora_core.lora.families import DEFAULT_FAMILY, ModelDims
+from ..metalora_core.lora.adapter import AdapterSet
+from ..metalora_core.lora.families import FLUX1, FLUX2, ZIMAGE, ModelDims, ModelFamily
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.faces.crops import FaceCrops
 from ..metalora_core.train.recipe import Provenance, Stage2Plan, execute_stage2, plan_stage2
 from ..metalora_core.train.stage2 import Stage2Config, TrainResult
 from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
-from .generic_host import flux_host_or_generic
+from .generic_host import ComfyGenericHost, flux_host_or_generic
 from .images import image_to_pils, pils_to_image
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,39 @@ class TrainSettings:
 
 
 MEMORY_CHOICES = ("auto", "fast", "low")
-TRAINED_FAMILIES = (DEFAULT_FAMILY,)  # the model families the Train node's host trains
+TRAINED_FAMILIES = (FLUX1, FLUX2, ZIMAGE)  # the model families the Train node trains
+
+
+def generic_family_dims(model: Any) -> ModelDims | None:
+    """The dims of a ComfyUI MODEL that trains through the generic host (FLUX.2, Z-Image), from
+    ComfyUI's model class and the model's weights; None for any other MODEL (FLUX.1 and what is
+    not a trained family go the fast FLUX host's way, which refuses the latter)."""
+    import comfy.model_base
+
+    base = model.model
+    if isinstance(base, comfy.model_base.Flux2):
+        family = FLUX2
+    elif (isinstance(base, comfy.model_base.Lumina2) and not isinstance(base, comfy.model_base.ZImagePixelSpace)
+          and base.model_config.unet_config.get("z_image_modulation")):
+        family = ZIMAGE  # Lumina 2 itself shares ComfyUI's class, not Z-Image's layers
+    else:
+        return None
+    return family.dims_from_comfy_state_dict(base.diffusion_model.state_dict())
+
+
+def comfy_lora_stems(adapters: AdapterSet, family: ModelFamily) -> dict[str, str]:
+    """LoRA key stems for the layers ComfyUI's LoRA loader knows by their ComfyUI names only: the
+    top-level (unnumbered) layers, FLUX.2's shared modulation Linears, which ComfyUI 0.33's
+    diffusers key map (``comfy.utils.flux_to_diffusers``, numbered blocks only) lacks. They are
+    written as ``diffusion_model.<ComfyUI module>``, a key ComfyUI maps for every weight."""
+    out: dict[str, str] = {}
+    for group, table in zip(family.groups, family.comfy_names):
+        if group.depth is not None:
+            continue
+        for comfy_name, canonical in table.items():
+            if len(canonical) == 1 and group.module(0, canonical[0]) in adapters.names:
+                out[group.module(0, canonical[0])] = f"diffusion_model.{group.module(0, comfy_name, comfy=True)}"
+    return out
 
 
 def memory_choice(memory: str, gradient_checkpointing: bool) -> str:
@@ -162,7 +195,7 @@ def _plan_checkpointing(host: ComfyFluxHost, settings: TrainSettings, images: li
     return every
 
 
-def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainResult | None:
+def _cached(cache_dir: str, key: str, node_id: str | None = None, family: ModelFamily = FLUX1) -> TrainResult | None:
     hit = load_cached_adapters(cache_dir, key, on_ignored=lambda why: send_text(why, node_id))
     if hit is None:
         return None
@@ -175,7 +208,7 @@ def _cached(cache_dir: str, key: str, node_id: str | None = None) -> TrainResult
         send_text(why, node_id)
         return None
     losses = [float(x) for x in meta.get("losses", "").split(",") if x]
-    return TrainResult(adapters, losses, provenance=provenance, from_cache=True)
+    return TrainResult(adapters, losses, provenance=provenance, from_cache=True, family=family)
 
 
 def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive: list,
@@ -186,17 +219,24 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         send_text(f"crops cut again at {settings.resolution}x{settings.resolution} from the photos "
                   f"(Face Augment made them at {crops.resolution})", node_id)
     cond = ComfyFluxCond.from_conditioning(positive)
-    host = ComfyFluxHost(model, vae=vae)
-    host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
+    dims = generic_family_dims(model)
+    if dims is None:  # FLUX.1: the fast host (which refuses what is not FLUX)
+        host = ComfyFluxHost(model, vae=vae)
+        host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
+    else:
+        host = ComfyGenericHost.of_family(model, dims, vae=vae)
+    family = host.dims.family
     plan = plan_stage2(host, used, cond, prior, settings.config)  # a prior that does not fit this MODEL fails here
     key, cache_dir = plan.provenance.cache_key, cache_folder()
     if not settings.force_retrain:
-        hit = _cached(cache_dir, key, node_id)
+        hit = _cached(cache_dir, key, node_id, family)
         if hit is not None:
             send_text(f"loaded from cache {key[:12]} (force_retrain to train again)", node_id)
             return hit
     check_output_folders(cache_dir)
-    host, note = flux_host_or_generic(host, cond)  # ComfyUI's own model where the fast copy disagrees
+    note = None
+    if isinstance(host, ComfyFluxHost):
+        host, note = flux_host_or_generic(host, cond)  # ComfyUI's own model where the fast copy disagrees
     if note is not None:
         log.warning("%s", note)
         send_text(note, node_id)
@@ -208,11 +248,11 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
         can_checkpoint = isinstance(host, ComfyFluxHost) and host.checkpoint_every != 1  # the generic path cannot
         tips = ["set memory to low (or turn on gradient_checkpointing)"] if can_checkpoint else []
         tips += [f"lower resolution (now {settings.resolution})"] if settings.resolution > 512 else []
-        tips.append("load FLUX with weight_dtype fp8_e4m3fn in Load Diffusion Model")
+        tips.append(f"load {family.title} with weight_dtype fp8_e4m3fn in Load Diffusion Model")
         raise RuntimeError(f"Meta-LoRA training ran out of GPU memory: {'; '.join(tips)}; "
                            "nothing was saved and your MODEL is unchanged") from e
     store_cached_adapters(cache_dir, key, run.adapters, losses=",".join(f"{x:.6g}" for x in run.losses),
-                          **run.metadata)
+                          family=family, **run.metadata)
     return run
 
 
@@ -259,13 +299,14 @@ def loss_plot(losses: list[float]) -> torch.Tensor:
 
 def apply_meta_lora(model: Any, lora: TrainResult, strength: float) -> Any:
     """MODEL + trained adapters -> patched clone, exactly as ComfyUI's LoraLoaderModelOnly does."""
-    sd = comfy.lora_convert.convert_lora(lora_state_dict(lora.adapters))
+    sd = comfy.lora_convert.convert_lora(lora_state_dict(lora.adapters, stems=comfy_lora_stems(lora.adapters,
+                                                                                                lora.family)))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(sd, key_map)
     if len(loaded) != len(lora.adapters.names):
         missing = sorted({k.split(".lora_")[0] for k in sd} - set(key_map))
         raise ValueError(f"{len(lora.adapters.names) - len(loaded)} LoRA layers have no match in this MODEL "
-                         f"(first: {missing[:1]}); the META_LORA was trained on a different FLUX")
+                         f"(first: {missing[:1]}); the META_LORA ({lora.family.title}) was trained on a different model")
     new = model.clone()
     new.add_patches(loaded, strength)
     return new

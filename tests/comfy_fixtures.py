@@ -215,6 +215,81 @@ def tiny_flux_vae_state_dict(seed: int = 0, *, decoder_ch: int = 32, encoder: bo
     return sd
 
 
+def tiny_flux2_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """FLUX.2-layout VAE: the FLUX-layout VAE at 32 latent channels plus quant convs and the latent
+    batch norm over 2 x 2 patches (``bn.running_*``), from which comfy/sd.py ``VAE.__init__`` builds
+    FLUX.2's VAE (128 channels at 1/16 of the image side)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    sd = tiny_flux_vae_state_dict(seed, z_channels=32)
+    _conv(sd, gen, "quant_conv", 64, 64, 1)
+    _conv(sd, gen, "post_quant_conv", 32, 32, 1)
+    sd["bn.running_mean"] = _randn(gen, (128,), 0.1)
+    sd["bn.running_var"] = 1.0 + _randn(gen, (128,), 0.1).abs()
+    return sd
+
+
+# ComfyUI's own configs (comfy/model_detection.py) of FLUX.2 and Z-Image at tiny widths. FLUX.2 is
+# detected from its weights at any width (heads of 128, ``axes_dim`` fixed), so its tiny config is
+# the one detection gives; Z-Image is detected at its real width only (dim 3840), so the tiny
+# model is built from ComfyUI's ``supported_models.ZImage`` with this config.
+TINY_FLUX2_CONFIG = dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=48,
+                         hidden_size=128, mlp_ratio=3.0, num_heads=1, depth=1, depth_single_blocks=2,
+                         axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True,
+                         global_modulation=True, mlp_silu_act=True, ops_bias=False, txt_ids_dims=[3])
+TINY_ZIMAGE_CONFIG = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=2, n_refiner_layers=1,
+                          n_heads=4, n_kv_heads=4, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True,
+                          cap_feat_dim=40, axes_dims=[16, 24, 24], axes_lens=[64, 32, 32], rope_theta=256.0,
+                          z_image_modulation=True, time_scale=1000.0)
+ZIMAGE_FULL_CONFIG = dict(TINY_ZIMAGE_CONFIG, dim=3840, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48],
+                          axes_lens=[1536, 512, 512], cap_feat_dim=2560, n_layers=30, n_refiner_layers=2)
+
+
+def comfy_module_state_dict(kind: str, config: dict, seed: int = 0, *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of ComfyUI's own diffusion module (``kind``: "flux" or "lumina") built with
+    ``config``: its key names and shapes, with random weights (norm scales 1); on the meta device
+    (shapes only) with ``meta``. Needs ComfyUI imported."""
+    import comfy.ops
+
+    if kind == "flux":
+        from comfy.ldm.flux.model import Flux as cls
+    else:
+        from comfy.ldm.lumina.model import NextDiT as cls
+    kwargs = {k: v for k, v in config.items() if k != "image_model" or kind == "flux"}
+    with torch.device("meta"):
+        module = cls(**kwargs, operations=comfy.ops.disable_weight_init)
+    shapes = module.state_dict()
+    if meta:
+        return dict(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted(shapes):
+        shape = tuple(shapes[k].shape)
+        if len(shape) >= 2:
+            out[k] = _randn(gen, shape, (shape[1] * max(1, int(torch.tensor(shape[2:]).prod()))) ** -0.5)
+        elif "norm" in k or k.endswith(".scale"):
+            out[k] = 1.0 + _randn(gen, shape, 0.02)
+        else:
+            out[k] = _randn(gen, shape, 0.02)
+    return out
+
+
+def tiny_zimage_model(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """A ComfyUI MODEL of the tiny Z-Image: ComfyUI's ``supported_models.ZImage`` with
+    ``TINY_ZIMAGE_CONFIG`` and ``sd``, built as ``comfy.sd.load_diffusion_model_state_dict`` builds
+    a detected model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.ZImage(dict(TINY_ZIMAGE_CONFIG))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model(sd, "")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return patcher
+
+
 # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14), as in ComfyUI's comfy/sd1_clip_config.json.
 CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
@@ -620,7 +695,8 @@ def random_meta_adapters(pack_module, dims, preset: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shapes = layers.resolve_targets(preset, dims)
     downs = {n: torch.randn(4, fin, generator=g) / fin ** 0.5 for n, (fin, _) in shapes.items()}
-    ad = recipe.build_adapters(dims, prior_mod.Prior(downs=downs, r1=4, preset=preset), rank=2, seed=seed)
+    ad = recipe.build_adapters(dims, prior_mod.Prior(downs=downs, r1=4, preset=preset,
+                                                                  base_model=dims.family.name), rank=2, seed=seed)
     with torch.no_grad():
         for _, a in ad.items():
             a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)

@@ -22,16 +22,24 @@ LORA_FORMAT = "metalora.lora"
 PREFIX = "transformer."
 
 
-def lora_state_dict(adapters: AdapterSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Merged LoRA tensors; ``B @ A`` equals each adapter's delta weight."""
+def lora_state_dict(adapters: AdapterSet, dtype: torch.dtype = torch.float32,
+                    stems: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Merged LoRA tensors; ``B @ A`` equals each adapter's delta weight.
+
+    Args:
+        stems: canonical layer name -> the key stem to write for it instead of
+            ``transformer.<canonical>`` (a reader that knows a layer by another name only).
+    """
+    stems = stems or {}
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, a in adapters.items():
             la, lb = a.lora_factors()
             if not (torch.isfinite(la).all() and torch.isfinite(lb).all()):
                 raise ValueError(f"layer {name!r} holds NaN or inf; the training diverged, nothing was exported")
-            out[f"{PREFIX}{name}.lora_A.weight"] = la.detach().to("cpu", dtype).contiguous()
-            out[f"{PREFIX}{name}.lora_B.weight"] = lb.detach().to("cpu", dtype).contiguous()
+            stem = stems.get(name, f"{PREFIX}{name}")
+            out[f"{stem}.lora_A.weight"] = la.detach().to("cpu", dtype).contiguous()
+            out[f"{stem}.lora_B.weight"] = lb.detach().to("cpu", dtype).contiguous()
     return out
 
 
@@ -65,9 +73,11 @@ def modelspec(adapters: AdapterSet, resolution: object = None,
 
 
 def save_lora(adapters: AdapterSet, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              family: ModelFamily = DEFAULT_FAMILY, **metadata: object) -> Path:
-    """Writes the merged LoRA of a ``family`` model atomically, with metadata (steps, prior hash, image hash, ...)."""
-    return atomic_save_safetensors(lora_state_dict(adapters, dtype), path,
+              family: ModelFamily = DEFAULT_FAMILY, stems: Mapping[str, str] | None = None,
+              **metadata: object) -> Path:
+    """Writes the merged LoRA of a ``family`` model atomically, with metadata (steps, prior hash, image hash, ...);
+    ``stems`` as in ``lora_state_dict``."""
+    return atomic_save_safetensors(lora_state_dict(adapters, dtype, stems), path,
                                    lora_metadata(adapters, family, **metadata))
 
 

@@ -264,7 +264,8 @@ def execute_stage2(host: FlowHost, plan: Stage2Plan, callback: StepCallback | No
         RuntimeError: the loss became NaN or inf.
     """
     adapters, latents = prepare_stage2(host, plan)
-    return replace(personalize(host, adapters, latents, plan.cond, plan.config, callback), provenance=plan.provenance)
+    return replace(personalize(host, adapters, latents, plan.cond, plan.config, callback), provenance=plan.provenance,
+                   family=host.dims.family)
 
 
 def run_stage2(host: FlowHost, images: FaceCrops | Sequence[Image.Image], cond: Any,

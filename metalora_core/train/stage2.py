@@ -21,6 +21,7 @@ import torch
 
 from ..data.latents import Latent, check_latents, latent_shape, pick_orientation
 from ..lora.adapter import AdapterSet
+from ..lora.families import DEFAULT_FAMILY, ModelFamily
 from ..lora.flow import SIGMA_MODES, add_noise, flow_loss, sample_sigmas, velocity_target
 from ..lora.layers import DEFAULT_PRESET, PRESETS
 from .host import FlowHost
@@ -86,6 +87,7 @@ class TrainResult:
     seconds: float = 0.0
     provenance: Any = None  # train.recipe.Provenance; None straight from ``personalize``
     from_cache: bool = False
+    family: ModelFamily = DEFAULT_FAMILY  # the model family trained on (what saves name as base_model)
 
     @property
     def seconds_per_step(self) -> float:
