@@ -220,8 +220,13 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
                   f"(Face Augment made them at {crops.resolution})", node_id)
     cond = ComfyFluxCond.from_conditioning(positive)
     dims = generic_family_dims(model)
-    if dims is None:  # FLUX.1: the fast host (which refuses what is not FLUX)
-        host = ComfyFluxHost(model, vae=vae)
+    if dims is None:  # FLUX.1: the fast host
+        try:
+            host = ComfyFluxHost(model, vae=vae)
+        except ValueError as e:  # not a FLUX model
+            titles = [f.title for f in TRAINED_FAMILIES]
+            raise ValueError(f"Meta-LoRA Train trains {', '.join(titles[:-1])} and {titles[-1]} models; this MODEL is "
+                             f"{type(model.model).__name__}; load one of those with Load Diffusion Model") from e
         host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
     else:
         host = ComfyGenericHost.of_family(model, dims, vae=vae)

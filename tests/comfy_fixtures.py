@@ -273,15 +273,16 @@ def comfy_module_state_dict(kind: str, config: dict, seed: int = 0, *, meta: boo
     return out
 
 
-def tiny_zimage_model(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """A ComfyUI MODEL of the tiny Z-Image: ComfyUI's ``supported_models.ZImage`` with
-    ``TINY_ZIMAGE_CONFIG`` and ``sd``, built as ``comfy.sd.load_diffusion_model_state_dict`` builds
-    a detected model."""
+def tiny_zimage_model(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, *,
+                      config: dict | None = None, kind: str = "ZImage"):
+    """A ComfyUI MODEL of the tiny Z-Image: ComfyUI's ``supported_models.ZImage`` (or ``kind``) with
+    ``TINY_ZIMAGE_CONFIG`` (or ``config``) and ``sd``, built as
+    ``comfy.sd.load_diffusion_model_state_dict`` builds a detected model."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.ZImage(dict(TINY_ZIMAGE_CONFIG))
+    config = getattr(comfy.supported_models, kind)(dict(config or TINY_ZIMAGE_CONFIG))
     config.set_inference_dtype(dtype, None)
     model = config.get_model(sd, "")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),

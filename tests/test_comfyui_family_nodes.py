@@ -112,6 +112,18 @@ def test_zimage_comfyui_detects_z_image_and_the_tiny_model_is_its_class(models):
     assert pack("nodes.training").generic_family_dims(m["fp32"]) is not None
 
 
+def test_zimage_lumina2_itself_is_refused_naming_the_families(models, crops):
+    """Lumina 2 shares ComfyUI's model class with Z-Image, not its layers (no Z-Image modulation)."""
+    config = dict(TINY_ZIMAGE_CONFIG, z_image_modulation=False)
+    lumina = tiny_zimage_model(comfy_module_state_dict("lumina", config), config=config, kind="Lumina2")
+    assert pack("nodes.training").generic_family_dims(lumina) is None
+    m = dict(models["zimage"], fp32=lumina)
+    with pytest.raises(ValueError) as e:
+        _train(m, crops, None, steps=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "FLUX.1-dev, FLUX.2 and Z-Image" in msg and "Lumina2" in msg, msg
+
+
 def test_flux1_stays_on_the_fast_host(env):
     m = env.nodes.UNETLoader().load_unet(env.names["unet"], "default")[0]
     assert pack("nodes.training").generic_family_dims(m) is None
