@@ -178,7 +178,7 @@ def test_generic_gradients_match_float64_reference(models, name, capsys):
     # finite differences on the first Mid entry of the layer with the largest gradient there
     name0, a0 = max(ad64.items(), key=lambda kv: abs(float(kv[1].mid.grad.flatten()[0])))
     analytic = float(a0.mid.grad.flatten()[0])
-    eps, losses = 1e-3, []
+    eps, losses = 1e-2, []  # a smaller step measures rounding: at 1e-3 Z-Image's difference was 7e-5
     for sign in (1, -1):
         with torch.no_grad():
             a0.mid.view(-1)[0] += sign * eps
@@ -194,7 +194,7 @@ def test_generic_gradients_match_float64_reference(models, name, capsys):
               f"{analytic:.6g}, finite difference {numeric:.6g})")
     assert mid64.norm() > 0 and up64.norm() > 0 and abs(analytic) > 0
     assert abs(loss32 - loss64) <= 1e-5 * loss64
-    assert errors["fp32 mid"] < 1e-4 and errors["fp32 up"] < 1e-4
+    assert errors["fp32 mid"] < 1e-5 and errors["fp32 up"] < 1e-5
     assert errors["finite difference"] < 1e-4
 
 
