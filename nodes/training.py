@@ -74,6 +74,18 @@ def generic_family_dims(model: Any) -> ModelDims | None:
     return family.dims_from_comfy_state_dict(base.diffusion_model.state_dict())
 
 
+def check_text_width(model: Any, cond: ComfyFluxCond, family: ModelFamily) -> None:
+    """Refuses conditioning of another width than the model's text input (another family's text
+    encoder) before any work, in one line; FLUX.2 reads it through ``txt_in``, Z-Image ``cap_embedder``."""
+    dm = model.model.diffusion_model
+    layer = getattr(dm, "txt_in", None) or getattr(dm, "cap_embedder", [None])[-1]
+    width = getattr(layer, "in_features", None)
+    if width is not None and cond.context.shape[-1] != width:
+        raise ValueError(f"the positive CONDITIONING has {cond.context.shape[-1]}-wide text states; this "
+                         f"{family.title} MODEL reads {width}: encode the caption with the text encoder of "
+                         f"{family.title} (its CLIPLoader type)")
+
+
 def comfy_lora_stems(adapters: AdapterSet, family: ModelFamily) -> dict[str, str]:
     """LoRA key stems for the layers ComfyUI's LoRA loader knows by their ComfyUI names only: the
     top-level (unnumbered) layers, FLUX.2's shared modulation Linears, which ComfyUI 0.33's
@@ -229,6 +241,7 @@ def _train(model: Any, vae: Any, prior: Prior | None, crops: FaceCrops, positive
                              f"{type(model.model).__name__}; load one of those with Load Diffusion Model") from e
         host.checkpoint_every = _plan_checkpointing(host, settings, used.images, cond)
     else:
+        check_text_width(model, cond, dims.family)
         host = ComfyGenericHost.of_family(model, dims, vae=vae)
     family = host.dims.family
     plan = plan_stage2(host, used, cond, prior, settings.config)  # a prior that does not fit this MODEL fails here

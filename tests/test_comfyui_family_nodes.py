@@ -124,6 +124,16 @@ def test_zimage_lumina2_itself_is_refused_naming_the_families(models, crops):
     assert "\n" not in msg and "FLUX.1-dev, FLUX.2 and Z-Image" in msg and "Lumina2" in msg, msg
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_conditioning_of_another_width_is_refused_in_one_line(models, crops, name):
+    m = dict(models[name], width=4096)  # T5-XXL states, as FLUX.1's text encoder gives
+    with pytest.raises(ValueError) as e:
+        _train(m, crops, None, steps=1)
+    msg = str(e.value)
+    title = models[name]["family"].title
+    assert "\n" not in msg and "4096-wide" in msg and f"{title} MODEL reads {models[name]['width']}" in msg, msg
+
+
 def test_flux1_stays_on_the_fast_host(env):
     m = env.nodes.UNETLoader().load_unet(env.names["unet"], "default")[0]
     assert pack("nodes.training").generic_family_dims(m) is None
