@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,8 +92,9 @@ def test_model_identity_ignores_patches_applied_in_place(env):
     before = host_mod.model_identity(model)
     live = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     dims = host_mod.flux_dims(model)
-    applied = training.apply_meta_lora(model, SimpleNamespace(adapters=random_meta_adapters(pack, dims, "attn", 1)), 1.0)
-    other = training.apply_meta_lora(model, SimpleNamespace(adapters=random_meta_adapters(pack, dims, "attn", 2)), 1.0)
+    result = pack("metalora_core.train.stage2").TrainResult
+    applied = training.apply_meta_lora(model, result(adapters=random_meta_adapters(pack, dims, "attn", 1)), 1.0)
+    other = training.apply_meta_lora(model, result(adapters=random_meta_adapters(pack, dims, "attn", 2)), 1.0)
     try:
         with torch.inference_mode():
             comfy.model_management.load_models_gpu([applied], force_full_load=True)  # what KSampler does
