@@ -220,11 +220,11 @@ def _family_prior(m, base_model: str | None = None, dims=None):
     return prior_mod.Prior(downs=downs, r1=4, preset="all", base_model=base_model or dims.family.name)
 
 
-def _train(m, crops, prior, *, steps: int = 2, seed: int = 4):
+def _train(m, crops, prior, *, steps: int = 2, seed: int = 4, force: bool = True):
     training, stage2 = pack("nodes.training"), pack("metalora_core.train.stage2")
     messages: list[str] = []
     settings = training.TrainSettings(stage2.Stage2Config(steps=steps, lr=5e-2, seed=seed), resolution=64,
-                                      preview_every=0, force_retrain=True)
+                                      preview_every=0, force_retrain=force)
     real = training.send_text
     training.send_text = lambda msg, node_id: messages.append(msg)
     try:
@@ -251,6 +251,10 @@ def test_train_apply_equals_save_lora_loader(env, models, crops, name):
     assert not [t for t in messages if "own model instead" in t], messages
     assert torch.equal(_output(m, model), before), "the caller's MODEL changed"
     assert model.patches == {}
+    again, _ = _train(m, crops, _family_prior(m), force=False)  # the training cache: the same family back
+    assert again.from_cache and again.family is m["family"]
+    cached = dict(again.adapters.items())
+    assert all(torch.equal(cached[k].up, a.up) for k, a in result.adapters.items())
 
     applied = definitions.MetaLoRAApply.execute(model, result, 1.0).args[0]
     out_apply = _output(m, applied)
