@@ -199,7 +199,7 @@ class MetaLoRAApply(io.ComfyNode):
             node_id="MetaLoRAApply", display_name="Meta-LoRA Apply", category="MetaLoRA/apply",
             description="Applies a trained Meta-LoRA to a MODEL as standard LoRA weight patches.",
             inputs=[
-                io.Model.Input("model", tooltip="FLUX MODEL to patch (a patched clone is returned)."),
+                io.Model.Input("model", tooltip=f"{_TRAINED} MODEL to patch (a patched clone is returned)."),
                 MetaLoRAType.Input("meta_lora", tooltip="Output of Meta-LoRA Train."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="LoRA strength, as in LoraLoaderModelOnly."),
