@@ -240,7 +240,7 @@ class MetaLoRASave(io.ComfyNode):
     def execute(cls, meta_lora, subfolder: str, filename_prefix: str) -> io.NodeOutput:
         path = save_lora_new(meta_lora.adapters, training.lora_folder(), subfolder, filename_prefix,
                              family=meta_lora.family,
-                             stems=training.comfy_lora_stems(meta_lora.adapters, meta_lora.family),
+                             stems=interop.comfy_lora_stems(meta_lora.adapters, meta_lora.family),
                              **meta_lora.metadata, **{"modelspec.title": filename_prefix})
         training.refresh_lora_list()
         name = training.relative_lora_name(path)

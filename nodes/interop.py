@@ -10,12 +10,30 @@ from __future__ import annotations
 import torch
 
 from ..metalora_core.formats.lora import lora_state_dict
+from ..metalora_core.lora.adapter import AdapterSet
+from ..metalora_core.lora.families import ModelFamily
 from ..metalora_core.train.stage2 import TrainResult
 
 
+def comfy_lora_stems(adapters: AdapterSet, family: ModelFamily) -> dict[str, str]:
+    """LoRA key stems for the layers ComfyUI's LoRA loader knows by their ComfyUI names only: the
+    top-level (unnumbered) layers, FLUX.2's shared modulation Linears, which ComfyUI 0.33's
+    diffusers key map (``comfy.utils.flux_to_diffusers``, numbered blocks only) lacks. They are
+    written as ``diffusion_model.<ComfyUI module>``, a key ComfyUI maps for every weight."""
+    out: dict[str, str] = {}
+    for group, table in zip(family.groups, family.comfy_names):
+        if group.depth is not None:
+            continue
+        for comfy_name, canonical in table.items():
+            if len(canonical) == 1 and group.module(0, canonical[0]) in adapters.names:
+                out[group.module(0, canonical[0])] = f"diffusion_model.{group.module(0, comfy_name, comfy=True)}"
+    return out
+
+
 def lora_model(trained: TrainResult, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The LORA_MODEL socket value: merged LoRA tensors (``B @ A`` = each layer's trained delta)."""
-    return lora_state_dict(trained.adapters, dtype)
+    """The LORA_MODEL socket value: merged LoRA tensors (``B @ A`` = each layer's trained delta), in
+    the keys Meta-LoRA Save writes (``comfy_lora_stems``)."""
+    return lora_state_dict(trained.adapters, dtype, comfy_lora_stems(trained.adapters, trained.family))
 
 
 def loss_map(losses: list[float]) -> dict[str, list[float]]:

@@ -21,11 +21,9 @@ import folder_paths
 
 from ..metalora_core.draw.charts import line_plot
 from ..metalora_core.data.latents import encode_flip_pairs
-from ..metalora_core.formats.lora import lora_state_dict
 from ..metalora_core.formats.outputs import check_output_folder
 from ..metalora_core.formats.prior import Prior, check_rank
 from ..metalora_core.formats.store import load_cached_adapters, store_cached_adapters
-from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.families import FLUX1, FLUX2, ZIMAGE, ModelDims, ModelFamily
 from ..metalora_core.lora.flow import add_noise
 from ..metalora_core.faces.crops import FaceCrops
@@ -35,6 +33,7 @@ from .comfy_host import ComfyFluxCond, ComfyFluxHost
 from .folders import cache_folder
 from .generic_host import ComfyGenericHost, flux_host_or_generic
 from .images import image_to_pils, pils_to_image
+from .interop import lora_model
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +83,6 @@ def check_text_width(model: Any, cond: ComfyFluxCond, family: ModelFamily) -> No
         raise ValueError(f"the positive CONDITIONING has {cond.context.shape[-1]}-wide text states; this "
                          f"{family.title} MODEL reads {width}: encode the caption with the text encoder of "
                          f"{family.title} (its CLIPLoader type)")
-
-
-def comfy_lora_stems(adapters: AdapterSet, family: ModelFamily) -> dict[str, str]:
-    """LoRA key stems for the layers ComfyUI's LoRA loader knows by their ComfyUI names only: the
-    top-level (unnumbered) layers, FLUX.2's shared modulation Linears, which ComfyUI 0.33's
-    diffusers key map (``comfy.utils.flux_to_diffusers``, numbered blocks only) lacks. They are
-    written as ``diffusion_model.<ComfyUI module>``, a key ComfyUI maps for every weight."""
-    out: dict[str, str] = {}
-    for group, table in zip(family.groups, family.comfy_names):
-        if group.depth is not None:
-            continue
-        for comfy_name, canonical in table.items():
-            if len(canonical) == 1 and group.module(0, canonical[0]) in adapters.names:
-                out[group.module(0, canonical[0])] = f"diffusion_model.{group.module(0, comfy_name, comfy=True)}"
-    return out
 
 
 def memory_choice(memory: str, gradient_checkpointing: bool) -> str:
@@ -317,8 +301,7 @@ def loss_plot(losses: list[float]) -> torch.Tensor:
 
 def apply_meta_lora(model: Any, lora: TrainResult, strength: float) -> Any:
     """MODEL + trained adapters -> patched clone, exactly as ComfyUI's LoraLoaderModelOnly does."""
-    sd = comfy.lora_convert.convert_lora(lora_state_dict(lora.adapters, stems=comfy_lora_stems(lora.adapters,
-                                                                                                lora.family)))
+    sd = comfy.lora_convert.convert_lora(lora_model(lora))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(sd, key_map)
     if len(loaded) != len(lora.adapters.names):
