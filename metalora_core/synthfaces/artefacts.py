@@ -94,9 +94,20 @@ class Artefacts:
     vae: Any
     transformer: Any
     embedder: IdentityEmbedder
-    prior: Prior
+    prior: Prior | None  # None: a build whose Stage-1 has not run yet (plain LoRA only)
     model_config: SmallFluxConfig
     manifest: dict[str, Any]
+    domain: int = 1  # render.make_identity's domain
+
+    @property
+    def latent_channels(self) -> int:
+        return int(getattr(self.vae.config, "latent_channels", 16))
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along a side."""
+        f = getattr(self.vae.config, "factor", None)
+        return int(f) if f is not None else 2 ** (len(self.model_config.ae_channels) - 1)
 
     @property
     def host(self) -> DiffusersFluxHost:

@@ -85,16 +85,16 @@ class HeldOut:
     references: list[Image.Image]
 
 
-def held_out(config: ReproConfig, offset: int = HELDOUT_OFFSET) -> list[HeldOut]:
+def held_out(config: ReproConfig, offset: int = HELDOUT_OFFSET, domain: int = 1) -> list[HeldOut]:
     """The held-out identities of ``config.seed`` (index range disjoint from every training range;
     ``offset=CALIBRATION_OFFSET``: the calibration identities, disjoint from the scored ones)."""
     out = []
     for k in range(config.identities):
-        ident = make_identity(offset + config.seed * 10_000 + k)
+        ident = make_identity(offset + config.seed * 10_000 + k, domain)
         g = np.random.default_rng(np.random.SeedSequence([config.seed, k, 7]))
-        view = random_view(g, scale=(0.7, 0.9))
+        view = random_view(g, scale=(0.7, 0.9), domain=domain)
         photo = render(ident, view, PHOTO_SIZE)
-        refs = [render(ident, random_view(g), (32, 32)) for _ in range(config.references)]
+        refs = [render(ident, random_view(g, domain=domain), (32, 32)) for _ in range(config.references)]
         out.append(HeldOut(identity=ident, photo=photo, box=face_box(ident, view, PHOTO_SIZE), context=view.context,
                            references=refs))
     return out
@@ -123,7 +123,9 @@ def eval_prompts() -> list[str | None]:
 def generate(arts: Artefacts, host, context: str, n: int, seed: int, steps: int) -> list[Image.Image]:
     """``n`` 32x32 images for one context prompt; the noise depends only on ``seed`` and the context."""
     gen = torch.Generator().manual_seed(seed * 1009 + list(CONTEXTS).index(context))
-    z = sample(host, arts.cond(context), n=n, generator=gen, steps=steps)
+    f = arts.latent_factor
+    z = sample(host, arts.cond(context), n=n, generator=gen, steps=steps, channels=arts.latent_channels,
+               latent_hw=(32 // f, 32 // f))
     return [tensor_to_pil(x) for x in decode_latents(arts.vae, z)]
 
 
@@ -151,7 +153,7 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
     images = training_images(item, method, seed)
     cond = arts.cond(None)  # the class caption only, as the paper trains (no context, no trigger word)
     s2 = Stage2Config(steps=config.checkpoints[-1], lr=config.lr, rank=config.r2, seed=seed,
-                      preset=arts.prior.preset or "all")
+                      preset=(arts.prior.preset if arts.prior is not None else None) or "all")
     # the recipe's adapters and items (both orientations of every image), trained by the recipe's
     # trainer; only the per-checkpoint snapshots below are this experiment's own
     adapters, latents = prepare_stage2(host, plan_stage2(host, images, cond, prior, s2))
@@ -236,7 +238,7 @@ def run_reproduction(arts: Artefacts, out: str | Path, config: ReproConfig = Rep
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    items = held_out(config)
+    items = held_out(config, domain=arts.domain)
     per_run: list[dict[str, Any]] = []
     base_scores: list[dict[str, Any]] = []
     sheet_rows: list[tuple[str, list[Image.Image]]] = []

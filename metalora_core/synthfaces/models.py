@@ -215,3 +215,61 @@ def sample(host: DiffusersFluxHost, cond: FluxTextCond, *, n: int, generator: to
 
 
 
+
+
+class _LatentDist:
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+
+class _Out:
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+class _LatentConfig:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+        self.shift_factor = 0.0
+        self.scaling_factor = 1.0
+        self.latent_channels = 3 * factor * factor
+
+    def __iter__(self):
+        return iter(self.__dict__.items())
+
+    def keys(self):
+        return self.__dict__.keys()
+
+    def __getitem__(self, k):
+        return self.__dict__[k]
+
+
+class SpaceToDepthLatent(torch.nn.Module):
+    """A lossless latent: each ``factor`` x ``factor`` pixel block becomes ``3 factor^2`` channels
+    (``PixelUnshuffle``), scaled per channel to unit variance. It has the autoencoder interface the
+    host uses (``encode(x).latent_dist.mean``, ``decode(z).sample``, ``config.shift_factor`` and
+    ``scaling_factor``), so ``encode_images`` and the samplers run on it unchanged; decoding an
+    encoding gives the image back to float rounding."""
+
+    def __init__(self, factor: int = 4) -> None:
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"space-to-depth factor must be >= 1, got {factor}")
+        self.config = _LatentConfig(factor)
+        c = self.config.latent_channels
+        # per-channel centre and spread of the domain's latents (set by ``fit``)
+        self.centre = torch.nn.Parameter(torch.zeros(1, c, 1, 1), requires_grad=False)
+        self.spread = torch.nn.Parameter(torch.ones(1, c, 1, 1), requires_grad=False)
+
+    def fit(self, x: torch.Tensor) -> None:
+        """Sets the per-channel centre and spread from (B, 3, H, W) images."""
+        z = torch.nn.functional.pixel_unshuffle(x, self.config.factor)
+        self.centre.data = z.mean((0, 2, 3), keepdim=True)
+        self.spread.data = z.std((0, 2, 3), keepdim=True).clamp_min(1e-3)
+
+    def encode(self, x: torch.Tensor) -> _Out:
+        z = torch.nn.functional.pixel_unshuffle(x, self.config.factor)
+        return _Out(latent_dist=_LatentDist((z - self.centre) / self.spread))
+
+    def decode(self, z: torch.Tensor) -> _Out:
+        return _Out(sample=torch.nn.functional.pixel_shuffle(z * self.spread + self.centre, self.config.factor))

@@ -50,10 +50,23 @@ class Identity:
     mouth_w: float  # / head width
     brows: bool  # thick dark eyebrows
     cheeks: bool  # red cheek spots
+    glasses: bool = False  # dark round rims around both eyes (domain 2)
+    beard: bool = False  # hair-coloured lower face (domain 2)
+    domain: int = 1  # 1: the first domain's traits and views; 2: traits that survive 32x32, less nuisance
 
 
-def make_identity(index: int) -> Identity:
-    """The identity with this index; the same index always gives the same traits."""
+# Domain 2: identity lives in discrete traits that survive a 32x32 frame (colours from small
+# palettes, hair style, large irises, glasses, beard, head aspect); views vary little.
+HEAD_ASPECTS = ((0.50, 0.58), (0.46, 0.64), (0.54, 0.66))  # (head_w, head_h)
+DOMAINS = (1, 2)
+
+
+def make_identity(index: int, domain: int = 1) -> Identity:
+    """The identity with this index in ``domain``; the same index always gives the same traits."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
+    if domain == 2:
+        return _make_identity_2(index)
     g = np.random.default_rng(np.random.SeedSequence([0x5F4CE, int(index)]))
 
     def pick(palette):
@@ -78,6 +91,20 @@ def make_identity(index: int) -> Identity:
     )
 
 
+def _make_identity_2(index: int) -> Identity:
+    g = np.random.default_rng(np.random.SeedSequence([0x5F4CE, 2, int(index)]))
+
+    def pick(palette):
+        return tuple(int(v) for v in palette[int(g.integers(len(palette)))])
+
+    head_w, head_h = HEAD_ASPECTS[int(g.integers(len(HEAD_ASPECTS)))]
+    return Identity(
+        index=int(index), head_w=head_w, head_h=head_h, skin=pick(SKIN), hair=pick(HAIR),
+        hair_style=int(g.integers(HAIR_STYLES)), eyes=pick(EYES), eye_gap=float(g.choice((0.34, 0.46))),
+        eye_size=0.12, eye_y=-0.08, nose_len=0.14, mouth_w=float(g.choice((0.28, 0.45))),
+        brows=bool(g.integers(2)), cheeks=False, glasses=bool(g.integers(2)), beard=bool(g.integers(2)), domain=2)
+
+
 @dataclass(frozen=True)
 class View:
     """How one image shows its identity."""
@@ -92,11 +119,19 @@ class View:
     context: str  # key of CONTEXTS
 
 
-def random_view(g: np.random.Generator, context: str | None = None, scale: tuple[float, float] = (0.75, 1.2)) -> View:
-    """A random view; ``context`` None draws one of CONTEXTS."""
+def random_view(g: np.random.Generator, context: str | None = None, scale: tuple[float, float] = (0.75, 1.2),
+                domain: int = 1) -> View:
+    """A random view; ``context`` None draws one of CONTEXTS. Domain 2 varies little (small yaw
+    and roll, 1.2 x the middle of ``scale`` x 0.92..1.05, small shifts, mild expressions)."""
     ctx = context if context is not None else list(CONTEXTS)[int(g.integers(len(CONTEXTS)))]
     if ctx not in CONTEXTS:
         raise ValueError(f"unknown context {ctx!r}; choose one of {list(CONTEXTS)}")
+    if domain == 2:
+        mid = (scale[0] + scale[1]) / 2
+        return View(yaw=float(g.uniform(-0.3, 0.3)), roll=float(g.uniform(-4, 4)),
+                    scale=float(1.2 * mid * g.uniform(0.92, 1.05)), dx=float(g.uniform(-0.03, 0.03)),
+                    dy=float(g.uniform(-0.03, 0.03)), smile=float(g.uniform(-0.5, 0.5)),
+                    eye_open=float(g.uniform(0.75, 1.0)), context=ctx)
     return View(yaw=float(g.uniform(-1, 1)), roll=float(g.uniform(-15, 15)), scale=float(g.uniform(*scale)),
                 dx=float(g.uniform(-0.08, 0.08)), dy=float(g.uniform(-0.06, 0.06)), smile=float(g.uniform(-1, 1)),
                 eye_open=float(g.uniform(0.3, 1.0)), context=ctx)
@@ -151,6 +186,14 @@ def render(identity: Identity, view: View, size: tuple[int, int] = (32, 32)) -> 
         _ellipse(d, ex + shift * 0.2, ey, er * 0.7, er * 0.7 * view.eye_open, identity.eyes)
         if identity.brows:
             d.rectangle([ex - er * 1.3, ey - er * 2.0, ex + er * 1.3, ey - er * 1.4], fill=(40, 30, 25))
+        if identity.glasses:
+            d.ellipse([ex - er * 1.7, ey - er * 1.5, ex + er * 1.7, ey + er * 1.5], outline=(20, 20, 20),
+                      width=max(1, int(er * 0.45)))
+    if identity.glasses:
+        d.line([(cx + shift - gap + er * 1.7, ey), (cx + shift + gap - er * 1.7, ey)], fill=(20, 20, 20),
+               width=max(1, int(er * 0.4)))
+    if identity.beard:
+        d.chord([cx - hw * 0.95, cy - hh * 0.1, cx + hw * 0.95, cy + hh * 1.02], 0, 180, fill=identity.hair)
     ny = ey + identity.nose_len * hh * 2
     nose = tuple(int(v * 0.8) for v in identity.skin)
     d.polygon([(cx + shift * 1.3, ey + er), (cx + shift * 1.3 - er * 0.7, ny), (cx + shift * 1.3 + er * 0.7, ny)], fill=nose)
