@@ -28,14 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="a few steps of each stage (seconds): tests the build path; gates recorded, not enforced")
     p.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage (and its gate)")
+    p.add_argument("--rebuild-from", choices=STAGES, default=None,
+                   help="settings of this stage or later ones changed: rebuild from the first changed stage")
+    p.add_argument("--base-steps", type=int, default=None, help="override AssayConfig.base_steps")
+    p.add_argument("--heads", type=int, default=None, help="override AssayConfig.heads (base width = 16 x heads)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # tiny matrices: threads only add spin-wait on a shared machine
     import dataclasses
 
     config = dataclasses.replace(SMOKE_ASSAY if args.smoke else AssayConfig(), seed=args.seed)
+    over = {k: v for k, v in (("base_steps", args.base_steps), ("heads", args.heads)) if v is not None}
+    config = dataclasses.replace(config, **over)
     try:
-        gates = build_assay(args.out, config, stop_after=args.stop_after, enforce=not args.smoke)
+        gates = build_assay(args.out, config, stop_after=args.stop_after, enforce=not args.smoke,
+                            allow_changes=args.rebuild_from)
     except GateFailed as e:
         print(f"{e}; the build stops here (outputs so far in {args.out})")
         return 3

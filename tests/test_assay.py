@@ -153,8 +153,17 @@ def test_a_rerun_continues_from_the_saved_stages_and_a_failed_gate_stops_it(smok
     # the comparison refuses an assay with a failed gate
     with pytest.raises(GateFailed):
         load_assay(copy)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="stage 'judge' had other settings"):
         build_assay(copy, dataclasses.replace(SMOKE_ASSAY, judge_steps=4))
+    # growing the base model keeps latent and judge, rebuilds base and every later stage
+    judge_stamp = (copy / "judge.safetensors").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="--rebuild-from base"):
+        build_assay(copy, dataclasses.replace(SMOKE_ASSAY, base_steps=4), enforce=False, allow_changes="positive_control")
+    build_assay(copy, dataclasses.replace(SMOKE_ASSAY, base_steps=4), enforce=False, allow_changes="base")
+    assert (copy / "judge.safetensors").stat().st_mtime_ns == judge_stamp
+    assert (copy / "base.safetensors").stat().st_mtime_ns != stamp
+    assert json.loads((copy / "assay_config.json").read_text())["base_steps"] == 4
+    assert "settings of stage base changed" in (copy / "build_log.txt").read_text()
 
 
 def test_build_script_prints_one_line_and_exits_3_on_a_failed_gate(smoke_build, tmp_path, capsys):
@@ -177,3 +186,37 @@ def test_build_script_prints_one_line_and_exits_3_on_a_failed_gate(smoke_build, 
         assay.AssayConfig = orig
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == 3 and len(printed) == 1 and "FAILED" in printed[0] and "the build stops here" in printed[0]
+
+
+def test_base_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    from metalora_core.synthfaces.assay import SMOKE_ASSAY, build_base_transformer
+    from metalora_core.synthfaces.models import encode_text, stack_conds, train_base
+
+    cond = encode_text("a photo of a face", SMOKE_ASSAY.model.text_dim)
+    data = torch.randn(16, 48, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = {"n": 0, "fail_at": None}
+
+    def batches(gen):
+        calls["n"] += 1
+        if calls["fail_at"] is not None and calls["n"] == calls["fail_at"]:
+            raise KeyboardInterrupt  # an interrupt in the middle of the run
+        idx = torch.randint(16, (4,), generator=gen)
+        return data[idx], stack_conds([cond] * 4)
+
+    ref = build_base_transformer(SMOKE_ASSAY, 48)
+    ref_losses = train_base(ref, batches, steps=5, seed=3, warmup=2, log_every=0)
+    ckpt = tmp_path / "ckpt.safetensors"
+    run = build_base_transformer(SMOKE_ASSAY, 48)
+    calls.update(n=0, fail_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        train_base(run, batches, steps=5, seed=3, warmup=2, log_every=0, checkpoint_path=ckpt, checkpoint_every=2)
+    assert ckpt.is_file()
+    calls.update(n=0, fail_at=None)
+    again = build_base_transformer(SMOKE_ASSAY, 48)
+    losses = train_base(again, batches, steps=5, seed=3, warmup=2, log_every=0, checkpoint_path=ckpt, checkpoint_every=2)
+    assert calls["n"] == 3  # steps 3..5 only
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    for (k, a), (_, b) in zip(ref.state_dict().items(), again.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    with pytest.raises(ValueError, match="checkpoint of 5 steps"):
+        train_base(build_base_transformer(SMOKE_ASSAY, 48), batches, steps=6, seed=3, checkpoint_path=ckpt)

@@ -44,6 +44,23 @@ GATE_OFFSET = 40_000_000  # identities that only the latent and judge gates look
 DOMAIN = 2
 VIEW_SCALE = (0.6, 1.25)  # random_view's scale range (domain 2 takes its middle, x 1.2)
 STAGES = ("latent", "judge", "base", "positive_control", "prior")
+# what each stage depends on (besides the stages before it), what it writes and which gates it feeds
+STAGE_FIELDS = {
+    "latent": ("seed", "latent_factor"),
+    "judge": ("train_identities", "judge_views", "judge_steps", "judge_batch", "judge_blur", "gate_identities",
+              "gate_views"),
+    "base": ("heads", "num_double", "num_single", "base_images", "base_steps", "base_batch", "base_lr",
+             "context_dropout", "base_samples", "sample_steps"),
+    "positive_control": ("calibration_identities", "calibration_lrs", "checkpoints", "rank", "samples_per_prompt",
+                         "references"),
+    "prior": ("stage1_identities", "stage1_photos", "stage1_per_bucket", "stage1_bucket_steps", "stage1_visits",
+              "stage1_batch", "stage1_lr", "r1", "probe_views", "probe_noises"),
+}
+STAGE_FILES = {"latent": ("latent.safetensors",), "judge": ("judge.safetensors",),
+               "base": ("base.safetensors", "base_checkpoint.safetensors"),
+               "positive_control": ("positive_control.json",), "prior": ("prior.safetensors", "prior.json")}
+STAGE_GATES = {"latent": (), "judge": ("latent", "judge"), "base": ("base",), "positive_control": ("positive_control",),
+               "prior": ("stage1_signal",)}
 
 
 @dataclass(frozen=True)
@@ -284,22 +301,27 @@ def build_base_transformer(config: AssayConfig, latent_channels: int, generator_
 
 
 def stage_base(config: AssayConfig, out: Path, latent, blog: BuildLog):
-    latents, captions, conds, g = _base_data(config, latent)
+    latents, captions, conds, _ = _base_data(config, latent)
     sizes = [s for s in SHAPES if s in latents]
     weights = np.array([len(captions[s]) for s in sizes], dtype=np.float64)
 
-    def batches(gen: torch.Generator):
-        size = sizes[int(g.choice(len(sizes), p=weights / weights.sum()))]
+    probs = torch.as_tensor(weights / weights.sum())
+
+    def batches(gen: torch.Generator):  # draws from ``gen`` alone, so a resumed run repeats it
+        size = sizes[int(torch.multinomial(probs, 1, generator=gen))]
         idx = torch.randint(len(captions[size]), (config.base_batch,), generator=gen)
         return latents[size][idx], stack_conds([conds[captions[size][int(i)]] for i in idx])
 
     transformer = build_base_transformer(config, latent.config.latent_channels, config.seed)
+    ckpt = out / "base_checkpoint.safetensors"
     losses = train_base(transformer, batches, steps=config.base_steps, lr=config.base_lr, seed=config.seed,
-                        log_every=max(1, config.base_steps // 20))
+                        log_every=max(1, config.base_steps // 20), checkpoint_path=ckpt,
+                        checkpoint_every=max(1, config.base_steps // 10))
     blog(f"base: {sum(p.numel() for p in transformer.parameters())} parameters, {config.base_steps} steps x "
          f"{config.base_batch}, loss first 50 {np.mean(losses[:50]):.4f} last 50 {np.mean(losses[-50:]):.4f}")
     atomic_save_safetensors({k: v.contiguous() for k, v in transformer.state_dict().items()}, out / "base.safetensors",
                             {"loss_last50": f"{float(np.mean(losses[-50:])):.5f}"})
+    ckpt.unlink(missing_ok=True)
     return transformer.eval().requires_grad_(False)
 
 
@@ -522,7 +544,7 @@ def stage_prior(config: AssayConfig, out: Path, arts: Artefacts, blog: BuildLog)
 
 
 def build_assay(out: str | Path, config: AssayConfig = AssayConfig(), *, stop_after: str | None = None,
-                enforce: bool = True) -> dict[str, Any]:
+                enforce: bool = True, allow_changes: str | None = None) -> dict[str, Any]:
     """Runs the stages not yet in ``out`` (a rerun continues where the last one stopped) and the
     gate after each; returns ``gates.json``'s content. ``enforce=False`` (smoke builds only, whose
     few steps cannot pass) records the gates without stopping; ``load_assay`` still refuses such a
@@ -536,14 +558,25 @@ def build_assay(out: str | Path, config: AssayConfig = AssayConfig(), *, stop_af
     out.mkdir(parents=True, exist_ok=True)
     blog = BuildLog(out)
     cfg_path = out / "assay_config.json"
-    if cfg_path.is_file():
-        saved = _read_json(cfg_path)
-        if saved != json.loads(json.dumps(config.to_dict())):
-            raise ValueError(f"{out} holds a build of another config ({cfg_path}); give a new --out or the same settings")
-    else:
-        _write_json(cfg_path, config.to_dict())
     gates_path = out / "gates.json"
     gates = _read_json(gates_path)
+    new = json.loads(json.dumps(config.to_dict()))
+    if cfg_path.is_file():
+        saved = _read_json(cfg_path)
+        changed = [st for st in STAGES if any(saved.get(f) != new[f] for f in STAGE_FIELDS[st])]
+        if changed and (allow_changes is None or STAGES.index(changed[0]) < STAGES.index(allow_changes)):
+            raise ValueError(f"{out} holds a build whose stage {changed[0]!r} had other settings ({cfg_path}); give a "
+                             f"new --out, the same settings, or --rebuild-from {changed[0]} (it drops that stage and "
+                             "every later one)")
+        if changed:  # rebuild from the first changed stage on: drop its outputs and every later stage's
+            for st in STAGES[STAGES.index(changed[0]):]:
+                for f in STAGE_FILES[st]:
+                    (out / f).unlink(missing_ok=True)
+                for gname in STAGE_GATES[st]:
+                    gates.pop(gname, None)
+            _write_json(gates_path, gates)
+            blog(f"settings of stage {changed[0]} changed: rebuilding from it")
+    _write_json(cfg_path, new)
     times = _read_json(out / "seconds.json")
 
     def record(gate: Gate) -> Gate:
@@ -590,8 +623,7 @@ def build_assay(out: str | Path, config: AssayConfig = AssayConfig(), *, stop_af
         return gates
     arts = assay_artefacts(config, latent, transformer, judge)
     # positive control
-    pc = _read_json(out / "positive_control.json")
-    if pc and "positive_control" in gates:
+    if (out / "positive_control.json").is_file() and "positive_control" in gates:
         record(Gate("positive_control", gates["positive_control"]["value"], gates["positive_control"].get("detail", {})))
     else:
         gate, _ = timed("positive_control",
@@ -610,8 +642,9 @@ def build_assay(out: str | Path, config: AssayConfig = AssayConfig(), *, stop_af
     return gates
 
 
-def load_assay(folder: str | Path) -> Artefacts:
-    """The built assay as ``Artefacts`` (the comparison's input).
+def load_assay(folder: str | Path, *, require_gates: bool = True) -> Artefacts:
+    """The built assay as ``Artefacts`` (the comparison's input); ``require_gates=False`` only for
+    smoke builds (plumbing checks), whose gates cannot pass.
 
     Raises:
         FileNotFoundError: a stage's file is missing (names the command that builds it).
@@ -628,7 +661,7 @@ def load_assay(folder: str | Path) -> Artefacts:
     gates = _read_json(folder / "gates.json")
     from .gates import ORDER
 
-    for name in ORDER:
+    for name in ORDER if require_gates else ():
         if name not in gates:
             raise GateFailed(Gate(name, {m: float("nan") for m in _thresholds(name)}))
         require(Gate(name, gates[name]["value"]))

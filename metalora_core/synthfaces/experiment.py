@@ -145,9 +145,10 @@ def evaluate_host(arts: Artefacts, host, item: HeldOut, config: ReproConfig, sam
 
 
 def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: ReproConfig,
-               keep_images: Sequence[int] = ()) -> dict[str, Any]:
+               keep_images: Sequence[int] = (), measure=None) -> dict[str, Any]:
     """Stage-2 for one (identity, method, seed); scores at every checkpoint (and the samples of
-    the checkpoints in ``keep_images``)."""
+    the checkpoints in ``keep_images``). ``measure(host)``, called with the checkpoint's adapters
+    attached, adds its dict of numbers to that checkpoint's scores."""
     host = arts.host
     prior = arts.prior if method == "meta_lora" else None
     images = training_images(item, method, seed)
@@ -170,6 +171,8 @@ def run_method(arts: Artefacts, item: HeldOut, method: str, seed: int, config: R
         adapters.load_state_dict(snaps[step])
         with host.attach(adapters):
             scores[step], imgs = evaluate_host(arts, host, item, config, seed)
+            if measure is not None:
+                scores[step].update(measure(host))
         if step in keep_images:
             kept[step] = imgs
     return {"scores": scores, "losses": result.losses, "seconds": result.seconds, "train_images": len(images),

@@ -172,16 +172,59 @@ def predict_batch(transformer, x_t: torch.Tensor, sigma: torch.Tensor, cond: Flu
 
 
 def train_base(transformer, batches: Callable[[torch.Generator], tuple[torch.Tensor, FluxTextCond]], *, steps: int,
-               lr: float = 1e-3, seed: int = 0, warmup: int = 100, log_every: int = 200) -> list[float]:
+               lr: float = 1e-3, seed: int = 0, warmup: int = 100, log_every: int = 200,
+               checkpoint_path=None, checkpoint_every: int = 0) -> list[float]:
     """Trains the transformer from scratch with the rectified-flow loss (logit-normal sigmas),
-    AdamW with a linear warm-up and cosine decay."""
+    AdamW with a linear warm-up and cosine decay.
+
+    ``batches`` must draw only from the generator it is given. With ``checkpoint_path``, the
+    weights, AdamW moments, generator and losses are written there (safetensors, atomically)
+    every ``checkpoint_every`` steps, and a run that finds the file continues from it: the result
+    equals an uninterrupted run.
+    """
+    import json
+    from pathlib import Path
+
+    from ..formats.files import atomic_save_safetensors, read_safetensors
+
     gen = torch.Generator().manual_seed(seed)
     transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    losses = []
-    for step in range(steps):
+    fn = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+    losses: list[float] = []
+    start = 0
+    names = [n for n, _ in transformer.named_parameters()]
+    if checkpoint_path is not None and Path(checkpoint_path).is_file():
+        tensors, meta = read_safetensors(checkpoint_path)
+        info = json.loads(meta["state"])
+        if info["steps"] != steps or info["seed"] != seed:
+            raise ValueError(f"{checkpoint_path} is a checkpoint of {info['steps']} steps, seed {info['seed']}; "
+                             f"this run has {steps}, seed {seed}: delete it or use the same settings")
+        transformer.load_state_dict({k[len("w."):]: v for k, v in tensors.items() if k.startswith("w.")})
+        opt.load_state_dict({"state": {i: {"step": tensors[f"adam.{n}.step"], "exp_avg": tensors[f"adam.{n}.exp_avg"],
+                                           "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"]}
+                                       for i, n in enumerate(names) if f"adam.{n}.step" in tensors},
+                             "param_groups": opt.state_dict()["param_groups"]})
+        gen.set_state(tensors["rng"])
+        start, losses = int(info["step"]), list(info["losses"])
+        sched.last_epoch = start  # where the schedule stood after ``start`` steps
+        for group in opt.param_groups:
+            group["lr"] = lr * fn(start)
+        log.info("base: resuming at step %d of %d from %s", start, steps, checkpoint_path)
+
+    def save(step: int) -> None:
+        st = opt.state_dict()["state"]
+        tensors = {f"w.{k}": v.detach().contiguous() for k, v in transformer.state_dict().items()}
+        for i, n in enumerate(names):
+            if i in st:
+                for part in ("step", "exp_avg", "exp_avg_sq"):
+                    tensors[f"adam.{n}.{part}"] = st[i][part].detach().reshape(st[i][part].shape).contiguous()
+        tensors["rng"] = gen.get_state()
+        atomic_save_safetensors(tensors, checkpoint_path,
+                                {"state": json.dumps({"step": step, "steps": steps, "seed": seed, "losses": losses})})
+
+    for step in range(start, steps):
         x0, cond = batches(gen)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(x0.shape[0], generator=gen)
@@ -195,6 +238,8 @@ def train_base(transformer, batches: Callable[[torch.Generator], tuple[torch.Ten
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             log.info("base %d/%d loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
+        if checkpoint_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
     transformer.eval().requires_grad_(False)
     return losses
 

@@ -1,0 +1,74 @@
+"""The powered comparison on the gated assay (experiments/compare.py): paired contrasts, reach,
+verdict, resumability, and its refusal to run on an assay whose gates failed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metalora_core.synthfaces.compare import analyse, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _runs(effect: float, n: int = 6) -> list[dict]:
+    g = np.random.default_rng(0)
+    runs = []
+    for k in range(n):
+        base = float(g.normal(0.4, 0.1))
+        for m, add in (("lora", -0.05), ("lora_aug", 0.0), ("meta_lora", effect)):
+            runs.append({"set": k % 2, "k": k, "seed": k * 10, "method": m,
+                         "scores": {s: {"identity": base + add * (int(s) / 200) + float(g.normal(0, 0.002)),
+                                        "prompt": 1.0, "flow": 0.3 - add} for s in ("100", "200")}})
+        runs.append({"set": k % 2, "k": k, "seed": k * 10, "method": "base",
+                     "scores": {"0": {"identity": 0.1, "prompt": 1.0, "flow": 0.4}}})
+    return runs
+
+
+def test_contrasts_are_paired_and_the_verdict_follows_the_ci():
+    up = analyse(_runs(0.1), (100, 200), ("lora", "lora_aug", "meta_lora"))
+    c = up["contrasts"]["meta_lora - lora_aug"]["identity"]["200"]
+    assert c["n"] == 6 and c["mean"] == pytest.approx(0.1, abs=0.01) and c["ci95"][0] > 0
+    assert up["contrasts"]["meta_lora - lora"]["identity"]["200"]["mean"] == pytest.approx(0.15, abs=0.01)
+    assert up["contrasts"]["meta_lora - lora_aug"]["flow"]["200"]["mean"] == pytest.approx(-0.1)
+    assert "the prior (Meta-LoRA vs LoRA + augmentation, same crops): higher identity score" in up["verdict"]
+    assert up["reach"]["methods"]["meta_lora"]["reaching"] == 6 and up["reach"]["methods"]["meta_lora"]["by_step"]["100"] == 6
+    down = analyse(_runs(-0.1), (100, 200), ("lora", "lora_aug", "meta_lora"))
+    assert "lower identity score" in down["verdict"]
+    null = analyse(_runs(0.0), (100, 200), ("lora", "lora_aug", "meta_lora"))
+    assert "no difference detectable" in verdict(null["contrasts"], "200").split(";")[0]
+    assert null["pairs"] == 6 and null["ablations"] == {}
+
+
+def test_smoke_comparison_writes_its_outputs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _script("compare").main(["--out", str(out), "--smoke"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["contrasts"]) == {"meta_lora - lora_aug", "meta_lora - lora"}
+    assert set(res["ablations"]) >= {"random_down - lora_aug", "pca_down - lora_aug"}
+    assert res["contrasts"]["meta_lora - lora_aug"]["identity"]["2"]["n"] == 2 == res["pairs"]
+    assert set(res["gates"]) == {"latent", "judge", "base", "positive_control", "stage1_signal"}
+    runs = (out / "runs.jsonl").read_text().splitlines()
+    assert len(runs) == 2 * 6  # 2 pairs x (base + 5 methods)
+    for f in ("table.md", "figure.png", "contrasts.png"):
+        assert (out / f).is_file()
+    assert np.unique(np.asarray(Image.open(out / "contrasts.png").convert("L"))).size > 2
+    # a rerun finds every run done and trains nothing
+    capsys.readouterr()
+    assert _script("compare").main(["--out", str(out), "--smoke"]) == 0
+    assert (out / "runs.jsonl").read_text().splitlines() == runs
+    # the full comparison refuses an assay whose gates failed (the smoke build's), with one line
+    rc = _script("compare").main(["--out", str(tmp_path / "full"), "--assay", str(out / "assay")])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == 3 and "FAILED" in printed[-1] and "no comparison is run" in printed[-1]
