@@ -319,15 +319,18 @@ def stage_base(config: AssayConfig, out: Path, latent, blog: BuildLog):
                         checkpoint_every=max(1, config.base_steps // 10))
     blog(f"base: {sum(p.numel() for p in transformer.parameters())} parameters, {config.base_steps} steps x "
          f"{config.base_batch}, loss first 50 {np.mean(losses[:50]):.4f} last 50 {np.mean(losses[-50:]):.4f}")
-    atomic_save_safetensors({k: v.contiguous() for k, v in transformer.state_dict().items()}, out / "base.safetensors",
-                            {"loss_last50": f"{float(np.mean(losses[-50:])):.5f}"})
+    with torch.no_grad():  # the model is its float16-rounded weights (the file stores them in half the bytes)
+        for p in transformer.parameters():
+            p.copy_(p.half().float())
+    atomic_save_safetensors({k: v.half().contiguous() for k, v in transformer.state_dict().items()},
+                            out / "base.safetensors", {"loss_last50": f"{float(np.mean(losses[-50:])):.5f}"})
     ckpt.unlink(missing_ok=True)
     return transformer.eval().requires_grad_(False)
 
 
 def load_base(config: AssayConfig, out: Path, latent):
     transformer = build_base_transformer(config, latent.config.latent_channels)
-    transformer.load_state_dict(read_safetensors(out / "base.safetensors")[0])
+    transformer.load_state_dict({k: v.float() for k, v in read_safetensors(out / "base.safetensors")[0].items()})
     return transformer.eval().requires_grad_(False)
 
 
