@@ -220,3 +220,15 @@ def test_base_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path)
         assert torch.allclose(a, b, atol=1e-6), k
     with pytest.raises(ValueError, match="checkpoint of 5 steps"):
         train_base(build_base_transformer(SMOKE_ASSAY, 48), batches, steps=6, seed=3, checkpoint_path=ckpt)
+
+
+def test_demo_refuses_an_assay_whose_gates_failed(smoke_build, tmp_path, capsys):
+    from metalora_core.cli import main
+    from metalora_core.synthfaces.demo import assay_passed
+
+    out, _ = smoke_build
+    assert not assay_passed(out) and not assay_passed(tmp_path)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2", "--artefacts", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gate latent FAILED" in err
+    assert not (tmp_path / "d" / "comparison.png").exists()

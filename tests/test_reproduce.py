@@ -171,13 +171,14 @@ def test_demo_personalizes_a_held_out_identity_of_the_small_domain(tmp_path, cap
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and report["crops"] > 5 and report["r2"] == 1
-    for k in ("identity_score_base_mean", "identity_score_metalora_mean", "prompt_score_metalora_mean"):
+    for k in ("identity_score_base_mean", "identity_score_metalora_mean", "prompt_score_metalora_mean",
+              "identity_score_lora_aug_mean", "prompt_score_lora_aug_mean"):
         assert math.isfinite(report[k]) and -1.0 <= report[k] <= 1.0
     tensors, meta = load_lora(out / "lora.safetensors")
     assert meta["prior_sha256"] == load_prior(ROOT / "experiments" / "artefacts" / "prior.safetensors").sha256
     assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_B.weight"))
     sheet = Image.open(out / "comparison.png")
-    assert sheet.size[0] >= 8 * 96 and sheet.size[1] >= 3 * 96  # photo row, base row, Meta-LoRA row
+    assert sheet.size[0] >= 8 * 96 and sheet.size[1] >= 4 * 96  # photo, base, LoRA + aug and Meta-LoRA rows
 
 
 def test_demo_without_artefacts_names_the_rebuild_command(tmp_path, capsys):

@@ -30,8 +30,33 @@ log = logging.getLogger(__name__)
 
 
 def default_artefacts() -> Path:
-    """The committed artefacts of the repository this package was installed from (editable or source)."""
-    return Path(__file__).resolve().parents[2] / "experiments" / "artefacts"
+    """The committed gated assay (experiments/assay) once every gate in its gates.json passed,
+    else the first domain's artefacts (experiments/artefacts), of the repository this package was
+    installed from (editable or source)."""
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    return root / "assay" if assay_passed(root / "assay") else root / "artefacts"
+
+
+def assay_passed(folder: Path) -> bool:
+    """True when ``folder`` is a gated-assay build whose five gates are all recorded as passed."""
+    from .gates import ORDER
+
+    path = folder / "gates.json"
+    if not (folder / "prior.safetensors").is_file() or not path.is_file():
+        return False
+    gates = json.loads(path.read_text())
+    return all(name in gates and gates[name].get("passed") for name in ORDER)
+
+
+def _load(folder: Path):
+    """(artefacts, learning rate): a gated assay (its gates required, the positive control's rate)
+    or the first domain's artefacts (DOMAIN_LR)."""
+    if (folder / "assay_config.json").is_file():
+        from .assay import load_assay
+
+        lr = float(json.loads((folder / "positive_control.json").read_text())["chosen_lr"])
+        return load_assay(folder), lr
+    return load_artefacts(folder), DOMAIN_LR
 
 
 def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefacts: str | Path | None = None,
@@ -47,15 +72,17 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    arts = load_artefacts(artefacts or default_artefacts())
-    item = held_out(ReproConfig(seed=seed, identities=1, references=8))[0]
+    folder = Path(artefacts) if artefacts else default_artefacts()
+    arts, lr = _load(folder)
+    item = held_out(ReproConfig(seed=seed, identities=1, references=8), domain=arts.domain)[0]
     host = arts.host
     images = training_images(item, "meta_lora", seed)
     atomic_save_png(labelled_sheet(images, [f"{im.size[0]}x{im.size[1]}" for im in images],
                                    tile=tile, columns=5), out / "crops.png")
-    result = run_stage2(host, images, arts.cond(None), arts.prior,
-                        Stage2Config(steps=steps, rank=1, lr=DOMAIN_LR, seed=seed, preset=arts.prior.preset or "all"),
-                        caption="a photo of a face")
+    s2 = Stage2Config(steps=steps, rank=1, lr=lr, seed=seed, preset=arts.prior.preset or "all")
+    result = run_stage2(host, images, arts.cond(None), arts.prior, s2, caption="a photo of a face")
+    # LoRA + augmentation: the same crops, flips, steps, rate and seed, without the prior
+    aug = run_stage2(host, images, arts.cond(None), None, s2, caption="a photo of a face")
     save_lora(result.adapters, out / "lora.safetensors", domain="synthfaces", **result.metadata)
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
@@ -63,6 +90,8 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     base = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
     with host.attach(result.adapters):
         tuned = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
+    with host.attach(aug.adapters):
+        plain = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
 
     def scored(imgs: dict[str, list[Image.Image]]):
         ims, captions, ids, ctx = [], [], [], []
@@ -81,10 +110,14 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     cap0 = [f"trained on: id {ref_sims[0]:.2f}"] + ["other image"] * (len(row0) - 1)
     b_ims, b_cap, b_ids, b_ctx = scored(base)
     t_ims, t_cap, t_ids, t_ctx = scored(tuned)
-    sheet = draw_grid([row0, b_ims, t_ims], captions=[cap0, b_cap, t_cap], tile=tile + 24, row_labels=[
+    a_ims, a_cap, a_ids, a_ctx = scored(plain)
+    sheet = draw_grid([row0, b_ims, a_ims, t_ims], captions=[cap0, b_cap, a_cap, t_cap], tile=tile + 24, row_labels=[
         "the one photo trained on, then other images of the identity (the scores compare to these)",
-        f"base model, no LoRA (mean id {np.mean(b_ids):.2f})",
-        f"Meta-LoRA after {steps} steps, same prompts and noise (mean id {np.mean(t_ids):.2f})"])
+        f"base model, no LoRA (mean id {np.mean(b_ids):.2f}, prompt {np.mean(b_ctx):.2f})",
+        f"LoRA + augmentation after {steps} steps, same crops, prompts and noise (mean id {np.mean(a_ids):.2f}, "
+        f"prompt {np.mean(a_ctx):.2f})",
+        f"Meta-LoRA after {steps} steps, same crops, prompts and noise (mean id {np.mean(t_ids):.2f}, "
+        f"prompt {np.mean(t_ctx):.2f})"])
     atomic_save_png(sheet, out / "comparison.png")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
@@ -105,12 +138,15 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
         "prompts": [f"a photo of a face on a {c} background" for c in contexts],
         "identity_score_base_mean": float(np.mean(b_ids)),
         "identity_score_metalora_mean": float(np.mean(t_ids)),
+        "identity_score_lora_aug_mean": float(np.mean(a_ids)),
+        "prompt_score_lora_aug_mean": float(np.mean(a_ctx)),
+        "artefacts": str(folder),
         "prompt_score_base_mean": float(np.mean(b_ctx)),
         "prompt_score_metalora_mean": float(np.mean(t_ctx)),
         "identity_score_of_the_photo_itself": ref_sims[0],
         "r1": arts.prior.r1,
         "r2": 1,
-        "lr": DOMAIN_LR,
+        "lr": lr,
         "layers": len(result.adapters.names),
         "device": "cpu",
         "torch": torch.__version__,
