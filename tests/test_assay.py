@@ -232,3 +232,37 @@ def test_demo_refuses_an_assay_whose_gates_failed(smoke_build, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "gate latent FAILED" in err
     assert not (tmp_path / "d" / "comparison.png").exists()
+
+
+def test_an_interrupted_stage1_resumes_to_the_same_prior_and_probe(smoke_build, tmp_path, monkeypatch):
+    import metalora_core.synthfaces.assay as assay
+    from metalora_core.formats.prior import load_prior
+    from metalora_core.synthfaces.assay import SMOKE_ASSAY, BuildLog, load_assay, stage_prior
+
+    out, _ = smoke_build
+    arts = load_assay(out, require_gates=False)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref_dir.mkdir()
+    run_dir.mkdir()
+    ref_gate, _ = stage_prior(SMOKE_ASSAY, ref_dir, arts, BuildLog(ref_dir))
+    real = assay.probe_losses
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # in the middle of the end-of-visit probe
+        return real(*a, **k)
+
+    monkeypatch.setattr(assay, "probe_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage_prior(SMOKE_ASSAY, run_dir, arts, BuildLog(run_dir))
+    assert (run_dir / "prior_checkpoint.safetensors").is_file() and not (run_dir / "prior.safetensors").exists()
+    monkeypatch.setattr(assay, "probe_losses", real)
+    gate, _ = stage_prior(SMOKE_ASSAY, run_dir, arts, BuildLog(run_dir))
+    assert "resuming Stage-1 at step 3" in (run_dir / "build_log.txt").read_text()
+    a, b = load_prior(ref_dir / "prior.safetensors"), load_prior(run_dir / "prior.safetensors")
+    for n in a.downs:
+        assert torch.allclose(a.downs[n], b.downs[n], atol=1e-6), n
+    assert gate.value == pytest.approx(ref_gate.value)
+    assert not (run_dir / "prior_checkpoint.safetensors").exists()

@@ -491,7 +491,7 @@ def stage_prior(config: AssayConfig, out: Path, arts: Artefacts, blog: BuildLog)
     bucket visited ``stage1_visits`` times; at the end of every visit the probe compares, for
     each identity of the bucket, the held-out-view loss under its own Mid/Up with that under the
     next bucket identity's (same Down, same noise)."""
-    from ..train.stage1 import MetaTrainConfig, MetaTrainer, to_prior
+    from ..train.stage1 import MetaTrainConfig, MetaTrainer, load_checkpoint, to_prior
 
     data = stage1_data(config, arts.vae)
     n_buckets = -(-config.stage1_identities // config.stage1_per_bucket)
@@ -506,6 +506,14 @@ def stage_prior(config: AssayConfig, out: Path, arts: Artefacts, blog: BuildLog)
     g = np.random.default_rng(np.random.SeedSequence([config.seed, 17]))
     probe = {k: _probe_latents(config, arts.vae, k, g) for k in range(config.stage1_identities)}
     diffs: list[dict[str, Any]] = []
+    ckpt, probe_log = out / "prior_checkpoint.safetensors", out / "prior_probe.jsonl"
+    if ckpt.is_file():  # an interrupted Stage-1: continue from its checkpoint with the probe rows it had
+        trainer.load_state_dict(load_checkpoint(ckpt), source=str(ckpt))
+        if probe_log.is_file():
+            diffs = [r for r in (json.loads(x) for x in probe_log.read_text().splitlines() if x.strip())
+                     if r["step"] <= trainer.step]
+        blog(f"prior: resuming Stage-1 at step {trainer.step} of {steps} ({len(diffs)} probe rows)")
+    atomic_write_bytes(probe_log, "".join(json.dumps(r) + "\n" for r in diffs).encode())
 
     def callback(info) -> None:
         if info.step_in_bucket != config.stage1_bucket_steps:
@@ -519,12 +527,15 @@ def stage_prior(config: AssayConfig, out: Path, arts: Artefacts, blog: BuildLog)
             for who in (ident, other):
                 trainer._router.slots = [live.slot[who]] * z0.shape[0]
                 losses.append(probe_losses(host, z0, cond, config.seed * 7919 + ident, config.probe_noises))
-            diffs.append({"visit": int(live.visit), "identity": int(ident), "other": int(other),
-                          "own": losses[0], "others": losses[1], "difference": losses[0] - losses[1]})
+            row = {"step": int(info.step), "visit": int(live.visit), "identity": int(ident), "other": int(other),
+                   "own": losses[0], "others": losses[1], "difference": losses[0] - losses[1]}
+            diffs.append(row)
+            with open(probe_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         if info.step % max(1, steps // 10) == 0 or info.step == steps:
             blog(f"prior: step {info.step}/{steps}, loss of the last 50 {np.mean(trainer.losses[-50:]):.4f}")
 
-    result = trainer.run(callback=callback)
+    result = trainer.run(callback=callback, checkpoint_path=ckpt, checkpoint_every=max(1, steps // 16))
     prior = to_prior(result, domain="synthfaces-2", base_model="synthfaces-2-small-flux", data_summary=data.summary)
     save_prior(prior, out / "prior.safetensors")
     stats = mean_ci([d["difference"] for d in diffs])
@@ -536,6 +547,7 @@ def stage_prior(config: AssayConfig, out: Path, arts: Artefacts, blog: BuildLog)
               "loss_first50": float(np.mean(result.losses[:50])), "loss_last50": float(np.mean(result.losses[-50:])),
               "probe": {"pooled": stats, "by_visit": by_visit, "pairs": diffs}, "sha256": prior.sha256}
     _write_json(out / "prior.json", report)
+    ckpt.unlink(missing_ok=True)
     gate = Gate("stage1_signal", {"paired_difference_ci_high": stats["ci95"][1]},
                 {"n": stats["n"], "mean": stats["mean"], "ci95": stats["ci95"],
                  "mean_own_loss": float(np.mean([d["own"] for d in diffs]))})
