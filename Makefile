@@ -10,7 +10,7 @@ DEMO_OUT ?= out/demo
 TINY_DATA ?= out/tiny_data
 PHOTOS := $(PY) tests/sample_photos.py
 
-.PHONY: venv demo demo-photo meta-train-tiny test test-newest constraints test-comfyui test-comfyui-pinned bench bench-gpu clean artefacts reproduce
+.PHONY: venv demo demo-photo meta-train-tiny test test-newest constraints test-comfyui test-comfyui-pinned bench bench-gpu clean artefacts reproduce assay compare
 
 # The test environment installs under constraints.txt (every package pinned), so a new release of a
 # dependency cannot change a run; test-newest takes the newest releases on purpose.
@@ -24,7 +24,8 @@ $(VENV)/.installed: requirements-dev.txt constraints.txt pyproject.toml
 venv: $(VENV)/.installed
 
 # The demo: one photo of a held-out identity of the small trained face domain, Stage-2 with its
-# prior (experiments/artefacts), comparison.png.
+# prior (experiments/assay once its five gates passed, else experiments/artefacts), comparison.png:
+# base model, LoRA + augmentation and Meta-LoRA at the same crops, steps, prompts and noise.
 demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/metalora demo --out $(DEMO_OUT) --overwrite
 
@@ -81,6 +82,13 @@ artefacts: venv
 
 reproduce: venv
 	OMP_NUM_THREADS=1 $(PY) experiments/reproduce.py --out experiments/results
+
+# The gated assay (experiments/README.md): staged and resumable; a failed gate stops it in one line.
+assay: venv
+	OMP_NUM_THREADS=1 $(PY) experiments/build_assay.py --out experiments/assay
+
+compare: venv
+	OMP_NUM_THREADS=1 $(PY) experiments/compare.py --assay experiments/assay --out experiments/results_gated
 
 bench: venv
 	$(PY) bench/stage2_overhead.py
