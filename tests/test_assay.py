@@ -41,6 +41,11 @@ def test_gate_passes_only_when_every_check_holds_and_fails_in_one_line():
     assert not Gate("stage1_signal", {"paired_difference_ci_high": 0.0}).passed
     assert Gate("stage1_signal", {"paired_difference_ci_high": -1e-4}).passed
     assert not Gate("base", {"nearest_identity_cosine": float("nan"), "sharpness_ratio": 1.0}).passed
+    # sharpness is a range: blurred samples fail below it, noisy ones above it
+    assert Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 1.0}).passed
+    assert not Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 0.4}).passed
+    noisy = Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 4.3})
+    assert not noisy.passed and "needs in [0.5, 2]" in noisy.line() and noisy.to_dict()["threshold"]["sharpness_ratio"] == "in [0.5, 2]"
     with pytest.raises(ValueError, match="lacks values"):
         Gate("judge", {"degraded_same": 0.9})
     with pytest.raises(ValueError, match="unknown gate"):
