@@ -193,6 +193,14 @@ def test_build_script_prints_one_line_and_exits_3_on_a_failed_gate(smoke_build, 
     assert rc == 3 and len(printed) == 1 and "FAILED" in printed[0] and "the build stops here" in printed[0]
 
 
+def test_assay_config_refuses_a_model_narrower_than_its_tokens():
+    from metalora_core.synthfaces.assay import AssayConfig
+
+    with pytest.raises(ValueError, match="width 128 .* must exceed the 192 values"):
+        AssayConfig(latent_factor=4, heads=8)
+    assert AssayConfig(latent_factor=4, heads=13).heads == 13 and AssayConfig().latent_factor == 2
+
+
 def test_base_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     from metalora_core.synthfaces.assay import SMOKE_ASSAY, build_base_transformer
     from metalora_core.synthfaces.models import encode_text, stack_conds, train_base

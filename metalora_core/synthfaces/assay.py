@@ -8,8 +8,8 @@ build with one line (``gates.GateFailed``), so no comparison ever runs on an ass
 identity. ``gates.json`` holds every gate evaluated so far, ``build_log.txt`` the stage lines.
 
 Domain 2 (``render.make_identity(..., domain=2)``): identity lives in traits that survive a 32x32
-frame, views vary little. The latent is lossless (``models.SpaceToDepthLatent``: 4x4 pixel blocks
-become 48 channels, packed 2x2 into 16 FLUX tokens of 192 values), so reconstructions keep every
+frame, views vary little. The latent is lossless (``models.SpaceToDepthLatent``: 2x2 pixel blocks
+become 12 channels, packed 2x2 into 64 FLUX tokens of 48 values), so reconstructions keep every
 pixel the judge sees.
 """
 from __future__ import annotations
@@ -68,8 +68,11 @@ class AssayConfig:
     """Sizes of the gated assay's stages (defaults: the full build)."""
 
     seed: int = 0
-    latent_factor: int = 4  # space-to-depth block: 32x32 px -> 8x8 latent, 16 tokens
-    heads: int = 8  # base-model width = heads x 16
+    # space-to-depth block: 2 -> 32x32 px = 16x16x12 latent = 64 packed tokens of 48 values. The
+    # model's width must exceed the token size: a narrower model cannot remove the starting noise
+    # outside the span of its output layer (factor 4 gives 192-value tokens, more than width 128)
+    latent_factor: int = 2
+    heads: int = 4  # base-model width = heads x 16
     num_double: int = 2
     num_single: int = 2
     train_identities: int = 160  # judge classes (and the base gate's centroids)
@@ -111,6 +114,12 @@ class AssayConfig:
                   "stage1_batch", "r1", "probe_views", "probe_noises"):
             if int(getattr(self, f)) < 1:
                 raise ValueError(f"AssayConfig.{f} must be >= 1, got {getattr(self, f)!r}")
+        token = 4 * 3 * self.latent_factor ** 2  # values per packed FLUX token
+        if 16 * self.heads <= token:
+            raise ValueError(f"AssayConfig: width {16 * self.heads} (heads {self.heads} x 16) must exceed the "
+                             f"{token} values of a token at latent_factor {self.latent_factor}, or samples keep the "
+                             f"starting noise outside the output layer's span; raise heads to "
+                             f"{token // 16 + 1} or lower latent_factor")
         if self.gate_identities < 2:
             raise ValueError(f"AssayConfig.gate_identities must be >= 2, got {self.gate_identities}")
         if self.stage1_per_bucket < 2:
@@ -131,7 +140,7 @@ class AssayConfig:
         return d
 
 
-SMOKE_ASSAY = AssayConfig(heads=2, num_double=1, num_single=1, train_identities=4, judge_views=3, judge_steps=3,
+SMOKE_ASSAY = AssayConfig(heads=4, num_double=1, num_single=1, train_identities=4, judge_views=3, judge_steps=3,
                           judge_batch=8, gate_identities=2, gate_views=2, base_images=24, base_steps=3, base_batch=4,
                           base_samples=4, sample_steps=2, calibration_identities=1, calibration_lrs=(1e-3,),
                           checkpoints=(2,), samples_per_prompt=1, references=2, stage1_identities=2,
