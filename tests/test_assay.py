@@ -40,11 +40,12 @@ def test_gate_passes_only_when_every_check_holds_and_fails_in_one_line():
     assert not Gate("latent", {"reconstruction_same": 0.8, "real_same": 0.9, "other": 0.06}).passed
     assert not Gate("stage1_signal", {"paired_difference_ci_high": 0.0}).passed
     assert Gate("stage1_signal", {"paired_difference_ci_high": -1e-4}).passed
-    assert not Gate("base", {"nearest_identity_cosine": float("nan"), "sharpness_ratio": 1.0}).passed
+    assert not Gate("base", {"nearest_identity_cosine": float("nan"), "realism": 1.0, "sharpness_ratio": 1.0}).passed
     # sharpness is a range: blurred samples fail below it, noisy ones above it
-    assert Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 1.0}).passed
-    assert not Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 0.4}).passed
-    noisy = Gate("base", {"nearest_identity_cosine": 0.7, "sharpness_ratio": 4.3})
+    assert Gate("base", {"nearest_identity_cosine": 0.7, "realism": 0.6, "sharpness_ratio": 1.0}).passed
+    assert not Gate("base", {"nearest_identity_cosine": 0.7, "realism": 0.6, "sharpness_ratio": 0.4}).passed
+    assert not Gate("base", {"nearest_identity_cosine": 0.7, "realism": 0.3, "sharpness_ratio": 1.0}).passed
+    noisy = Gate("base", {"nearest_identity_cosine": 0.7, "realism": 0.6, "sharpness_ratio": 4.3})
     assert not noisy.passed and "needs in [0.5, 2]" in noisy.line() and noisy.to_dict()["threshold"]["sharpness_ratio"] == "in [0.5, 2]"
     with pytest.raises(ValueError, match="lacks values"):
         Gate("judge", {"degraded_same": 0.9})
@@ -191,6 +192,18 @@ def test_build_script_prints_one_line_and_exits_3_on_a_failed_gate(smoke_build, 
         assay.AssayConfig = orig
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == 3 and len(printed) == 1 and "FAILED" in printed[0] and "the build stops here" in printed[0]
+
+
+def test_shuffled_tiles_keep_the_pixels_and_lose_the_layout():
+    from metalora_core.synthfaces.assay import shuffle_patches
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    y = shuffle_patches(x, 4, 0)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    for i in range(2):
+        assert torch.equal(x[i].flatten().sort().values, y[i].flatten().sort().values)  # same pixels
+        tiles = {tuple(y[i, :, a:a + 4, b:b + 4].flatten().tolist()) for a in (0, 4) for b in (0, 4)}
+        assert tiles == {tuple(x[i, :, a:a + 4, b:b + 4].flatten().tolist()) for a in (0, 4) for b in (0, 4)}
 
 
 def test_assay_config_refuses_a_model_narrower_than_its_tokens():

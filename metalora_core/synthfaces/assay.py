@@ -363,21 +363,47 @@ def base_samples(config: AssayConfig, latent, transformer) -> dict[str, torch.Te
     return out
 
 
+def shuffle_patches(x: torch.Tensor, patch: int, seed: int = 0) -> torch.Tensor:
+    """(B, 3, H, W) images with their ``patch`` x ``patch`` tiles permuted (colours and local
+    texture kept, no face): a nonsense control of the base gate."""
+    b, c, h, w = x.shape
+    t = x.unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, h/p, w/p, p, p)
+    nh, nw = t.shape[2], t.shape[3]
+    t = t.reshape(b, c, nh * nw, patch, patch)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.stack([t[i][:, torch.randperm(nh * nw, generator=gen)] for i in range(b)])
+    return out.reshape(b, c, nh, nw, patch, patch).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+
 def gate_base(config: AssayConfig, latent, transformer, judge: IdentityEmbedder) -> Gate:
+    """Base-model samples against real renders of held-out identities and three nonsense controls
+    (Gaussian noise, real renders with shuffled 4x4 tiles, each render's background colour alone)."""
     samples = base_samples(config, latent, transformer)
     x = torch.cat(list(samples.values()))
     cent = training_centroids(config, judge)
-    with torch.no_grad():
-        nearest = (judge(x) @ cent.T).max(1).values
     g = np.random.default_rng(np.random.SeedSequence([config.seed, 15]))
     real = torch.cat([_views(GATE_OFFSET + config.seed * 10_000 + 5_000 + k, 1, g) for k in range(len(x))])
+    gen = torch.Generator().manual_seed(config.seed)
+    controls = {"noise": torch.randn(real.shape, generator=gen).clamp(-1, 1),
+                "shuffled_tiles": shuffle_patches(real, 4, config.seed),
+                "background": real[:, :, :2, :2].mean((2, 3), keepdim=True).expand_as(real).contiguous()}
+
+    def nearest(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (judge(images) @ cent.T).max(1).values
+
+    near, near_real = nearest(x), float(nearest(real).mean())
+    near_controls = {k: float(nearest(v).mean()) for k, v in controls.items()}
+    floor = max(near_controls.values())
+    realism = (float(near.mean()) - floor) / max(near_real - floor, 1e-6)
     rec = reconstruct(latent, real)
     as_np = lambda t: ((t + 1) / 2).permute(0, 2, 3, 1).numpy()  # noqa: E731
     ratio = laplacian_energy(as_np(x)) / max(laplacian_energy(as_np(rec)), 1e-12)
     prompt = float(np.mean([context_score(_pil(im), c) for c, ims in samples.items() for im in ims]))
-    return Gate("base", {"nearest_identity_cosine": float(nearest.mean()), "sharpness_ratio": ratio},
+    return Gate("base", {"nearest_identity_cosine": float(near.mean()), "realism": realism, "sharpness_ratio": ratio},
                 {"samples": len(x), "sample_steps": config.sample_steps, "prompt_score": prompt,
-                 "nearest_identity_cosine_min": float(nearest.min())})
+                 "nearest_identity_cosine_min": float(near.min()), "nearest_identity_cosine_real": near_real,
+                 "nearest_identity_cosine_controls": near_controls})
 
 
 def _pil(x: torch.Tensor):
