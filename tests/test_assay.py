@@ -128,7 +128,8 @@ def test_smoke_build_writes_every_stage_and_all_five_gates(smoke_build):
     for name, d in g.items():
         assert set(d) >= {"value", "threshold", "passed"} and d["passed"] == Gate(name, d["value"]).passed
     for f in ("latent.safetensors", "judge.safetensors", "base.safetensors", "prior.safetensors", "gates.json",
-              "positive_control.json", "prior.json", "build_log.txt", "assay_config.json", "seconds.json"):
+              "positive_control.json", "prior.json", "build_log.txt", "assay_config.json", "seconds.json",
+              "base_samples.png"):
         assert (out / f).is_file(), f
     prior = json.loads((out / "prior.json").read_text())
     assert prior["probe"]["pooled"]["n"] == 2  # 2 identities x 1 visit, own vs the other's Mid/Up

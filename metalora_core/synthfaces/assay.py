@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..formats.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
+from ..formats.files import atomic_save_png, atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from ..formats.prior import load_prior, save_prior
 from ..hosts.diffusers_flux import DiffusersFluxHost, pil_to_tensor
 from .artefacts import CLASS_NOUN, SHAPES, Artefacts, _pick_shape
@@ -375,11 +375,18 @@ def shuffle_patches(x: torch.Tensor, patch: int, seed: int = 0) -> torch.Tensor:
     return out.reshape(b, c, nh, nw, patch, patch).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
 
 
-def gate_base(config: AssayConfig, latent, transformer, judge: IdentityEmbedder) -> Gate:
+def gate_base(config: AssayConfig, latent, transformer, judge: IdentityEmbedder, sheet: Path | None = None) -> Gate:
     """Base-model samples against real renders of held-out identities and three nonsense controls
-    (Gaussian noise, real renders with shuffled 4x4 tiles, each render's background colour alone)."""
+    (Gaussian noise, real renders with shuffled 4x4 tiles, each render's background colour alone);
+    ``sheet``: where to write the samples (one row per context prompt) as a PNG."""
     samples = base_samples(config, latent, transformer)
     x = torch.cat(list(samples.values()))
+    if sheet is not None:
+        from ..draw.sheets import draw_grid
+        from PIL import Image
+
+        rows = [[_pil(im).resize((64, 64), Image.Resampling.NEAREST) for im in ims] for ims in samples.values()]
+        atomic_save_png(draw_grid(rows, tile=68, row_labels=[f"base model: {c} background" for c in samples]), sheet)
     cent = training_centroids(config, judge)
     g = np.random.default_rng(np.random.SeedSequence([config.seed, 15]))
     real = torch.cat([_views(GATE_OFFSET + config.seed * 10_000 + 5_000 + k, 1, g) for k in range(len(x))])
@@ -668,7 +675,7 @@ def build_assay(out: str | Path, config: AssayConfig = AssayConfig(), *, stop_af
         transformer = load_base(config, out, latent)
     else:
         transformer = timed("base", lambda: stage_base(config, out, latent, blog))
-    record(gate_base(config, latent, transformer, judge))
+    record(gate_base(config, latent, transformer, judge, out / "base_samples.png"))
     if done("base"):
         return gates
     arts = assay_artefacts(config, latent, transformer, judge)
