@@ -131,6 +131,8 @@ def test_smoke_build_writes_every_stage_and_all_five_gates(smoke_build):
               "positive_control.json", "prior.json", "build_log.txt", "assay_config.json", "seconds.json",
               "base_samples.png"):
         assert (out / f).is_file(), f
+    runs = (out / "positive_control_runs.jsonl").read_text().splitlines()
+    assert len(runs) == 1 and json.loads(runs[0])["lr"] == 1e-3
     prior = json.loads((out / "prior.json").read_text())
     assert prior["probe"]["pooled"]["n"] == 2  # 2 identities x 1 visit, own vs the other's Mid/Up
     assert all(p["identity"] != p["other"] for p in prior["probe"]["pairs"])
@@ -149,7 +151,11 @@ def test_a_rerun_continues_from_the_saved_stages_and_a_failed_gate_stops_it(smok
     secs = json.loads((copy / "seconds.json").read_text())
     stamp = (copy / "base.safetensors").stat().st_mtime_ns
     (copy / "prior.safetensors").unlink()
+    (copy / "positive_control.json").unlink()  # the stage reruns from its saved runs: none is trained again
+    runs_before = (copy / "positive_control_runs.jsonl").read_text()
     gates_ = build_assay(copy, SMOKE_ASSAY, enforce=False)
+    assert (copy / "positive_control_runs.jsonl").read_text() == runs_before
+    assert (copy / "positive_control.json").is_file()
     assert (copy / "base.safetensors").stat().st_mtime_ns == stamp  # not retrained
     assert json.loads((copy / "seconds.json").read_text())["base"] == secs["base"]
     assert (copy / "prior.safetensors").is_file() and "stage1_signal" in gates_
@@ -166,10 +172,13 @@ def test_a_rerun_continues_from_the_saved_stages_and_a_failed_gate_stops_it(smok
     judge_stamp = (copy / "judge.safetensors").stat().st_mtime_ns
     with pytest.raises(ValueError, match="--rebuild-from base"):
         build_assay(copy, dataclasses.replace(SMOKE_ASSAY, base_steps=4), enforce=False, allow_changes="positive_control")
+    # a Stage-1 checkpoint of the old base model must not be resumed on the new one: it is dropped
+    (copy / "prior_checkpoint.safetensors").write_bytes(b"a checkpoint of the previous base model")
     build_assay(copy, dataclasses.replace(SMOKE_ASSAY, base_steps=4), enforce=False, allow_changes="base")
     assert (copy / "judge.safetensors").stat().st_mtime_ns == judge_stamp
     assert (copy / "base.safetensors").stat().st_mtime_ns != stamp
     assert json.loads((copy / "assay_config.json").read_text())["base_steps"] == 4
+    assert not (copy / "prior_checkpoint.safetensors").exists()
     assert "settings of stage base changed" in (copy / "build_log.txt").read_text()
 
 

@@ -57,8 +57,9 @@ STAGE_FIELDS = {
               "stage1_batch", "stage1_lr", "r1", "probe_views", "probe_noises"),
 }
 STAGE_FILES = {"latent": ("latent.safetensors",), "judge": ("judge.safetensors",),
-               "base": ("base.safetensors", "base_checkpoint.safetensors"),
-               "positive_control": ("positive_control.json",), "prior": ("prior.safetensors", "prior.json")}
+               "base": ("base.safetensors", "base_checkpoint.safetensors", "base_samples.png"),
+               "positive_control": ("positive_control.json", "positive_control_runs.jsonl"),
+               "prior": ("prior.safetensors", "prior.json", "prior_checkpoint.safetensors", "prior_probe.jsonl")}
 STAGE_GATES = {"latent": (), "judge": ("latent", "judge"), "base": ("base",), "positive_control": ("positive_control",),
                "prior": ("stage1_signal",)}
 
@@ -439,18 +440,27 @@ def stage_positive_control(config: AssayConfig, out: Path, arts: Artefacts, ceil
     target = CEILING_FRACTION * ceiling
     last = config.checkpoints[-1]
     table, runs = {}, []
+    log_path = out / "positive_control_runs.jsonl"  # every finished run; a rerun skips them
+    done = {(r["lr"], r["identity"]): r for r in (json.loads(x) for x in
+                                                  (log_path.read_text().splitlines() if log_path.is_file() else [])
+                                                  if x.strip())}
     for lr in config.calibration_lrs:
         c = dataclasses.replace(cfg, lr=float(lr))
         reached, ids = 0, []
         for k, item in enumerate(items):
             seed = config.seed * 1000 + k * 10
-            r = run_method(arts, item, "lora", seed, c)
-            s = r["scores"][last]
-            ok = s["identity"] >= target and s["prompt"] >= PROMPT_FLOOR
-            reached += ok
-            ids.append(s["identity"])
-            runs.append({"lr": float(lr), "identity": item.identity.index, "seed": seed, "reached": bool(ok),
-                         "scores": {str(st): v for st, v in r["scores"].items()}})
+            row = done.get((float(lr), item.identity.index))
+            if row is None:
+                r = run_method(arts, item, "lora", seed, c)
+                s = r["scores"][last]
+                row = {"lr": float(lr), "identity": item.identity.index, "seed": seed,
+                       "reached": bool(s["identity"] >= target and s["prompt"] >= PROMPT_FLOOR),
+                       "scores": {str(st): v for st, v in r["scores"].items()}}
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+            reached += row["reached"]
+            ids.append(row["scores"][str(last)]["identity"])
+            runs.append(row)
         table[repr(float(lr))] = {"share_reaching": reached / len(items), "identity_mean": float(np.mean(ids))}
         blog(f"positive control: lr {lr:g}: {reached}/{len(items)} identities reach {target:.3f} "
              f"(identity mean {np.mean(ids):.3f})")
