@@ -753,3 +753,24 @@ def pack_env(base: pathlib.Path, *, photo: pathlib.Path | None = None, seed: int
         shutil.copy(photo, base / "input" / "obama.jpg")
     state.names = names
     return state
+
+
+def train_graph(env: Any, *, augment_seed: int = 0, train_seed: int = 0, steps: int = 2, rank: int = 1,
+                force: bool = True, subfolder: str = "metalora", prefix: str = "person") -> dict:
+    """The pack's chain in API format on ``pack_env``'s files: load -> augment -> train -> save the LoRA."""
+    n = env.names
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": n["clip"], "type": "stable_diffusion"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": n["vae"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a man", "clip": ["2", 0]}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "6": {"class_type": "MetaLoRAFaceAugment",
+              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": augment_seed, "bucket_resolution": 64}},
+        "7": {"class_type": "MetaLoRATrain",
+              "inputs": {"model": ["1", 0], "vae": ["3", 0], "crops": ["6", 0], "positive": ["4", 0],
+                         "steps": steps, "rank": rank, "learning_rate": 4e-4, "seed": train_seed, "resolution": 64,
+                         "gradient_checkpointing": False, "preview_every": 0, "force_retrain": force}},
+        "8": {"class_type": "MetaLoRASave",
+              "inputs": {"meta_lora": ["7", 0], "subfolder": subfolder, "filename_prefix": prefix}},
+    }

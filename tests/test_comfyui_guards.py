@@ -12,7 +12,7 @@ import pathlib
 import pytest
 import torch
 
-from comfy_fixtures import SKIP_REASON, comfyui_path, new_executor, pack, pack_env, run_prompt
+from comfy_fixtures import SKIP_REASON, comfyui_path, new_executor, pack, pack_env, run_prompt, train_graph
 
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
@@ -24,22 +24,7 @@ def env(tmp_path_factory, sample):
 
 
 def graph(env, *, prefix: str = "person", steps: int = 2, rank: int = 1, seed: int = 0, force: bool = True) -> dict:
-    n = env.names
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": n["clip"], "type": "stable_diffusion"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": n["vae"]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a man", "clip": ["2", 0]}},
-        "5": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
-        "6": {"class_type": "MetaLoRAFaceAugment",
-              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": 0, "bucket_resolution": 64}},
-        "7": {"class_type": "MetaLoRATrain",
-              "inputs": {"model": ["1", 0], "vae": ["3", 0], "crops": ["6", 0], "positive": ["4", 0],
-                         "steps": steps, "rank": rank, "learning_rate": 4e-4, "seed": seed, "resolution": 64,
-                         "gradient_checkpointing": False, "preview_every": 0, "force_retrain": force}},
-        "8": {"class_type": "MetaLoRASave",
-              "inputs": {"meta_lora": ["7", 0], "subfolder": "metalora", "filename_prefix": prefix}},
-    }
+    return train_graph(env, train_seed=seed, steps=steps, rank=rank, force=force, prefix=prefix)
 
 
 def texts(result: dict, node: str) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfy_fixtures import (SKIP_REASON, comfyui_path, new_executor, object_info, pack, pack_env,
-                            run_prompt)
+                            run_prompt, train_graph)
 from hub_server import LoopbackHub
 
 if comfyui_path() is None:
@@ -26,22 +26,8 @@ def env(tmp_path_factory, sample):
 
 
 def base_graph(env, *, train_seed: int = 0, augment_seed: int = 0, steps: int = 2) -> dict:
-    n = env.names
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": n["unet"], "weight_dtype": "default"}},
-        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": n["clip"], "type": "stable_diffusion"}},
-        "3": {"class_type": "VAELoader", "inputs": {"vae_name": n["vae"]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a man", "clip": ["2", 0]}},
-        "5": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
-        "6": {"class_type": "MetaLoRAFaceAugment",
-              "inputs": {"image": ["5", 0], "detector": "yunet", "seed": augment_seed, "bucket_resolution": 64}},
-        "7": {"class_type": "MetaLoRATrain",
-              "inputs": {"model": ["1", 0], "vae": ["3", 0], "crops": ["6", 0], "positive": ["4", 0],
-                         "steps": steps, "rank": 1, "learning_rate": 4e-4, "seed": train_seed, "resolution": 64,
-                         "gradient_checkpointing": False, "preview_every": 0, "force_retrain": True}},
-        "8": {"class_type": "MetaLoRASave",
-              "inputs": {"meta_lora": ["7", 0], "subfolder": "native", "filename_prefix": "t"}},
-    }
+    return train_graph(env, augment_seed=augment_seed, train_seed=train_seed, steps=steps, subfolder="native",
+                       prefix="t")
 
 
 def step_texts(result: dict, node: str) -> list[str]:
