@@ -32,9 +32,10 @@ THIRD_PARTY_FILE = HERE / "third_party_nodes.json"
 FILE_INPUTS = frozenset({"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "image", "prior_name",
                          "clip_model", "lora_name", "ckpt_name"})
 # ComfyUI core node types the workflows use (checked against the real checkout in the ComfyUI tier).
-CORE_NODES = ("UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
-              "EmptySD3LatentImage", "KSampler", "VAEDecode", "SaveImage", "PreviewImage", "LoadImage",
-              "ImageBatch", "PreviewAny")
+CORE_NODES = ("UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance",
+              "ConditioningZeroOut", "EmptySD3LatentImage", "EmptyFlux2LatentImage", "KSampler", "ModelSamplingAuraFlow",
+              "RandomNoise", "KSamplerSelect", "Flux2Scheduler", "CFGGuider", "SamplerCustomAdvanced", "VAEDecode",
+              "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "PreviewAny")
 OUR_NODES = ("MetaLoRAPriorLoader", "MetaLoRAFaceAugment", "MetaLoRATrain", "MetaLoRAApply", "MetaLoRASave",
              "MetaLoRAClipT", "MetaLoRAFaceSim", "MetaLoRAImageGrid")
 FRONTEND_ONLY = ("Note", "MarkdownNote")
@@ -50,6 +51,22 @@ MODEL_FILES = {
     T5XXL: ("https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors", "text_encoders"),
     FLUX_VAE: ("https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors", "vae"),
 }
+# FLUX.2 Klein 4B (distilled) and Z-Image Turbo: the files and URLs of ComfyUI's own templates for them
+# (Comfy-Org repacks; both models are Apache-2.0 and not gated). Z-Image decodes with the FLUX.1 VAE.
+KLEIN_UNET, QWEN3_4B, FLUX2_VAE = "flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors"
+ZIMAGE_UNET = "z_image_turbo_bf16.safetensors"
+_HF = "https://huggingface.co/Comfy-Org"
+KLEIN_FILES = {
+    KLEIN_UNET: (f"{_HF}/flux2-klein/resolve/main/split_files/diffusion_models/{KLEIN_UNET}", "diffusion_models"),
+    QWEN3_4B: (f"{_HF}/flux2-klein/resolve/main/split_files/text_encoders/{QWEN3_4B}", "text_encoders"),
+    FLUX2_VAE: (f"{_HF}/flux2-dev/resolve/main/split_files/vae/{FLUX2_VAE}", "vae"),
+}
+ZIMAGE_FILES = {
+    ZIMAGE_UNET: (f"{_HF}/z_image_turbo/resolve/main/split_files/diffusion_models/{ZIMAGE_UNET}", "diffusion_models"),
+    QWEN3_4B: (f"{_HF}/z_image_turbo/resolve/main/split_files/text_encoders/{QWEN3_4B}", "text_encoders"),
+    FLUX_VAE: (f"{_HF}/z_image_turbo/resolve/main/split_files/vae/{FLUX_VAE}", "vae"),
+}
+KLEIN_PRIOR, ZIMAGE_PRIOR = "meta_lora_prior_flux2_klein_4b.safetensors", "meta_lora_prior_z_image_turbo.safetensors"
 CLIP_T_FOLDER = "clip-vit-base-patch32"
 PHOTO, HELD_OUT = "person.jpg", ("person_2.jpg", "person_3.jpg")
 TRAIN_CAPTION = "a photo of a man"
@@ -70,6 +87,46 @@ Put ONE photo of the person in ComfyUI/input and pick it in Load Image (the face
 Set the class caption (man / woman) in 'training caption'. Training: 375 steps, rank 1 (paper settings);
 the result is cached on disk, so changing only the prompts and queueing again skips training.
 The LoRA is saved to models/loras/metalora/ and works in any FLUX LoRA loader."""
+
+def _family_note(title: str, files: dict[str, tuple[str, str]], descriptions: dict[str, str], prior: str,
+                 sampling: str) -> str:
+    """The download note of a one-click graph for one more model family (the FLUX.1-dev note's layout)."""
+    rows = [(f"models/{files[n][1]}/{n}", descriptions[n]) for n in files] + [(f"models/meta_lora/{prior}", "")]
+    width = max(len(path) for path, _ in rows[:-1]) + 2
+    table = "\n".join(f"{path:<{width}}{text}".rstrip() for path, text in rows)
+    return f"""Meta-LoRA one-click for {title}: what to download and where (nothing downloads by itself)
+
+{table}
+  a Meta-Down prior made for {title} (its family and widths): make one with 'metalora meta-train', or
+  fetch one with the Meta-LoRA Prior Download node (in place of the Prior Loader). A prior made for
+  another family is refused in one line naming both. Without a prior, disconnect 'prior' on the train
+  node: that trains a plain LoRA (the paper's baseline).
+The loaders list download links for the model files (the editor offers them when a file is missing).
+
+Put ONE photo of the person in ComfyUI/input and pick it in Load Image (the face should be clearly visible).
+Set the class caption (man / woman) in 'training caption'. Training: 375 steps, rank 1 (the paper's
+FLUX.1-dev settings); the result is cached on disk, so changing only the prompts and queueing again skips
+training. {sampling}
+The LoRA is saved to models/loras/metalora/ and loads with Load LoRA on {title}."""
+
+
+KLEIN_NOTE = _family_note(
+    "FLUX.2 Klein 4B", KLEIN_FILES,
+    {KLEIN_UNET: "FLUX.2 Klein 4B, distilled (Comfy-Org/flux2-klein; licence Apache-2.0)",
+     QWEN3_4B: "Qwen3-4B text encoder (same repository)",
+     FLUX2_VAE: "FLUX.2 VAE (Comfy-Org/flux2-dev)"},
+    KLEIN_PRIOR,
+    "Sampling as ComfyUI's own Klein 4B template: 4 steps, cfg 1 (the model is distilled), Flux2Scheduler, "
+    "1024x1024.")
+ZIMAGE_NOTE = _family_note(
+    "Z-Image Turbo", ZIMAGE_FILES,
+    {ZIMAGE_UNET: "Z-Image Turbo (Comfy-Org/z_image_turbo; licence Apache-2.0)",
+     QWEN3_4B: "Qwen3-4B text encoder (same repository)",
+     FLUX_VAE: "the FLUX.1 VAE, which Z-Image decodes with (same repository)"},
+    ZIMAGE_PRIOR,
+    "Sampling as ComfyUI's own Z-Image Turbo template: shift 3 (ModelSamplingAuraFlow), 8 steps, cfg 1, "
+    "res_multistep, 1024x1024.")
+
 
 T1 = "A man in a firefighter uniform, standing in front of a firetruck, looking straight ahead."
 T1B = "A man riding a bicycle under the Eiffel Tower, smiling at the camera."
@@ -341,15 +398,26 @@ class Graph:
 # Shared pieces
 
 
-def flux_loaders(g: Graph, x: float = 0, y: float = 0) -> tuple[dict, dict, dict]:
-    unet = g.add("UNETLoader", (x, y), unet_name=FLUX_UNET, weight_dtype="default")
-    clip = g.add("DualCLIPLoader", (x, y + 130), clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
-    vae = g.add("VAELoader", (x, y + 300), vae_name=FLUX_VAE)
-    for node, names in ((unet, [FLUX_UNET]), (clip, [CLIP_L, T5XXL]), (vae, [FLUX_VAE])):
-        node["properties"]["models"] = [{"name": n, "url": MODEL_FILES[n][0], "directory": MODEL_FILES[n][1]}
-                                        for n in names]
-    g.group("FLUX.1-dev loaders", [unet, clip, vae])
+def loaders(g: Graph, files: dict[str, tuple[str, str]], clip_type: str, title: str, x: float = 0,
+            y: float = 0) -> tuple[dict, dict, dict]:
+    """Load Diffusion Model, the text encoder loader (Dual CLIP for two files) and Load VAE for the
+    files of one model (name -> (url, folder)), each naming its downloads in ``properties.models``."""
+    folder = {f: [n for n, (_, d) in files.items() if d == f] for f in ("diffusion_models", "text_encoders", "vae")}
+    (unet_name,), encoders, (vae_name,) = folder["diffusion_models"], folder["text_encoders"], folder["vae"]
+    unet = g.add("UNETLoader", (x, y), unet_name=unet_name, weight_dtype="default")
+    if len(encoders) == 2:
+        clip = g.add("DualCLIPLoader", (x, y + 130), clip_name1=encoders[0], clip_name2=encoders[1], type=clip_type)
+    else:
+        clip = g.add("CLIPLoader", (x, y + 130), clip_name=encoders[0], type=clip_type)
+    vae = g.add("VAELoader", (x, y + 300), vae_name=vae_name)
+    for node, names in ((unet, [unet_name]), (clip, encoders), (vae, [vae_name])):
+        node["properties"]["models"] = [{"name": n, "url": files[n][0], "directory": files[n][1]} for n in names]
+    g.group(title, [unet, clip, vae])
     return unet, clip, vae
+
+
+def flux_loaders(g: Graph, x: float = 0, y: float = 0) -> tuple[dict, dict, dict]:
+    return loaders(g, MODEL_FILES, "flux", "FLUX.1-dev loaders", x, y)
 
 
 def face_and_caption(g: Graph, clip: dict, x: float, y: float, photo: str = PHOTO) -> tuple[dict, dict, dict]:
@@ -414,11 +482,11 @@ def train(g: Graph, unet: dict, vae: dict, aug: dict, cap: dict, x: float, y: fl
     return node
 
 
-def meta_lora_branch(g: Graph, unet: dict, clip: dict, vae: dict) -> tuple[dict, ...]:
+def meta_lora_branch(g: Graph, unet: dict, clip: dict, vae: dict, prior_name: str = PRIOR_FILE) -> tuple[dict, ...]:
     """Prior loader, photo, face augment, caption, Meta-LoRA train (375 steps, rank 1) and apply.
 
     Returns (prior, image, augment, caption, train, apply) nodes."""
-    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=PRIOR_FILE)
+    prior = g.add("MetaLoRAPriorLoader", (0, 470), prior_name=prior_name)
     img, aug, cap = face_and_caption(g, clip, 380, 0)
     tr = train(g, unet, vae, aug, cap, 760, 0, prior, steps=375, rank=1, title="Meta-LoRA Train (375 steps, rank 1)")
     return prior, img, aug, cap, tr, apply(g, unet, tr, 1140, 0)
@@ -435,12 +503,11 @@ def apply(g: Graph, unet: dict, lora: dict, x: float, y: float) -> dict:
 # The workflows
 
 
-def one_click(info: dict) -> dict:
-    g = Graph(info)
-    g.note(DOWNLOAD_NOTE, (-520, -40), (480, 560), title="Read me: downloads")
-    unet, clip, vae = flux_loaders(g, 0, 0)
-    prior, img, aug, cap, tr, ap = meta_lora_branch(g, unet, clip, vae)
-    save = g.add("MetaLoRASave", (1140, 160), subfolder="metalora", filename_prefix="person")
+def personalize(g: Graph, unet: dict, clip: dict, vae: dict, prior_name: str, lora_prefix: str) -> dict:
+    """Group 1 of a one-click graph: Meta-LoRA from one photo, saved, with its loss curve and crops
+    shown. Returns the apply node."""
+    prior, img, aug, cap, tr, ap = meta_lora_branch(g, unet, clip, vae, prior_name)
+    save = g.add("MetaLoRASave", (1140, 160), subfolder="metalora", filename_prefix=lora_prefix)
     loss = g.add("PreviewImage", (1140, 330), title="loss curve")
     crops = g.add("PreviewImage", (760, 520), title="training crops")
     g.link(tr, "meta_lora", save, "meta_lora")
@@ -448,6 +515,14 @@ def one_click(info: dict) -> dict:
     g.link(aug, "preview", crops, "images")
     g.group("1. Personalize: photo -> crops -> Meta-LoRA (Stage-2)", [prior, img, aug, cap, tr, ap, save, loss, crops],
             color="#8A8")
+    return ap
+
+
+def one_click(info: dict) -> dict:
+    g = Graph(info)
+    g.note(DOWNLOAD_NOTE, (-520, -40), (480, 560), title="Read me: downloads")
+    unet, clip, vae = flux_loaders(g, 0, 0)
+    ap = personalize(g, unet, clip, vae, PRIOR_FILE, "person")
     prompts = (T1, T1B, T2, T3[0])
     branch_nodes = []
     for k, p in enumerate(prompts):
@@ -638,12 +713,99 @@ def pulid(info: dict) -> dict:
     return g.to_json()
 
 
+def _generate_group(g: Graph, title: str, shared: list[dict], branches: list[list[dict]], note: str) -> None:
+    g.group(title, [*shared, *(n for b in branches for n in b)], color="#A88")
+    g.note(note, (1550, 900), (420, 180), title="Prompts")
+
+
+def klein_one_click(info: dict) -> dict:
+    """The one-click graph on FLUX.2 Klein 4B, sampled as ComfyUI's Klein 4B (distilled) template:
+    CLIPTextEncode -> CFGGuider (cfg 1, zeroed negative) -> SamplerCustomAdvanced with RandomNoise,
+    KSamplerSelect euler, Flux2Scheduler (4 steps) and EmptyFlux2LatentImage, shared by the prompts."""
+    g = Graph(info)
+    g.note(KLEIN_NOTE, (-520, -40), (480, 560), title="Read me: downloads")
+    unet, clip, vae = loaders(g, KLEIN_FILES, "flux2", "FLUX.2 Klein 4B loaders")
+    ap = personalize(g, unet, clip, vae, KLEIN_PRIOR, "person_klein")
+    noise = g.add("RandomNoise", (0, 900), noise_seed=42)
+    sampler = g.add("KSamplerSelect", (330, 900), sampler_name="euler")
+    sigmas = g.add("Flux2Scheduler", (660, 900), steps=4, width=1024, height=1024)
+    latent = g.add("EmptyFlux2LatentImage", (990, 900), width=1024, height=1024, batch_size=1)
+    branches = []
+    for k, prompt in enumerate((T1, T1B, T2, T3[0])):
+        x, y = 0, 1120 + 330 * k
+        enc = g.add("CLIPTextEncode", (x, y), title=f"prompt {k + 1}", node_width=400, text=prompt)
+        neg = g.add("ConditioningZeroOut", (x + 430, y + 140))
+        guider = g.add("CFGGuider", (x + 430, y), cfg=1.0)
+        run = g.add("SamplerCustomAdvanced", (x + 780, y))
+        dec = g.add("VAEDecode", (x + 1130, y))
+        out = g.add("SaveImage", (x + 1130, y + 110), filename_prefix=f"metalora/klein_prompt_{k + 1}")
+        g.link(clip, "CLIP", enc, "clip")
+        g.link(enc, 0, neg, "conditioning")
+        g.link(ap, 0, guider, "model")
+        g.link(enc, 0, guider, "positive")
+        g.link(neg, 0, guider, "negative")
+        for src, name in ((noise, "noise"), (guider, "guider"), (sampler, "sampler"), (sigmas, "sigmas"),
+                          (latent, "latent_image")):
+            g.link(src, 0, run, name)
+        g.link(run, 0, dec, "samples")
+        g.link(vae, "VAE", dec, "vae")
+        g.link(dec, 0, out, "images")
+        branches.append([enc, neg, guider, run, dec, out])
+    _generate_group(g, "2. Generate: FLUX.2 Klein 4B, 4 steps, cfg 1, 1024x1024 (one branch per prompt; edit or "
+                    "copy them)", [noise, sampler, sigmas, latent], branches,
+                    "Several prompts = several branches. To add a prompt, copy a branch (prompt -> CFG Guider -> "
+                    "SamplerCustomAdvanced -> VAE Decode -> Save Image); noise, sampler, schedule and latent are "
+                    "shared (set the size on both Flux2Scheduler and the latent). Training is not repeated: its "
+                    "result is cached.")
+    return g.to_json()
+
+
+def zimage_one_click(info: dict) -> dict:
+    """The one-click graph on Z-Image Turbo, sampled as ComfyUI's Z-Image Turbo template:
+    ModelSamplingAuraFlow (shift 3) on the personalized model, KSampler 8 steps, cfg 1,
+    res_multistep / simple, a zeroed negative, EmptySD3LatentImage."""
+    g = Graph(info)
+    g.note(ZIMAGE_NOTE, (-520, -40), (480, 560), title="Read me: downloads")
+    unet, clip, vae = loaders(g, ZIMAGE_FILES, "lumina2", "Z-Image Turbo loaders")
+    ap = personalize(g, unet, clip, vae, ZIMAGE_PRIOR, "person_zimage")
+    shift = g.add("ModelSamplingAuraFlow", (0, 900), shift=3.0)
+    latent = g.add("EmptySD3LatentImage", (330, 900), width=1024, height=1024, batch_size=1)
+    g.link(ap, 0, shift, "model")
+    branches = []
+    for k, prompt in enumerate((T1, T1B, T2, T3[0])):
+        x, y = 0, 1120 + 330 * k
+        enc = g.add("CLIPTextEncode", (x, y), title=f"prompt {k + 1}", node_width=400, text=prompt)
+        neg = g.add("ConditioningZeroOut", (x + 430, y))
+        ks = g.add("KSampler", (x + 780, y), seed=42, steps=8, cfg=1.0, sampler_name="res_multistep",
+                   scheduler="simple", denoise=1.0)
+        dec = g.add("VAEDecode", (x + 1130, y))
+        out = g.add("SaveImage", (x + 1130, y + 110), filename_prefix=f"metalora/zimage_prompt_{k + 1}")
+        g.link(clip, "CLIP", enc, "clip")
+        g.link(enc, 0, neg, "conditioning")
+        g.link(shift, 0, ks, "model")
+        g.link(enc, 0, ks, "positive")
+        g.link(neg, 0, ks, "negative")
+        g.link(latent, 0, ks, "latent_image")
+        g.link(ks, 0, dec, "samples")
+        g.link(vae, "VAE", dec, "vae")
+        g.link(dec, 0, out, "images")
+        branches.append([enc, neg, ks, dec, out])
+    _generate_group(g, "2. Generate: Z-Image Turbo, shift 3, 8 steps, cfg 1, 1024x1024 (one branch per prompt; edit "
+                    "or copy them)", [shift, latent], branches,
+                    "Several prompts = several branches (ComfyUI samples one prompt per KSampler). To add a prompt, "
+                    "copy a branch (prompt -> KSampler -> VAE Decode -> Save Image) and connect its model to "
+                    "'ModelSamplingAuraFlow'. Training is not repeated: its result is cached.")
+    return g.to_json()
+
+
 WORKFLOW_BUILDERS = {
     "01_one_click_meta_lora.json": one_click,
     "02_comparison_fig4.json": comparison,
     "03_rank_iterations_sweep.json": sweep,
     "04_r_face_sim_evaluation.json": r_face_sim_eval,
     "05_pulid_flux_comparison.json": pulid,
+    "06_one_click_flux2_klein.json": klein_one_click,
+    "07_one_click_z_image_turbo.json": zimage_one_click,
 }
 
 

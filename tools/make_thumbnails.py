@@ -2,10 +2,10 @@
 """Draws the template-browser thumbnail of every example workflow: ``example_workflows/NAME.jpg``.
 
 ComfyUI's template browser shows ``NAME.jpg`` beside ``NAME.json``. The workflows run FLUX.1-dev,
-whose outputs cannot be made here (and the repository ships no photos), so each thumbnail is a
-labelled card: the workflow's title and what it does, over a map of its own graph (every node at
-its saved position; this pack's nodes in violet, ComfyUI core's in grey, third-party in orange;
-groups outlined). Needs Pillow.
+FLUX.2 Klein and Z-Image Turbo, whose outputs cannot be made here (and the repository ships no
+photos), so each thumbnail is a labelled card: the workflow's title and what it does, over a map
+of its own graph (every node at its saved position; this pack's nodes in violet, ComfyUI core's in
+grey, third-party in orange; groups outlined). Needs Pillow.
 
     python tools/make_thumbnails.py          # rewrite example_workflows/*.jpg (and docs/icon.png)
     python tools/make_thumbnails.py --check  # exit 1 if a thumbnail is missing or differs
@@ -29,6 +29,8 @@ CARDS = {
     "03_rank_iterations_sweep": ("Rank x steps sweep", "one cell of the paper's Fig. 3/5/6 sweep, scored with CLIP-T and R-FaceSim"),
     "04_r_face_sim_evaluation": ("R-FaceSim evaluation", "Algorithm 3 on Table-3 prompts for one identity, held-out photos"),
     "05_pulid_flux_comparison": ("PuLID-FLUX vs Meta-LoRA", "needs the ComfyUI-PuLID-Flux pack"),
+    "06_one_click_flux2_klein": ("One-click Meta-LoRA: FLUX.2 Klein", "one photo -> face crops -> Meta-LoRA (375 steps, rank 1) -> FLUX.2 Klein 4B images (4 steps) + saved LoRA"),
+    "07_one_click_z_image_turbo": ("One-click Meta-LoRA: Z-Image", "one photo -> face crops -> Meta-LoRA (375 steps, rank 1) -> Z-Image Turbo images (8 steps) + saved LoRA"),
 }
 _BG, _INK, _DIM = (24, 26, 33), (235, 235, 240), (150, 152, 165)
 _OURS, _CORE, _THIRD, _NOTE, _GROUP = (124, 92, 214), (92, 96, 110), (214, 132, 60), (110, 90, 50), (70, 120, 160)
