@@ -22,6 +22,7 @@ calls to :func:`load_comfy_in_process` re-point the folders at the new base dire
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pathlib
@@ -29,7 +30,7 @@ import sys
 import types
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -289,6 +290,31 @@ def tiny_zimage_model(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.fl
                                                offload_device=mm.unet_offload_device())
     model.load_model_weights(sd, "")
     return patcher
+
+
+@contextlib.contextmanager
+def tiny_zimage_detection(config: dict | None = None) -> Iterator[None]:
+    """ComfyUI's model detection with one more row while the block runs: a Lumina 2 key set at the
+    tiny Z-Image's width (``config``, default ``TINY_ZIMAGE_CONFIG``) is ``supported_models.ZImage``
+    with that config, as ComfyUI detects the real key set at width 3840. Width, text width and depth
+    still come from ComfyUI's own ``detect_unet_config``, so a tiny Z-Image file loads through
+    *Load Diffusion Model* as the real one does. Needs ComfyUI imported."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    config = dict(config or TINY_ZIMAGE_CONFIG)
+    real = comfy.model_detection.model_config_from_unet_config
+
+    def with_tiny_zimage(unet_config, state_dict=None, unet_key_prefix=""):
+        if unet_config.get("image_model") == "lumina2" and unet_config.get("dim") == config["dim"]:
+            return comfy.supported_models.ZImage({**config, **unet_config})
+        return real(unet_config, state_dict, unet_key_prefix)
+
+    comfy.model_detection.model_config_from_unet_config = with_tiny_zimage
+    try:
+        yield
+    finally:
+        comfy.model_detection.model_config_from_unet_config = real
 
 
 # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14), as in ComfyUI's comfy/sd1_clip_config.json.

@@ -1,6 +1,7 @@
 """The shipped workflows against a real ComfyUI (in-process): the node snapshot is current, every
 workflow converted by ``tools/to_api.py`` passes ComfyUI's own ``execution.validate_prompt``,
-and the one-click workflow runs end to end on tiny FLUX-format models.
+and the one-click workflows run end to end on tiny models of their families (FLUX.1-dev, FLUX.2
+Klein, Z-Image Turbo) stored under the workflows' file names.
 
 Needs ``COMFYUI_PATH``; skips otherwise. ``METALORA_UPDATE_SNAPSHOT=1`` rewrites
 ``tools/node_schemas.json`` from the live definitions instead of failing.
@@ -19,8 +20,9 @@ import uuid
 import pytest
 import torch
 
-from comfy_fixtures import (SKIP_REASON, comfyui_path, load_comfy_in_process, object_info, output_files,
-                            register_v3_nodes, run_prompt, write_tiny_flux_models)
+from comfy_fixtures import (CLIP_L_CONFIG, SKIP_REASON, TINY_FLUX2_CONFIG, TINY_ZIMAGE_CONFIG, comfy_module_state_dict,
+                            comfyui_path, load_comfy_in_process, object_info, output_files, register_v3_nodes,
+                            run_prompt, tiny_flux2_vae_state_dict, tiny_zimage_detection, write_tiny_flux_models)
 from tiny_clip import write_tiny_clip
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,6 +33,32 @@ import build_workflows as bw  # noqa: E402
 import to_api  # noqa: E402
 
 FILES = sorted((REPO / "example_workflows").glob("*.json"))
+
+
+# The tiny FLUX.2 (Klein: no guidance embedding) and Z-Image read the tiny CLIP-L's 768-wide states:
+# the run swaps the 4B Qwen3 text encoder for it, as it swaps FLUX.1's T5-XXL.
+TEXT_WIDTH = CLIP_L_CONFIG["hidden_size"]
+TINY_KLEIN = dict(TINY_FLUX2_CONFIG, context_in_dim=TEXT_WIDTH, guidance_embed=False)
+TINY_ZIMAGE = dict(TINY_ZIMAGE_CONFIG, cap_feat_dim=TEXT_WIDTH)
+FAMILY_WORKFLOWS = {"flux2": "06_one_click_flux2_klein", "zimage": "07_one_click_z_image_turbo"}
+
+
+def _write_family_files(models: pathlib.Path) -> None:
+    """The FLUX.2 Klein and Z-Image Turbo workflows' files: tiny models under the real names, a
+    Meta-Down prior of each family, and the Qwen3 text encoder as a placeholder (validated only)."""
+    from safetensors.torch import save_file
+
+    from metalora_core.formats.prior import make_prior, save_prior
+    from metalora_core.lora.families import Flux2Dims, ZImageDims
+
+    save_file(comfy_module_state_dict("flux", TINY_KLEIN, seed=0), str(models / "diffusion_models" / bw.KLEIN_UNET))
+    save_file(tiny_flux2_vae_state_dict(1), str(models / "vae" / bw.FLUX2_VAE))
+    save_file(comfy_module_state_dict("lumina", TINY_ZIMAGE, seed=0), str(models / "diffusion_models" / bw.ZIMAGE_UNET))
+    (models / "text_encoders" / bw.QWEN3_4B).write_bytes(b"")
+    for dims, name in ((Flux2Dims(hidden=128, mlp_hidden=384, num_double=1, num_single=2), bw.KLEIN_PRIOR),
+                       (ZImageDims(hidden=256, ffn_hidden=688, kv=256, adaln_in=256, num_layers=2, num_refiner=1),
+                        bw.ZIMAGE_PRIOR)):
+        save_prior(make_prior(dims, r1=4, preset="all", generator=torch.Generator().manual_seed(0)), models / "meta_lora" / name)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +84,12 @@ def env(tmp_path_factory, sample):
     prior = make_prior(dims, r1=4, preset="attn_mlp", generator=torch.Generator().manual_seed(0))
     (models / "meta_lora").mkdir(exist_ok=True)
     save_prior(prior, models / "meta_lora" / bw.PRIOR_FILE)
+    _write_family_files(models)
     for name, photo in ((bw.PHOTO, "obama"), (bw.HELD_OUT[0], "obama2"), (bw.HELD_OUT[1], "obama3")):
         shutil.copy(sample(photo), base / "input" / name)
     state.folder_paths.filename_list_cache.clear()
-    return state
+    with tiny_zimage_detection(TINY_ZIMAGE):
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +143,23 @@ def test_workflow_passes_comfyui_validation(env, live_info, path):
 
 
 def tiny_overrides(prompt: dict) -> dict:
-    """The one-click API prompt, scaled down for CPU: tiny sizes and steps, CLIP-L only (the tiny FLUX
-    reads 768-wide context, so the T5-XXL half of DualCLIPLoader is replaced by CLIPLoader)."""
+    """A one-click API prompt, scaled down for CPU: tiny sizes and steps, the tiny CLIP-L as the text
+    encoder (the tiny models read 768-wide context: DualCLIPLoader's T5-XXL half and the Qwen3 4B of
+    CLIPLoader are replaced by it)."""
     for node in prompt.values():
         t, i = node["class_type"], node["inputs"]
         if t == "DualCLIPLoader":
             node["class_type"] = "CLIPLoader"
             node["inputs"] = {"clip_name": i["clip_name1"], "type": "stable_diffusion"}
+        elif t == "CLIPLoader":
+            i.update(clip_name=bw.CLIP_L, type="stable_diffusion")
         elif t == "MetaLoRATrain":
             i.update(steps=2, resolution=64, preview_every=1)
         elif t == "MetaLoRAFaceAugment":
             i.update(bucket_resolution=64, detector="yunet")
-        elif t == "KSampler":
+        elif t in ("KSampler", "Flux2Scheduler"):
             i.update(steps=2)
-        elif t == "EmptySD3LatentImage":
+        if t in ("EmptySD3LatentImage", "EmptyFlux2LatentImage", "Flux2Scheduler"):
             i.update(width=64, height=64)
     return prompt
 
@@ -140,10 +173,43 @@ def test_one_click_workflow_runs_end_to_end(env, live_info):
     saved = [f for f in files if f.parent.name == "metalora" and f.name.startswith("prompt_")]
     n_samplers = sum(n["class_type"] == "KSampler" for n in prompt.values())
     assert len(saved) == n_samplers >= 3 and all(f.is_file() for f in saved)
-    loras = list((env.base_dir / "models" / "loras" / "metalora").glob("person_*.safetensors"))
+    loras = list((env.base_dir / "models" / "loras" / "metalora").glob("person_[0-9]*.safetensors"))
     assert len(loras) == 1
     from safetensors import safe_open
 
     with safe_open(str(loras[0]), "pt") as f:
         keys = list(f.keys())
+    assert any(k.endswith("lora_A.weight") for k in keys) and any(k.endswith("lora_B.weight") for k in keys)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_WORKFLOWS))
+def test_family_one_click_workflow_runs_end_to_end(env, live_info, family):
+    """The FLUX.2 Klein and Z-Image Turbo one-click graphs as shipped (tiny sizes and steps, the tiny
+    CLIP-L for Qwen3): ComfyUI loads the family's tiny model from the workflow's file name, the Train
+    node trains it, every prompt branch samples through the applied LoRA, and the saved LoRA names
+    the family."""
+    import comfy.model_base
+    import comfy.supported_models
+    from safetensors import safe_open
+
+    from metalora_core.lora.families import family_named
+
+    name = FAMILY_WORKFLOWS[family]
+    unet_file = bw.KLEIN_UNET if family == "flux2" else bw.ZIMAGE_UNET
+    model = env.nodes.UNETLoader().load_unet(unet_file, "default")[0]  # what the graph's loader gives
+    assert type(model.model) is (comfy.model_base.Flux2 if family == "flux2" else comfy.model_base.Lumina2)
+    assert family == "flux2" or type(model.model.model_config) is comfy.supported_models.ZImage
+    wf = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    prompt = tiny_overrides(to_api.workflow_to_api(wf, live_info))
+    res = run_prompt(prompt, comfy=env)
+    assert res["success"]
+    files = output_files(res, env.base_dir)
+    samplers = sum(n["class_type"] in ("KSampler", "SamplerCustomAdvanced") for n in prompt.values())
+    saved = [f for f in files if f.parent.name == "metalora" and "_prompt_" in f.name]
+    assert len(saved) == samplers >= 3 and all(f.is_file() for f in saved)
+    prefix = next(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "MetaLoRASave")
+    (lora,) = (env.base_dir / "models" / "loras" / "metalora").glob(f"{prefix}_[0-9]*.safetensors")
+    with safe_open(str(lora), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["base_model"] == family_named(family).name
     assert any(k.endswith("lora_A.weight") for k in keys) and any(k.endswith("lora_B.weight") for k in keys)

@@ -168,6 +168,60 @@ def test_paper_settings_in_the_one_click_workflow(info):
     assert (clip["clip_name1"], clip["clip_name2"], clip["type"]) == ("clip_l.safetensors", "t5xxl_fp16.safetensors", "flux")
 
 
+def _by_type(api: dict) -> dict[str, list[dict]]:
+    by_type: dict[str, list[dict]] = {}
+    for node in api.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    return by_type
+
+
+def _source(api: dict, link: list) -> str:
+    return api[link[0]]["class_type"]
+
+
+@pytest.mark.parametrize("name", ["06_one_click_flux2_klein.json", "07_one_click_z_image_turbo.json"])
+def test_family_one_click_workflows_train_and_sample_as_comfyuis_templates(info, name):
+    """FLUX.2 Klein 4B and Z-Image Turbo: the FLUX.1-dev one-click's training, the family's files, and
+    sampling as ComfyUI's own templates for them (Klein 4B distilled: 4 steps, cfg 1; Z-Image Turbo:
+    shift 3, 8 steps, cfg 1, res_multistep / simple)."""
+    api = to_api.workflow_to_api(load(WORKFLOWS / name), info)
+    by_type = _by_type(api)
+    klein = "klein" in name
+    (train,) = by_type["MetaLoRATrain"]
+    assert (train["steps"], train["rank"], train["learning_rate"]) == (375, 1, 4e-4)
+    assert _source(api, train["model"]) == "UNETLoader" and len(by_type["MetaLoRASave"]) == 1
+    (prior,) = by_type["MetaLoRAPriorLoader"]
+    assert prior["prior_name"] == (bw.KLEIN_PRIOR if klein else bw.ZIMAGE_PRIOR) and "prior" in train
+    ((unet,), (clip,), (vae,)) = by_type["UNETLoader"], by_type["CLIPLoader"], by_type["VAELoader"]
+    assert "DualCLIPLoader" not in by_type and "FluxGuidance" not in by_type
+    assert (unet["unet_name"], clip["clip_name"], clip["type"], vae["vae_name"]) == (
+        (bw.KLEIN_UNET, bw.QWEN3_4B, "flux2", bw.FLUX2_VAE) if klein else
+        (bw.ZIMAGE_UNET, bw.QWEN3_4B, "lumina2", bw.FLUX_VAE))
+    if klein:
+        runs = by_type["SamplerCustomAdvanced"]
+        assert "KSampler" not in by_type
+        (sigmas,), (latent,), (sampler,) = by_type["Flux2Scheduler"], by_type["EmptyFlux2LatentImage"], by_type["KSamplerSelect"]
+        assert sigmas["steps"] == 4 and sampler["sampler_name"] == "euler"
+        assert (sigmas["width"], sigmas["height"]) == (latent["width"], latent["height"]) == (1024, 1024)
+        for run in runs:
+            guider = api[run["guider"][0]]
+            assert guider["class_type"] == "CFGGuider" and guider["inputs"]["cfg"] == 1.0
+            assert _source(api, guider["inputs"]["model"]) == "MetaLoRAApply"
+            assert _source(api, guider["inputs"]["negative"]) == "ConditioningZeroOut"
+            assert [_source(api, run[k]) for k in ("noise", "sampler", "sigmas", "latent_image")] == [
+                "RandomNoise", "KSamplerSelect", "Flux2Scheduler", "EmptyFlux2LatentImage"]
+    else:
+        runs = by_type["KSampler"]
+        (shift,), (latent,) = by_type["ModelSamplingAuraFlow"], by_type["EmptySD3LatentImage"]
+        assert shift["shift"] == 3.0 and _source(api, shift["model"]) == "MetaLoRAApply"
+        assert (latent["width"], latent["height"]) == (1024, 1024)
+        for ks in runs:
+            assert (ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"]) == (8, 1.0, "res_multistep", "simple")
+            assert _source(api, ks["model"]) == "ModelSamplingAuraFlow"
+            assert _source(api, ks["negative"]) == "ConditioningZeroOut"
+    assert len(runs) >= 3 and len(by_type["SaveImage"]) == len(runs)
+
+
 def test_comparison_rows_follow_the_paper(info):
     api = to_api.workflow_to_api(load(WORKFLOWS / "02_comparison_fig4.json"), info)
     trains = sorted((n["inputs"]["steps"], "prior" in n["inputs"]) for n in api.values()
@@ -251,7 +305,8 @@ def test_layout_is_readable(path):
 
 import make_thumbnails  # noqa: E402
 
-LOADER_FILES = {"UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"), "VAELoader": ("vae_name",)}
+LOADER_FILES = {"UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"), "CLIPLoader": ("clip_name",),
+                "VAELoader": ("vae_name",)}
 
 
 def test_template_folder_holds_only_templates_and_their_thumbnails():
@@ -284,7 +339,8 @@ def test_thumbnail_check_sees_a_stale_card(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_loader_nodes_name_their_model_downloads(path):
     loaders = [n for n in load(path)["nodes"] if n["type"] in LOADER_FILES]
-    assert loaders, "every template loads FLUX.1-dev"
+    assert sorted({n["type"] for n in loaders} - {"DualCLIPLoader", "CLIPLoader"}) == ["UNETLoader", "VAELoader"]
+    assert len(loaders) == 3, "every template loads one diffusion model, its text encoders and its VAE"
     for n in loaders:
         models = n["properties"].get("models")
         assert models, f"{n['type']} has no properties.models"
