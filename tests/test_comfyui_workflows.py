@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from comfy_fixtures import (CLIP_L_CONFIG, SKIP_REASON, TINY_FLUX2_CONFIG, TINY_ZIMAGE_CONFIG, comfy_module_state_dict,
-                            comfyui_path, load_comfy_in_process, object_info, output_files, register_v3_nodes,
+                            comfyui_path, load_comfy_in_process, object_info, output_files, pack, register_v3_nodes,
                             run_prompt, tiny_flux2_vae_state_dict, tiny_zimage_detection, write_tiny_flux_models)
 from tiny_clip import write_tiny_clip
 
@@ -43,22 +43,22 @@ TINY_ZIMAGE = dict(TINY_ZIMAGE_CONFIG, cap_feat_dim=TEXT_WIDTH)
 FAMILY_WORKFLOWS = {"flux2": "06_one_click_flux2_klein", "zimage": "07_one_click_z_image_turbo"}
 
 
-def _write_family_files(models: pathlib.Path) -> None:
+def _write_family_files(state, models: pathlib.Path) -> None:
     """The FLUX.2 Klein and Z-Image Turbo workflows' files: tiny models under the real names, a
-    Meta-Down prior of each family, and the Qwen3 text encoder as a placeholder (validated only)."""
+    Meta-Down prior of each sized by the Train node's own reading of the loaded model, and the Qwen3
+    text encoder as a placeholder (validated only). Needs the tiny Z-Image detection row."""
     from safetensors.torch import save_file
-
-    from metalora_core.formats.prior import make_prior, save_prior
-    from metalora_core.lora.families import Flux2Dims, ZImageDims
 
     save_file(comfy_module_state_dict("flux", TINY_KLEIN, seed=0), str(models / "diffusion_models" / bw.KLEIN_UNET))
     save_file(tiny_flux2_vae_state_dict(1), str(models / "vae" / bw.FLUX2_VAE))
     save_file(comfy_module_state_dict("lumina", TINY_ZIMAGE, seed=0), str(models / "diffusion_models" / bw.ZIMAGE_UNET))
     (models / "text_encoders" / bw.QWEN3_4B).write_bytes(b"")
-    for dims, name in ((Flux2Dims(hidden=128, mlp_hidden=384, num_double=1, num_single=2), bw.KLEIN_PRIOR),
-                       (ZImageDims(hidden=256, ffn_hidden=688, kv=256, adaln_in=256, num_layers=2, num_refiner=1),
-                        bw.ZIMAGE_PRIOR)):
-        save_prior(make_prior(dims, r1=4, preset="all", generator=torch.Generator().manual_seed(0)), models / "meta_lora" / name)
+    state.folder_paths.filename_list_cache.clear()
+    prior_mod, training = pack("metalora_core.formats.prior"), pack("nodes.training")
+    for unet, name in ((bw.KLEIN_UNET, bw.KLEIN_PRIOR), (bw.ZIMAGE_UNET, bw.ZIMAGE_PRIOR)):
+        dims = training.generic_family_dims(state.nodes.UNETLoader().load_unet(unet, "default")[0])
+        prior = prior_mod.make_prior(dims, r1=4, preset="all", generator=torch.Generator().manual_seed(0))
+        prior_mod.save_prior(prior, models / "meta_lora" / name)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,11 @@ def env(tmp_path_factory, sample):
     prior = make_prior(dims, r1=4, preset="attn_mlp", generator=torch.Generator().manual_seed(0))
     (models / "meta_lora").mkdir(exist_ok=True)
     save_prior(prior, models / "meta_lora" / bw.PRIOR_FILE)
-    _write_family_files(models)
     for name, photo in ((bw.PHOTO, "obama"), (bw.HELD_OUT[0], "obama2"), (bw.HELD_OUT[1], "obama3")):
         shutil.copy(sample(photo), base / "input" / name)
-    state.folder_paths.filename_list_cache.clear()
     with tiny_zimage_detection(TINY_ZIMAGE):
+        _write_family_files(state, models)
+        state.folder_paths.filename_list_cache.clear()
         yield state
 
 
