@@ -186,8 +186,7 @@ def test_one_click_workflow_runs_end_to_end(env, live_info):
 def test_family_one_click_workflow_runs_end_to_end(env, live_info, family):
     """The FLUX.2 Klein and Z-Image Turbo one-click graphs as shipped (tiny sizes and steps, the tiny
     CLIP-L for Qwen3): ComfyUI loads the family's tiny model from the workflow's file name, the Train
-    node trains it, every prompt branch samples through the applied LoRA, and the saved LoRA names
-    the family."""
+    node trains it, every prompt branch saves its image, and the saved LoRA names the family."""
     import comfy.model_base
     import comfy.supported_models
     from safetensors import safe_open
