@@ -116,8 +116,9 @@ def test_prior_loader_names_a_foreign_loras_family_and_the_path_once(env):
               "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     msg = error_of(run_prompt(prompt, executor=new_executor(), raise_on_error=False))["exception_message"]
     assert msg == (f"prior_name 'sdxl_face.safetensors': {sdxl}: a LoRA for stable-diffusion (unet: SD1.x / SD2 / "
-                   "SDXL), not FLUX (keys such as 'lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight'); "
-                   "Meta-LoRA needs a FLUX LoRA or a prior made by 'metalora meta-train'")
+                   "SDXL), not FLUX.1-dev, FLUX.2 or Z-Image (keys such as "
+                   "'lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight'); Meta-LoRA needs a LoRA of one "
+                   "of those or a prior made by 'metalora meta-train'")
     assert msg.count(str(sdxl)) == 1
 
 

@@ -68,33 +68,67 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+# config.json fields a family's dims are read from (``ModelDims.from_diffusers_config``)
+_CONFIG_FIELDS = {
+    "flux.1-dev": ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim"),
+    "flux.2": ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim"),
+    "z-image": ("dim", "n_layers", "n_refiner_layers", "n_heads"),
+}
+
+
+def _folder_word(family: Any) -> str:
+    """How messages name a family's folder ("FLUX" for FLUX.1, as before there were families)."""
+    from ..lora.families import FLUX1
+
+    return "FLUX" if family is None or family is FLUX1 else family.title
+
+
+def _supported_folders() -> str:
+    from ..lora.families import FAMILIES
+
+    return ", ".join(f"{f.title} ({' or '.join(f.diffusers_pipelines)})" for f in FAMILIES.values())
+
+
 def check_model_folder(model: str | Path, *, transformer: str | None = None, flag: str = "--model") -> dict[str, Any]:
-    """A local diffusers FLUX folder: model_index.json, a FLUX transformer config (and weights
-    unless ``transformer`` replaces them). Returns the transformer's config.json content."""
+    """A local diffusers folder of a supported family (FLUX.1-dev, FLUX.2, Z-Image): model_index.json
+    naming the family's pipeline, a transformer config of the same family (and weights unless
+    ``transformer`` replaces them). Returns the transformer's config.json content."""
+    from ..lora.families import FLUX1, family_of_diffusers_config, family_of_pipeline
+
     model = Path(model)
     if not model.is_dir():
-        raise FileNotFoundError(f"{flag} {model}: no such folder; pass a local diffusers FLUX folder "
+        raise FileNotFoundError(f"{flag} {model}: no such folder; pass a local diffusers model folder "
                                 "(the one that holds model_index.json)")
     index = model / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{flag} {model} is not a diffusers FLUX folder (no model_index.json); "
+        raise FileNotFoundError(f"{flag} {model} is not a diffusers model folder (no model_index.json); "
                                 "pass the folder that holds model_index.json")
     info = _read_json(index, "model folder")
     cls = str(info.get("_class_name", ""))
-    if "Flux" not in cls:
-        raise ValueError(f"{flag} {model} holds a {cls or 'unnamed'} pipeline (model_index.json), not FLUX; "
-                         "pass a FLUX.1 diffusers folder")
+    by_pipeline = family_of_pipeline(cls)
+    if by_pipeline is None and "Flux" in cls and not cls.startswith("Flux2"):
+        by_pipeline = FLUX1  # any FLUX.1 pipeline folder loads as a FluxPipeline
+    if by_pipeline is None:
+        raise ValueError(f"{flag} {model} holds a {cls or 'unnamed'} pipeline (model_index.json), which MetaLoRA does "
+                         f"not train; pass a diffusers folder of {_supported_folders()}")
     tdir = model / "transformer"
     if not (tdir / "config.json").is_file():
         raise FileNotFoundError(f"{flag} {model} has no transformer/config.json; the folder is incomplete, "
-                                "download the whole FLUX folder (transformer/ included)")
+                                f"download the whole {_folder_word(by_pipeline)} folder (transformer/ included)")
     config = _read_json(tdir / "config.json", "transformer config")
     tcls = str(config.get("_class_name", ""))
-    if tcls != "FluxTransformer2DModel":
+    try:
+        family = family_of_diffusers_config(config) if tcls else None
+    except ValueError:
+        family = None
+    if family is None:
         raise ValueError(f"{flag} {model}: transformer/config.json names {tcls or 'no class'}, not "
-                         "FluxTransformer2DModel; pass a FLUX.1 diffusers folder")
-    missing = [k for k in ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")
-               if not isinstance(config.get(k), int)]
+                         f"{by_pipeline.diffusers_class}; pass a diffusers folder of {_supported_folders()}")
+    if family is not by_pipeline:
+        raise ValueError(f"{flag} {model}: model_index.json names a {by_pipeline.title} pipeline ({cls}) but "
+                         f"transformer/config.json a {family.title} transformer ({tcls}); the folder is mixed up, "
+                         "download it again")
+    missing = [k for k in _CONFIG_FIELDS[family.name] if not isinstance(config.get(k), int)]
     if missing:
         raise ValueError(f"{flag} {model}: transformer/config.json lacks {missing}; the config is damaged")
     if transformer is None and not any(tdir.glob("*.safetensors")):
@@ -103,11 +137,25 @@ def check_model_folder(model: str | Path, *, transformer: str | None = None, fla
     return config
 
 
-def check_transformer_file(path: str | Path, flag: str = "--transformer") -> None:
-    """A single-file FLUX transformer: exists, is safetensors (never a pickle), has FLUX keys."""
+def _module_of(key: str) -> str:
+    """A state-dict key's module name without the usual prefixes and the parameter name."""
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return key.rsplit(".", 1)[0]
+
+
+def check_transformer_file(path: str | Path, flag: str = "--transformer", *, family: Any = None) -> None:
+    """A single-file transformer of ``family`` (default FLUX.1): exists, is safetensors (never a
+    pickle), has the family's layer keys (diffusers or original/ComfyUI names)."""
+    from ..lora.families import FLUX1
+
+    family = family or FLUX1
+    word = _folder_word(family)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file; pass a FLUX transformer .safetensors file")
+        raise FileNotFoundError(f"{flag} {path}: no such file; pass a {word} transformer .safetensors file")
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_PICKLE_MAGIC):
@@ -120,12 +168,18 @@ def check_transformer_file(path: str | Path, flag: str = "--transformer") -> Non
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{flag} {path} is not a readable safetensors file ({e}); re-download it") from e
-    flux = any(".transformer_blocks." in f".{k}" for k in keys) and any("single_transformer_blocks." in k for k in keys)
-    bfl = any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys)
-    if not (flux or bfl):
-        sample = ", ".join(keys[:2]) or "no tensors"
-        raise ValueError(f"{flag} {path} is not a FLUX transformer (no double/single block keys; it holds e.g. "
-                         f"{sample}); pass a FLUX.1 transformer file")
+    sample = ", ".join(keys[:2]) or "no tensors"
+    if family is FLUX1:
+        flux = (any(".transformer_blocks." in f".{k}" for k in keys)
+                and any("single_transformer_blocks." in k for k in keys))
+        bfl = any("double_blocks." in k for k in keys) and any("single_blocks." in k for k in keys)
+        if not (flux or bfl):
+            raise ValueError(f"{flag} {path} is not a FLUX transformer (no double/single block keys; it holds e.g. "
+                             f"{sample}); pass a FLUX.1 transformer file")
+        return
+    if not any(family.canonical(_module_of(k)) for k in keys):
+        raise ValueError(f"{flag} {path} is not a {family.title} transformer (no key names one of its layers; it "
+                         f"holds e.g. {sample}); pass a {family.title} transformer file")
 
 
 def lora_file_bytes(shapes: dict[str, tuple[int, int]], rank: int, *, r1: int | None = None,
@@ -164,11 +218,12 @@ def check_personalize(args: argparse.Namespace) -> Any:
     if (Path(args.model) / "model_index.json").is_file():
         training_caption(args.caption, args.class_noun)  # the subject's class is required
     config = check_model_folder(args.model, transformer=args.transformer)
+    family = family_of_diffusers_config(config)
     if args.transformer:
-        check_transformer_file(args.transformer)
-    dims = family_of_diffusers_config(config).dims_from_diffusers_config(config)
+        check_transformer_file(args.transformer, family=family)
+    dims = family.dims_from_diffusers_config(config)
     for p in args.image:
-        load_image(p)  # missing or unreadable photo: a clear error now, not after loading FLUX
+        load_image(p)  # missing or unreadable photo: a clear error now, not after loading the model
     fitted = None
     if args.prior:
         prior = load_prior(args.prior)

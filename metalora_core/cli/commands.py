@@ -27,9 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("personalize", help="Stage-2 on a local diffusers FLUX model: photo -> LoRA")
-    p.add_argument("--model", required=True, help="local diffusers FLUX folder (FluxPipeline layout)")
-    p.add_argument("--transformer", help="optional single-file FLUX transformer (.safetensors) overriding the folder's")
+    p = sub.add_parser("personalize", help="Stage-2 on a local diffusers FLUX.1-dev, FLUX.2 or Z-Image model: "
+                       "photo -> LoRA")
+    p.add_argument("--model", required=True, help="local diffusers folder: FLUX.1-dev (FluxPipeline), FLUX.2 "
+                   "(Flux2KleinPipeline, Flux2Pipeline) or Z-Image (ZImagePipeline)")
+    p.add_argument("--transformer", help="optional single-file transformer (.safetensors) of the folder's family "
+                   "overriding the folder's")
     p.add_argument("--prior", help="Meta-Down prior (.safetensors); omit to train a plain LoRA baseline")
     p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
     p.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
@@ -127,23 +130,23 @@ def _personalize(args: argparse.Namespace) -> str:
     from ..faces import load_image
     from ..faces.person import person_crops
     from ..formats.lora import save_adapter_state, save_lora
-    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_prompt, load_flux_pipeline
+    from ..hosts.diffusers_family import diffusers_host, encode_caption, load_pipeline
     from ..train.recipe import run_stage2
     from ..lora.layers import DEFAULT_PRESET
     from ..train.stage2 import Stage2Config
     from .checks import check_personalize
     from .progress import StepLog
 
-    prior = check_personalize(args)  # inputs and outputs (the prior fitted to the model), before loading FLUX
+    prior = check_personalize(args)  # inputs and outputs (the prior fitted to the model), before loading it
     caption = training_caption(args.caption, args.class_noun)
-    pipe = load_flux_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device, transformer=args.transformer)
     images = [load_image(p) for p in args.image]
     made, _ = person_crops(images, detector=args.detector, face_index=args.face, others=args.other_faces,
                            resolution=args.resolution, seed=args.seed, grid=not args.no_augment)
     config = Stage2Config(steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
                           preset=args.preset or DEFAULT_PRESET)
-    host = DiffusersFluxHost.from_pipeline(pipe, checkpoint_every=int(args.gradient_checkpointing))
-    cond = encode_prompt(pipe, caption, guidance=args.guidance)
+    host = diffusers_host(pipe.transformer, vae=pipe.vae, pipe=pipe, checkpoint_every=int(args.gradient_checkpointing))
+    cond = encode_caption(pipe, caption, guidance=args.guidance)
     progress = StepLog(args.steps, log)
 
     with torch.random.fork_rng(devices=[]):

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("meta-train", help="Stage-1: learn a Meta-Down prior from many identities (Algorithm 1)")
     p.add_argument("--data", help="folder with one subfolder of photos per identity (optional <stem>.txt captions)")
     p.add_argument("--out", required=True, help="output folder: prior.safetensors, loss.png, summary.json, checkpoint")
-    p.add_argument("--model", help="local diffusers FLUX folder (holds model_index.json)")
+    p.add_argument("--model", help="local diffusers folder (holds model_index.json): FLUX.1-dev, FLUX.2 or Z-Image")
     p.add_argument("--tiny", action="store_true",
                    help="tiny FLUX on CPU with --data (about a minute; make meta-train-tiny fetches sample photos)")
     p.add_argument("--domain", default="person", help="domain label of the prior, e.g. woman, man (default person)")
@@ -86,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="base model dtype for --model (adapters train in float32)")
     p.add_argument("--guidance", type=float, default=1.0, help="distilled guidance input while training")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (--tiny uses 32)")
+    p.add_argument("--max-sequence-length", type=int, default=512,
+                   help="text tokens (FLUX.1: T5, FLUX.2 and Z-Image: Qwen3; --tiny uses 32)")
     p.set_defaults(func=run_meta_train)
 
 
@@ -171,7 +172,7 @@ def run_meta_train(args: argparse.Namespace) -> str | None:
 def _run(args: argparse.Namespace, group: Any) -> str | None:
     import torch
 
-    from ..hosts.diffusers_flux import DiffusersFluxHost, encode_images, encode_prompt, load_flux_pipeline
+    from ..hosts.diffusers_family import diffusers_host, encode_caption, encode_pipeline_images, load_pipeline
     from ..lora.families import family_of_diffusers_config
     from ..formats.files import atomic_save_png, atomic_write_bytes, file_content_sha256
     from ..data.identities import DatasetConfig, prepare_dataset, vae_fingerprint
@@ -204,9 +205,8 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
         max_len, base_model = TINY_T5_LEN, "tiny-flux (random weights, demo only)"
     else:
         if not args.data or not args.model:
-            raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers FLUX folder), or --tiny")
-        pipe = load_flux_pipeline(args.model, dtype=args.dtype,
-                                  device=str(group.device) if group is not None else args.device)
+            raise ValueError("meta-train needs --data DIR and --model DIR (a local diffusers model folder), or --tiny")
+        pipe = load_pipeline(args.model, dtype=args.dtype, device=str(group.device) if group is not None else args.device)
         data_dir, max_len = Path(args.data), args.max_sequence_length
         base_model = family_of_diffusers_config(pipe.transformer.config).name
 
@@ -225,9 +225,9 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
     def prepare() -> Any:
         return prepare_dataset(
             data_dir,
-            encode=lambda ims: encode_images(pipe.vae, ims),
+            encode=lambda ims: encode_pipeline_images(pipe, ims),
             encoder_id=vae_fingerprint(pipe.vae),
-            encode_caption=lambda c: encode_prompt(pipe, c, max_sequence_length=max_len, guidance=args.guidance),
+            encode_caption=lambda c: encode_caption(pipe, c, max_sequence_length=max_len, guidance=args.guidance),
             config=dcfg,
             cache_dir=Path(args.cache) if args.cache else out / "latent_cache",
         )
@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace, group: Any) -> str | None:
             module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    host = DiffusersFluxHost(pipe.transformer, checkpoint_every=int(args.gradient_checkpointing))
+    host = diffusers_host(pipe.transformer, checkpoint_every=int(args.gradient_checkpointing))
     result = meta_train(host, data, config, callback=Progress() if root else None,
                         checkpoint_path=out / "checkpoint.safetensors", checkpoint_every=every, resume=args.resume,
                         group=group)

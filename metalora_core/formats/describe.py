@@ -10,11 +10,18 @@ from typing import Any
 
 import torch
 
+from ..lora.families import FAMILIES, family_named
 from .files import content_sha256, read_safetensors
 from .prior import PRIOR_FORMAT, prior_from_tensors
 
-# Key patterns of the model families a LoRA or checkpoint is commonly made for.
+# Key patterns of the model families a LoRA or checkpoint is commonly made for; the first three are
+# the ones Meta-LoRA trains (``TRAINED``). Layers only FLUX.2 and Z-Image have come first: FLUX.2 also
+# has FLUX.1's block names.
 _FAMILIES = (
+    ("flux.2", re.compile(r"(^|[._])(to_qkv_mlp_proj|(ff|ff_context)[._]linear_(in|out)|"
+                          r"(double|single)_stream_modulation)([._]|$)")),
+    ("z-image", re.compile(r"(^|[._])(noise_refiner|context_refiner|layers[._]\d+[._](attention|feed_forward|"
+                           r"adaLN_modulation))[._]")),
     ("flux", re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+")),
     ("sd3", re.compile(r"(^|[._])joint_blocks[._]\d+")),
     ("stable-diffusion (unet: SD1.x / SD2 / SDXL)",
@@ -24,15 +31,28 @@ _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight")
 
 
+TRAINED = {"flux": "flux.1-dev", "flux.2": "flux.2", "z-image": "z-image"}  # label -> ModelFamily.name
+
+
 def model_family(keys: list[str]) -> str:
-    """The family whose key pattern most keys match ("unknown" when none do)."""
+    """The family whose key pattern most keys match ("unknown" when none do); a key of a layer only
+    FLUX.2 or Z-Image has decides for that family."""
     counts = {name: sum(bool(rx.search(k)) for k in keys) for name, rx in _FAMILIES}
+    for name in ("flux.2", "z-image"):
+        if counts[name]:
+            return name
     best = max(counts, key=counts.get)
     if counts[best]:
         return best
     if any(re.search(r"(^|\.)transformer_blocks\.\d+", k) for k in keys):
         return "flux"  # diffusers names without single blocks: FLUX double blocks only
     return "unknown"
+
+
+def trained_titles() -> str:
+    """The families Meta-LoRA trains, for messages: "FLUX.1-dev, FLUX.2 or Z-Image"."""
+    titles = [f.title for f in FAMILIES.values()]
+    return ", ".join(titles[:-1]) + " or " + titles[-1]
 
 
 def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, int]]:
@@ -57,6 +77,9 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     problems: list[str] = []
     keys = sorted(tensors)
     family = model_family(keys)
+    named = family_named(meta.get("base_model", ""))
+    if named is not None:  # a file that names its model's family (priors, Meta-LoRA exports)
+        family = next(label for label, name in TRAINED.items() if name == named.name)
     info["family"] = family
     if meta.get("format") == PRIOR_FORMAT:
         info["kind"] = "prior"
@@ -81,8 +104,8 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
         except ValueError as e:
             refused = str(e)
             problems.insert(0, f"not usable as a prior: {refused}")
-    if info["kind"] in ("lora", "prior") and family not in ("flux", "unknown") and family not in (refused or ""):
-        problems.append(f"the keys are those of a {family} model, not FLUX; Meta-LoRA and FLUX cannot use it")
+    if info["kind"] in ("lora", "prior") and family not in (*TRAINED, "unknown") and family not in (refused or ""):
+        problems.append(f"the keys are those of a {family} model, not {trained_titles()}; Meta-LoRA cannot use it")
     bad = nonfinite_tensors(tensors)
     if bad:
         info["nonfinite"] = bad

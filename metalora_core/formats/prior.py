@@ -154,12 +154,13 @@ def prior_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
     family = family_named(meta.get("base_model", "")) or _lora_family(tensors)
     downs, flavour = downs_from_lora(tensors, family)
     if not downs and lora_downs:
-        from .describe import model_family
+        from .describe import TRAINED, model_family, trained_titles
 
         other = model_family(list(tensors))
-        if other not in ("flux", "unknown"):
-            raise ValueError(f"{path}: a LoRA for {other}, not FLUX (keys such as {min(lora_downs)!r}); Meta-LoRA "
-                             "needs a FLUX LoRA or a prior made by 'metalora meta-train'")
+        if other not in (*TRAINED, "unknown"):
+            raise ValueError(f"{path}: a LoRA for {other}, not {trained_titles()} (keys such as "
+                             f"{min(lora_downs)!r}); Meta-LoRA needs a LoRA of one of those or a prior made by "
+                             "'metalora meta-train'")
     if not downs:
         raise ValueError(
             f"{path}: neither a Meta-LoRA prior (metadata format={PRIOR_FORMAT!r}) nor a LoRA of a supported model "

@@ -12,7 +12,7 @@ import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -141,14 +141,7 @@ class DiffusersFluxHost:
 
     def _checkpoint_func(self):
         """diffusers' checkpoint hook, recomputing only the blocks ``checkpoint_every`` selects."""
-        chosen = {id(b) for i, b in enumerate(self._blocks()) if i % self.checkpoint_every == 0}
-
-        def run(block, *args):
-            if id(block) in chosen:
-                return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-            return block(*args)
-
-        return run
+        return checkpoint_func(self._blocks(), self.checkpoint_every)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, *, checkpoint_every: int = 0) -> "DiffusersFluxHost":
@@ -202,21 +195,8 @@ class DiffusersFluxHost:
             with self._frozen():
                 yield
 
-    @contextlib.contextmanager
-    def _frozen(self) -> Iterator[None]:
-        flags = [p.requires_grad for p in self.transformer.parameters()]
-        self.transformer.requires_grad_(False)
-        every = check_checkpoint_every(self.checkpoint_every)
-        if every:
-            self.transformer.enable_gradient_checkpointing(None if every == 1 else self._checkpoint_func())
-        try:
-            with compiled_blocks(self._blocks(), self.compile_blocks):
-                yield
-        finally:
-            if every:
-                self.transformer.disable_gradient_checkpointing()
-            for p, f in zip(self.transformer.parameters(), flags):
-                p.requires_grad_(f)
+    def _frozen(self) -> ContextManager[None]:
+        return frozen_for_training(self.transformer, self._blocks(), self.checkpoint_every, self.compile_blocks)
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: FluxTextCond) -> torch.Tensor:
         """Flow velocity for noisy latents.
@@ -246,6 +226,39 @@ class DiffusersFluxHost:
             return_dict=False,
         )[0]
         return unpack_latents(out, h, w)
+
+
+def checkpoint_func(blocks: Sequence[torch.nn.Module], every: int) -> Any:
+    """diffusers' checkpoint hook that recomputes every ``every``-th of ``blocks`` (counted from 0)."""
+    chosen = {id(b) for i, b in enumerate(blocks) if i % every == 0}
+
+    def run(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    return run
+
+
+@contextlib.contextmanager
+def frozen_for_training(transformer: torch.nn.Module, blocks: Sequence[torch.nn.Module], checkpoint_every: int,
+                        compile_on: bool = False) -> Iterator[None]:
+    """A diffusers transformer frozen for a training run: no parameter needs a gradient, every
+    ``checkpoint_every``-th of its ``blocks`` recomputes its activations in backward (0: none),
+    the blocks run compiled with ``compile_on`` (``compiled_blocks``); all undone afterwards."""
+    flags = [p.requires_grad for p in transformer.parameters()]
+    transformer.requires_grad_(False)
+    every = check_checkpoint_every(checkpoint_every)
+    if every:
+        transformer.enable_gradient_checkpointing(None if every == 1 else checkpoint_func(blocks, every))
+    try:
+        with compiled_blocks(blocks, compile_on):
+            yield
+    finally:
+        if every:
+            transformer.disable_gradient_checkpointing()
+        for p, f in zip(transformer.parameters(), flags):
+            p.requires_grad_(f)
 
 
 def _call_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

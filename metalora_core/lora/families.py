@@ -244,6 +244,7 @@ class ModelFamily:
     modelspec_architecture: str  # modelspec.architecture of an exported LoRA
     modelspec_implementation: str  # modelspec.implementation of an exported LoRA
     aliases: tuple[str, ...] = ()  # other base-model strings that name this family
+    diffusers_pipelines: tuple[str, ...] = ()  # diffusers pipeline classes (model_index.json) of the family
     # Elements of the compute dtype autograd keeps per image token, per block and per unit of
     # ``dims.hidden`` in one Stage-2 step of the ComfyUI host, every layer adapted: (no block
     # checkpointed, every block checkpointed). None: not measured for this family.
@@ -418,6 +419,7 @@ FLUX1 = ModelFamily(
     modelspec_architecture="flux-1-dev/lora",
     modelspec_implementation="https://github.com/black-forest-labs/flux",
     aliases=("flux", "flux.1", "flux-1-dev"),
+    diffusers_pipelines=("FluxPipeline",),
     # Measured with bench/gpu_stage2.py (--comfy-compute bf16, as on a GPU; PyTorch attention; tiny
     # width, 57 blocks; tests/test_comfyui_perf.py holds it there) at 17.4, with every block
     # checkpointed 1.06. (Computed in float32, as ComfyUI does on a CPU: 14.4 and 1.05.) Set above
@@ -478,6 +480,7 @@ FLUX2 = ModelFamily(
     modelspec_architecture="flux-2/lora",
     modelspec_implementation="https://github.com/black-forest-labs/flux2",
     aliases=("flux2", "flux.2-dev", "flux-2"),
+    diffusers_pipelines=("Flux2KleinPipeline", "Flux2Pipeline"),  # Klein (Qwen3 text encoder), dev (Mistral)
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +526,7 @@ ZIMAGE = ModelFamily(
     modelspec_architecture="z-image/lora",
     modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
     aliases=("zimage", "z-image-turbo", "z_image"),
+    diffusers_pipelines=("ZImagePipeline",),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (FLUX1, FLUX2, ZIMAGE)}
@@ -554,6 +558,11 @@ def family_of_diffusers_config(config: Any) -> ModelFamily:
         known = ", ".join(f"{f.diffusers_class} ({f.title})" for f in FAMILIES.values())
         raise ValueError(f"transformer class {cls!r} is not a supported model; supported: {known}")
     return found
+
+
+def family_of_pipeline(class_name: str) -> ModelFamily | None:
+    """The family whose diffusers pipeline class (``model_index.json``'s ``_class_name``) this is, or None."""
+    return next((f for f in FAMILIES.values() if class_name in f.diffusers_pipelines), None)
 
 
 def shared_input_groups(names: Iterable[str], family: ModelFamily | None = None) -> list[tuple[str, ...]]:
