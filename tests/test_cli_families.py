@@ -117,6 +117,8 @@ def test_host_refuses_inputs_that_do_not_fit(tiny):
     with pytest.raises(ValueError, match="has no VAE; build it with DiffusersFamilyHost.from_pipeline"):
         host.encode_images([Image.new("RGB", (64, 64))])
     cond = encode_caption(pipe, CAPTION)
+    with pytest.raises(ValueError, match="guidance nan is not a finite number"):
+        FamilyTextCond(cond.prompt_embeds, cond.text_ids, cond.lengths, guidance=float("nan"))
     two = collate_family_conds([cond, encode_caption(pipe, "a photo of a woman")])
     with torch.no_grad(), pytest.raises(ValueError, match="the conditioning has 2 rows for a batch of 3"):
         host.predict(_latent(family, 3), torch.full((3,), 0.5), two)
@@ -195,7 +197,7 @@ def test_personalize_writes_the_family_lora_that_diffusers_loads_as_the_trained_
     assert (meta["base_model"], meta["modelspec.architecture"], meta["modelspec.implementation"]) == (
         family.name, family.modelspec_architecture, family.modelspec_implementation)
     assert meta["mode"] == "meta" and meta["steps"] == "2"
-    # the keys alone name the family; inspect says it from the metadata
+    # the keys alone name the family (for inspect)
     assert model_family(list(tensors)) == {"flux2": "flux.2", "zimage": "z-image"}[name]
     info = describe_file(lora)
     assert info["family"] == model_family(list(tensors)) and info["problems"] == []

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..lora.families import FAMILIES, family_named
+from ..lora.families import FAMILIES
 from .files import content_sha256, read_safetensors
 from .prior import PRIOR_FORMAT, prior_from_tensors
 
@@ -31,7 +31,7 @@ _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora_up.weight")
 
 
-TRAINED = {"flux": "flux.1-dev", "flux.2": "flux.2", "z-image": "z-image"}  # label -> ModelFamily.name
+TRAINED = ("flux", "flux.2", "z-image")  # the labels of FLUX.1-dev, FLUX.2 and Z-Image
 
 
 def model_family(keys: list[str]) -> str:
@@ -77,9 +77,6 @@ def describe_file(path: str | os.PathLike) -> dict[str, Any]:
     problems: list[str] = []
     keys = sorted(tensors)
     family = model_family(keys)
-    named = family_named(meta.get("base_model", ""))
-    if named is not None:  # a file that names its model's family (priors, Meta-LoRA exports)
-        family = next(label for label, name in TRAINED.items() if name == named.name)
     info["family"] = family
     if meta.get("format") == PRIOR_FORMAT:
         info["kind"] = "prior"
