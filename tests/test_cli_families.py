@@ -222,6 +222,17 @@ def test_personalize_writes_the_family_lora_that_diffusers_loads_as_the_trained_
     torch.testing.assert_close(merged, three_layer, rtol=1e-5, atol=1e-5)
 
 
+def test_inspect_names_the_family_from_comfyui_names_too(tiny):
+    """A LoRA with ComfyUI's module names: FLUX.2 shares FLUX.1's block names, its top-level
+    modulation layers alone tell it apart; Z-Image's names are its own."""
+    name, family, pipe, _ = tiny
+    dims = family.dims_from_diffusers_config(pipe.transformer.config)
+    keys = [f"diffusion_model.{m}.lora_{ab}.weight" for m in family.comfy_modules(dims) for ab in "AB"]
+    assert model_family(keys) == {"flux2": "flux.2", "zimage": "z-image"}[name]
+    flux1 = FLUX1.comfy_modules(FluxDims(hidden=32, mlp_hidden=128, num_double=2, num_single=2))
+    assert model_family([f"diffusion_model.{m}.lora_A.weight" for m in flux1]) == "flux"
+
+
 def _identities(root: Path) -> Path:
     """Three identities of two drawn photos each (two aspect buckets); one photo has its own caption."""
     for i, colour in enumerate([(230, 190, 160), (120, 80, 50), (250, 220, 200)]):
