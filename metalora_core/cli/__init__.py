@@ -18,7 +18,8 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metalora", description="Meta-LoRA for FLUX: priors, personalization, export.")
+    parser = argparse.ArgumentParser(prog="metalora", description="Meta-LoRA for FLUX.1-dev, FLUX.2 and Z-Image: "
+                                     "priors, personalization, export.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
