@@ -139,10 +139,6 @@ class DiffusersFluxHost:
     def _blocks(self) -> list[torch.nn.Module]:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
-    def _checkpoint_func(self):
-        """diffusers' checkpoint hook, recomputing only the blocks ``checkpoint_every`` selects."""
-        return checkpoint_func(self._blocks(), self.checkpoint_every)
-
     @classmethod
     def from_pipeline(cls, pipe: Any, *, checkpoint_every: int = 0) -> "DiffusersFluxHost":
         """The host of a ``FluxPipeline``: its transformer, with its VAE for ``encode_images``; the VAE
