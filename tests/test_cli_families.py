@@ -202,6 +202,12 @@ def test_personalize_writes_the_family_lora_that_diffusers_loads_as_the_trained_
     info = describe_file(lora)
     assert info["family"] == model_family(list(tensors)) and info["problems"] == []
 
+    exported = tmp_path / "exported.safetensors"  # the state exported again names the same family
+    assert main(["export", str(state), "--out", str(exported)]) == 0
+    again, emeta = load_lora(exported)
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert (emeta["base_model"], emeta["modelspec.architecture"]) == (family.name, family.modelspec_architecture)
+
     # the three-layer adapters of the state, attached, against the merged LoRA loaded by diffusers
     adapters, smeta = load_adapter_state(state)
     assert smeta["base_model"] == family.name and set(adapters.names) == set(names)
