@@ -32,7 +32,7 @@ SHAPE_WEIGHTS = (0.6, 0.2, 0.2)
 CLASS_NOUN = "face"
 # One learning rate for every Stage-1 and Stage-2 run of this domain, as the paper uses one for all
 # its runs (4e-4). The calibration of experiments/calibrate.py (plain LoRA alone, on identities the
-# comparison never scores; 4e-4, 4e-3 and 4e-4 x 3072/64 for this model's width 64) keeps it: see
+# comparison never scores; 4e-4, 4e-3 and 4e-4 x 48, the paper model's width over this one's 64) keeps it: see
 # experiments/results/calibration/.
 DOMAIN_LR = 4e-4
 FILES = ("autoencoder.safetensors", "base.safetensors", "embedder.safetensors", "prior.safetensors", "manifest.json")

@@ -282,7 +282,7 @@ def run_reproduction(arts: Artefacts, out: str | Path, config: ReproConfig = Rep
     return results
 
 
-CALIBRATION_LRS = (4e-4, 4e-3, 1.9e-2)  # the paper's rate, x10, and x 3072/64 (width scaling)
+CALIBRATION_LRS = (4e-4, 4e-3, 1.9e-2)  # the paper's rate, x10, and x 48 (the paper model's width over this one's 64)
 SMOKE_CALIBRATION = dict(lrs=(4e-4, 4e-3), config=SMOKE_REPRO)
 
 
