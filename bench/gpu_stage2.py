@@ -260,15 +260,18 @@ class ComfyBench(CoreBench):
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels: bool, profile_cpu: bool = False):
+def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels: bool, profile_cpu: bool = False,
+                 saved_tensors=SavedTensors):
     """(saved bytes, kernels, profiled kernels) of one step: the bare frozen step when ``adapters`` is None.
 
     On the CPU ``kernels`` is ``OpCounter``'s count (None for a compiled step: under a dispatch mode
     torch.compile runs eagerly) and, with ``profile_cpu``, ``profiled`` is ``ProfiledKernels``'
     count (compiled graphs included); on CUDA ``kernels`` counts CUDA kernels and ``profiled`` is None.
+    ``saved_tensors(exclude=...)`` makes the saved-bytes counter (``SavedTensors`` or one that also
+    sees a host's own saved-tensor hooks).
     """
     g = torch.Generator().manual_seed(1)
-    saved: SavedTensors | None = None  # made inside training(): the host may move the weights there
+    saved = None  # made inside training(): the host may move the weights there
     kernels = profiled = None
 
     def step():
@@ -289,13 +292,13 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
     handle = host.attach(adapters) if adapters is not None else bench.bare(host)
     try:
         with host.training(), torch.enable_grad():
-            saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
+            saved = saved_tensors(exclude=saved_exclude(bench, adapters, handle))
             if count_kernels and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
 
                 step()  # warm (allocator, cuBLAS handles)
                 clear_grads(adapters)  # the trainer starts each step with no gradients
-                saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
+                saved = saved_tensors(exclude=saved_exclude(bench, adapters, handle))
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     step()
                     sync(device)
@@ -303,14 +306,14 @@ def measure_step(bench, host, adapters, latents, cond, device, *, count_kernels:
             elif count_kernels or profile_cpu:
                 step()  # warm, as on CUDA: what is built once per run (cached Downs) is not a per-step cost
                 clear_grads(adapters)
-                saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
+                saved = saved_tensors(exclude=saved_exclude(bench, adapters, handle))
                 if profile_cpu:
                     with ProfiledKernels() as prof:
                         step()
                     profiled = prof.kernels
                     clear_grads(adapters)
                 if count_kernels:
-                    saved = SavedTensors(exclude=saved_exclude(bench, adapters, handle))
+                    saved = saved_tensors(exclude=saved_exclude(bench, adapters, handle))
                     counter = OpCounter()
                     with counter:
                         step()

@@ -447,6 +447,7 @@ class ComfyInProcess:
     folder_paths: types.ModuleType
     server: RecordingServer
     custom_nodes_loaded: dict[str, bool] = field(default_factory=dict)
+    comfy_args: tuple[str, ...] = ()  # the extra command-line options ComfyUI was imported with
 
     def run_prompt(self, api_prompt: dict, **kw) -> dict:
         return run_prompt(api_prompt, comfy=self, **kw)
@@ -455,7 +456,7 @@ class ComfyInProcess:
 _STATE: ComfyInProcess | None = None
 
 
-def _import_comfy(root: pathlib.Path, base_dir: pathlib.Path) -> None:
+def _import_comfy(root: pathlib.Path, base_dir: pathlib.Path, comfy_args: Iterable[str] = ()) -> None:
     root_s = str(root)
     # ComfyUI's comfy/ has no __init__.py, so any regular ``comfy`` package on sys.path would win
     # over it wherever it stands (pytest puts the checkout's parent folder there, which may hold one).
@@ -474,7 +475,7 @@ def _import_comfy(root: pathlib.Path, base_dir: pathlib.Path) -> None:
         comfy.options.enable_args_parsing()
         saved_argv = sys.argv
         sys.argv = [str(root / "main.py"), "--cpu", "--disable-api-nodes",
-                    "--base-directory", str(base_dir)]
+                    "--base-directory", str(base_dir), *comfy_args]
         try:
             import comfy.cli_args  # noqa: F401  (parses sys.argv once, at import)
         finally:
@@ -539,7 +540,8 @@ def _install_progress_hook(server: RecordingServer) -> None:
 
 def load_comfy_in_process(base_dir: pathlib.Path | str, *,
                           custom_node_paths: Iterable[pathlib.Path | str] = (),
-                          root: pathlib.Path | str | None = None) -> ComfyInProcess:
+                          root: pathlib.Path | str | None = None,
+                          comfy_args: Iterable[str] = ()) -> ComfyInProcess:
     """Import ComfyUI (CPU), point it at ``base_dir`` and load its nodes in this process.
 
     ``base_dir`` gets ``models/`` (diffusion_models, vae, clip, loras, ...), ``input/``,
@@ -548,8 +550,9 @@ def load_comfy_in_process(base_dir: pathlib.Path | str, *,
     ``nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)``; each path in
     ``custom_node_paths`` (a pack folder with ``__init__.py``, or a .py file) is then loaded with
     ComfyUI's own ``nodes.load_custom_node`` exactly as from ``custom_nodes/`` (a V1 pack's
-    NODE_CLASS_MAPPINGS or a V3 pack's ``comfy_entrypoint()``). Later calls reuse the import,
-    re-point the folders and load packs not loaded yet.
+    NODE_CLASS_MAPPINGS or a V3 pack's ``comfy_entrypoint()``). ``comfy_args``: more of ComfyUI's
+    command-line options (e.g. ``--use-pytorch-cross-attention``), read at the first import only.
+    Later calls reuse the import, re-point the folders and load packs not loaded yet.
     """
     global _STATE
     root = pathlib.Path(root).resolve() if root is not None else comfyui_path()
@@ -559,7 +562,7 @@ def load_comfy_in_process(base_dir: pathlib.Path | str, *,
     base_dir.mkdir(parents=True, exist_ok=True)
 
     if _STATE is None:
-        _import_comfy(root, base_dir)
+        _import_comfy(root, base_dir, comfy_args)
         import comfy.model_management  # noqa: F401
         import execution
         import folder_paths
@@ -574,8 +577,11 @@ def load_comfy_in_process(base_dir: pathlib.Path | str, *,
             logging.warning("ComfyUI extra nodes that failed to import: %s", failed)
         _install_progress_hook(srv)
         _STATE = ComfyInProcess(root=root, base_dir=base_dir, nodes=nodes, execution=execution,
-                                folder_paths=folder_paths, server=srv)
-    elif _STATE.base_dir != base_dir:
+                                folder_paths=folder_paths, server=srv, comfy_args=tuple(comfy_args))
+    elif tuple(comfy_args) and tuple(comfy_args) != _STATE.comfy_args:
+        raise RuntimeError(f"ComfyUI was imported in this process with options {list(_STATE.comfy_args)}; "
+                           f"{list(comfy_args)} need a process of their own")
+    if _STATE.base_dir != base_dir:
         _point_folders(_STATE.folder_paths, base_dir)
         _STATE.base_dir = base_dir
 
