@@ -11,8 +11,10 @@ loaded as ComfyUI loads a custom node pack. For each family and each ComfyUI pat
 it measures, with Meta-LoRA attached (a random orthonormal prior, preset ``--preset``, no
 checkpointing: what the Train node runs on a CPU):
 
-- ``s_per_step``: median seconds of a Stage-2 step (``train.stage2.personalize``: noise and sigmas,
-  forward, backward, gradient clipping, AdamW on Mid and Up), after ``--warmup`` steps;
+- ``s_per_step`` (and ``s_min``): median (and least) seconds of a Stage-2 step
+  (``train.stage2.personalize``: noise and sigmas, forward, backward, gradient clipping, AdamW on
+  Mid and Up) over ``--rounds`` rounds of ``--repeats`` timed steps, each after ``--warmup``
+  untimed ones; each round times every path of the family in turn;
 - ``saved_bytes``: bytes autograd keeps for backward in one step (weights and adapter parameters
   excluded; ``train.profile.SavedTensors``);
 - ``kernels``: aten ops that compute in one step's forward and backward (``train.profile.OpCounter``);
@@ -26,7 +28,7 @@ generic path, to its fast path. The measuring is ``bench/gpu_stage2.py``'s (``me
 ComfyUI runs on the CPU with PyTorch's attention (``--use-pytorch-cross-attention``, what it runs on
 an NVIDIA GPU; ``--attention comfy`` keeps its CPU default) in float32, single-threaded by default.
 
-    python bench/families.py            # the table in docs/performance.md (a few minutes)
+    python bench/families.py            # the table in docs/performance.md (about five minutes)
     python bench/families.py --smoke    # the tiniest models, one timed step: seconds (a test runs it)
 """
 from __future__ import annotations
@@ -200,36 +202,50 @@ class FamilyBench:
         return cf.pack("metalora_core.train.recipe").build_adapters(self.dims, prior, rank=self.args.r2)
 
 
-def measure(bench: FamilyBench, path: str, args: argparse.Namespace) -> dict:
-    """One row: a path's Stage-2 step (or the bare step for ``path == "bare"``)."""
-    dev = torch.device("cpu")
-    n = args.warmup + args.repeats
-
+def counts(bench: FamilyBench, path: str) -> dict:
+    """Bytes saved for backward and kernels of one step of ``path`` (the bare step for ``"bare"``)."""
     def saved_tensors(exclude):
         return KeptForBackward(bench.generic.CopyOnWriteSaved, exclude)
 
+    host = bench.host("generic" if path == "bare" else path)
+    adapters = None if path == "bare" else bench.adapters()
+    saved, kernels, _ = measure_step(bench, host, adapters, bench.latents, bench.cond, torch.device("cpu"),
+                                     count_kernels=True, saved_tensors=saved_tensors)
+    return {"family": bench.family, "title": TITLES[bench.family], "path": path, "saved_bytes": saved,
+            "kernels": kernels, "adapted_layers": 0 if adapters is None else len(adapters.names),
+            "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens, "dims": dict(vars(bench.dims))}
+
+
+def step_times(bench: FamilyBench, path: str, args: argparse.Namespace, adapters) -> list[float]:
+    """Seconds of ``args.repeats`` steps of ``path`` after ``args.warmup`` untimed ones: Stage-2 steps of
+    ``personalize``, or bare forward+backward steps of ComfyUI's own model for ``"bare"``."""
+    dev, n = torch.device("cpu"), args.warmup + args.repeats
     if path == "bare":
         host = bench.host("generic")
-        saved, kernels, _ = measure_step(bench, host, None, bench.latents, bench.cond, dev, count_kernels=True,
-                                         saved_tensors=saved_tensors)
         handle = bench.bare(host)
         try:
             times = time_bare(host, bench.latents, bench.cond, dev, n)
         finally:
             handle.remove()
-        adapted = 0
     else:
-        host, adapters = bench.host(path), bench.adapters()
-        saved, kernels, _ = measure_step(bench, host, adapters, bench.latents, bench.cond, dev, count_kernels=True,
-                                         saved_tensors=saved_tensors)
-        times = time_trainer(host, adapters, bench.latents, bench.cond, dev, n)
-        adapted = len(adapters.names)
-    timed = times[args.warmup:]
-    return {"family": bench.family, "title": TITLES[bench.family], "path": path,
-            "s_per_step": round(statistics.median(timed), 5), "s_min": round(min(timed), 5), "repeats": len(timed),
-            "saved_bytes": saved, "kernels": kernels, "adapted_layers": adapted,
-            "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens,
-            "dims": {k: v for k, v in vars(bench.dims).items()}}
+        times = time_trainer(bench.host(path), adapters, bench.latents, bench.cond, dev, n)
+    return times[args.warmup:]
+
+
+def measure_family(bench: FamilyBench, args: argparse.Namespace) -> list[dict]:
+    """The family's rows: counts once, then ``args.rounds`` rounds of timed steps of every path in turn
+    (a burst of load on a shared machine then spreads over the paths instead of landing on one)."""
+    paths = ("bare", *PATHS[bench.family])
+    rows = {path: counts(bench, path) for path in paths}
+    adapters = {path: bench.adapters() for path in paths if path != "bare"}
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for _ in range(args.rounds):
+        for path in paths:
+            times[path] += step_times(bench, path, args, adapters.get(path))
+    for path, row in rows.items():
+        row.update(s_per_step=round(statistics.median(times[path]), 5), s_min=round(min(times[path]), 5),
+                   steps_timed=len(times[path]))
+    return list(rows.values())
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -248,11 +264,11 @@ def table(rows: list[dict]) -> str:
     def x(v) -> str:
         return "" if v is None else f"{v:.2f}x"
 
-    out = ["| family | path | s/step | vs bare | vs fast FLUX.1 | saved for backward | vs bare | kernels | vs bare |",
+    out = ["| family | path | s/step (min) | vs bare | vs fast FLUX.1 | saved for backward | vs bare | kernels | vs bare |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         path = "bare forward+backward" if r["path"] == "bare" else r["path"]
-        out.append(f"| {r['title']} | {path} | {r['s_per_step']:.3f} | {x(r['s_per_step_vs_bare'])} | "
+        out.append(f"| {r['title']} | {path} | {r['s_per_step']:.3f} ({r['s_min']:.3f}) | {x(r['s_per_step_vs_bare'])} | "
                    f"{x(r['s_per_step_vs_fast'])} | {r['saved_bytes'] / 2**20:.2f} MiB | {x(r['saved_bytes_vs_bare'])} | "
                    f"{r['kernels']:,} | {x(r['kernels_vs_bare'])} |")
     return "\n".join(out)
@@ -262,8 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the tiniest models and one timed step (seconds)")
     ap.add_argument("--families", type=lambda s: s.split(","), default=list(FAMILIES), help="of flux1,flux2,zimage")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before each round's timed ones")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per path and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of timed steps, every path in turn")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--attention", choices=["pytorch", "comfy"], default="pytorch",
                     help="PyTorch's attention (what ComfyUI runs on an NVIDIA GPU) or ComfyUI's CPU default")
@@ -273,13 +290,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not set(args.families) <= set(FAMILIES) or not args.families:
         raise SystemExit(f"--families takes some of {','.join(FAMILIES)}; got {','.join(args.families)}")
-    if args.warmup < 0 or args.repeats < 1:
-        raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1; got {args.warmup} and {args.repeats}")
+    if args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
+        raise SystemExit(f"--warmup must be >= 0, --repeats and --rounds >= 1; got {args.warmup}, {args.repeats} "
+                         f"and {args.rounds}")
     if cf.comfyui_path() is None:
         raise SystemExit(f"bench/families.py runs in a real ComfyUI: set {cf.COMFYUI_ENV} to a ComfyUI checkout "
                          "(the folder with main.py) and run it with that ComfyUI's Python")
     if args.smoke:
-        args.warmup, args.repeats, args.r1 = min(args.warmup, 1), 1, min(args.r1, 4)
+        args.warmup, args.repeats, args.rounds, args.r1 = min(args.warmup, 1), 1, 1, min(args.r1, 4)
     size = SIZES["smoke" if args.smoke else "full"]
     torch.set_num_threads(args.threads)
     base = pathlib.Path(tempfile.mkdtemp(prefix="metalora_families_"))
@@ -289,14 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     t0 = time.perf_counter()
     for family in args.families:
-        bench = FamilyBench(family, size, args)
-        for path in ("bare", *PATHS[family]):
-            rows.append(measure(bench, path, args))
+        rows += measure_family(FamilyBench(family, size, args), args)
     add_ratios(rows)
     import comfyui_version
 
     meta = {"bench": "families", "mode": "smoke" if args.smoke else "full", "size": vars(size),
-            "preset": args.preset, "r1": args.r1, "r2": args.r2, "warmup": args.warmup, "repeats": args.repeats,
+            "preset": args.preset, "r1": args.r1, "r2": args.r2, "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
             "threads": torch.get_num_threads(), "attention": args.attention,
             "comfyui": comfyui_version.__version__, "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in load_before],
@@ -307,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{meta['loadavg_before'][0]} before / {meta['loadavg_after'][0]} after), {meta['threads']} thread(s), "
           f"float32, width {size.width}, " + ", ".join(sorted({f"{r['title']} {r['image_tokens']} image + "
                                                              f"{r['text_tokens']} text tokens" for r in rows})) + ", "
-          f"preset {args.preset}, r1 {args.r1}, r2 {args.r2}, median of {args.repeats} step(s):\n")
+          f"preset {args.preset}, r1 {args.r1}, r2 {args.r2}, "
+          f"s/step: median (min) of {args.rounds} x {args.repeats} step(s) after {args.warmup} untimed per round:\n")
     print(table(rows))
     print(json.dumps({**meta, "rows": rows}))
     if bad:
