@@ -260,6 +260,16 @@ def add_ratios(rows: list[dict]) -> None:
                                    if fast is not None and r["family"] == "flux1" and r["path"] == "generic" else None)
 
 
+def check_rows(rows: list[dict]) -> None:
+    """Raises SystemExit naming the first row with a figure that is not a finite positive number."""
+    for r in rows:
+        for k in ("s_per_step", "saved_bytes", "kernels"):
+            v = r.get(k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise SystemExit(f"{r['title']} {r['path']}: {k} is {v!r}, not a finite positive number; the "
+                                 "measurement failed (see the table above)")
+
+
 def table(rows: list[dict]) -> str:
     def x(v) -> str:
         return "" if v is None else f"{v:.2f}x"
@@ -317,8 +327,6 @@ def main(argv: list[str] | None = None) -> dict:
             "comfyui": comfyui_version.__version__, "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in load_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()], "seconds": round(time.perf_counter() - t0, 1)}
-    bad = [r for r in rows for k in ("s_per_step", "saved_bytes", "kernels")
-           if not (isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0)]
     print(f"Stage-2 step per model family, ComfyUI {meta['comfyui']}, CPU ({meta['cpus']} cores, load "
           f"{meta['loadavg_before'][0]} before / {meta['loadavg_after'][0]} after), {meta['threads']} thread(s), "
           f"float32, width {size.width}, " + ", ".join(sorted({f"{r['title']} {r['image_tokens']} image + "
@@ -327,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"s/step: median (min) of {args.rounds} x {args.repeats} step(s) after {args.warmup} untimed per round:\n")
     print(table(rows))
     print(json.dumps({**meta, "rows": rows}))
-    if bad:
-        raise SystemExit(f"a figure is not a finite positive number: {bad}")
+    check_rows(rows)
     return {**meta, "rows": rows}
 
 

@@ -27,6 +27,15 @@ def comfy(tmp_path_factory):
     return load_comfy_in_process(tmp_path_factory.mktemp("comfy_bench"), custom_node_paths=[REPO])
 
 
+def _families_bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import families
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return families
+
+
 def test_families_bench_smoke_has_every_family_and_path():
     env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "families.py"), "--smoke"], capture_output=True,
@@ -72,11 +81,7 @@ def test_kept_for_backward_counts_what_copy_on_write_keeps(comfy):
     """Under the generic host's copy-on-write hooks, ``SavedTensors`` alone sees nothing of the
     forward; the bench's counter sees what is kept: the in-place forward, with the copies made
     before each write, keeps exactly what the out-of-place one keeps."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import families
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    families = _families_bench()
     cow = pack("nodes.generic_host").CopyOnWriteSaved
     x, w = torch.randn(64, 32, requires_grad=True), torch.randn(32, 32)
     plain = families.SavedTensors(exclude=[x, w])
@@ -101,3 +106,33 @@ def test_comfyui_options_of_another_import_are_refused(comfy):
     with pytest.raises(RuntimeError, match=r"imported in this process with options \[\]; "
                                            r"\['--use-pytorch-cross-attention'\] need a process of their own"):
         load_comfy_in_process(comfy.base_dir, comfy_args=["--use-pytorch-cross-attention"])
+
+
+def test_a_row_without_a_finite_positive_figure_fails_the_bench():
+    families = _families_bench()
+    row = {"title": "FLUX.2", "path": "generic", "s_per_step": 0.5, "saved_bytes": 10, "kernels": 3}
+    families.check_rows([row])
+    for k, v in (("s_per_step", float("nan")), ("saved_bytes", 0), ("kernels", None)):
+        with pytest.raises(SystemExit, match=f"FLUX.2 generic: {k} is {v!r}, not a finite positive number"):
+            families.check_rows([dict(row, **{k: v})])
+
+
+def test_bench_arguments_are_checked_in_one_line():
+    families = _families_bench()
+    with pytest.raises(SystemExit, match="--families takes some of flux1,flux2,zimage; got sd3"):
+        families.main(["--families", "sd3"])
+    with pytest.raises(SystemExit, match="--repeats and --rounds >= 1; got 1, 3 and 0"):
+        families.main(["--rounds", "0"])
+
+
+def test_a_model_of_another_family_is_not_measured_as_this_one(comfy, monkeypatch):
+    """ComfyUI builds each model from its weights; a model it took for another family stops the bench."""
+    families = _families_bench()
+    real = families.build_model
+    monkeypatch.setattr(families, "build_model", lambda family, size: real("flux1", size))
+    args = families.argparse.Namespace(r1=4, r2=1, preset="all")
+    with pytest.raises(RuntimeError, match="the FLUX.2 model was not recognised as FLUX.2: None"):
+        families.FamilyBench("flux2", families.SIZES["smoke"], args)
+    monkeypatch.setattr(families, "build_model", lambda family, size: real("zimage", size))
+    with pytest.raises(RuntimeError, match="the FLUX.2 model was not recognised as FLUX.2: ZImageDims"):
+        families.FamilyBench("flux2", families.SIZES["smoke"], args)
