@@ -66,9 +66,9 @@ TITLES = {"flux1": "FLUX.1-dev", "flux2": "FLUX.2", "zimage": "Z-Image"}
 
 @dataclass(frozen=True)
 class Size:
-    """One run's model and batch sizes (every family at one width, heads of 128 but in the smoke run)."""
+    """One run's model and batch sizes (every family at one width)."""
 
-    width: int  # hidden width of every family (Z-Image in ComfyUI 0.33 needs 256 or more)
+    width: int  # hidden width of every family, heads of 128 (Z-Image in ComfyUI 0.33 needs 256 or more)
     double: int  # FLUX double blocks (FLUX.1, FLUX.2)
     single: int  # FLUX single blocks
     layers: int  # Z-Image main layers (plus one noise and one context refiner layer)
@@ -96,11 +96,9 @@ def build_model(family: str, size: Size):
                       depth_single_blocks=size.single, context_in_dim=size.text_width)
         sd = cf.comfy_module_state_dict("flux", config, seed=0)
         return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
-    heads = max(1, w // 128)
-    head = w // heads
-    config = dict(cf.TINY_ZIMAGE_CONFIG, dim=w, n_heads=heads, n_kv_heads=heads, n_layers=size.layers,
+    config = dict(cf.TINY_ZIMAGE_CONFIG, dim=w, n_heads=w // 128, n_kv_heads=w // 128, n_layers=size.layers,
                   n_refiner_layers=1, cap_feat_dim=size.text_width,
-                  axes_dims=[head // 4, 3 * head // 8, 3 * head // 8], axes_lens=[1024, 128, 128])
+                  axes_dims=cf.ZIMAGE_FULL_CONFIG["axes_dims"], axes_lens=[1024, 128, 128])  # Z-Image's 128-wide heads
     return cf.tiny_zimage_model(cf.comfy_module_state_dict("lumina", config, seed=0), config=config)
 
 
