@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metalora_core.formats.prior import make_prior
 from metalora_core.hosts.diffusers_flux import DiffusersFluxHost, FluxTextCond
 from metalora_core.hosts.tiny import build_tiny_flux_pipeline
-from metalora_core.lora.adapter import LoRAAdapter, _DownProject, attach_adapters, AdapterSet
+from metalora_core.lora.adapter import LoRAAdapter, attach_adapters, AdapterSet
+from metalora_core.lora.fused import _DownProject
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
 from metalora_core.train.profile import OpCounter, SavedTensors
 from metalora_core.train.recipe import build_adapters

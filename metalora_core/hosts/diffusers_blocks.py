@@ -32,12 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..lora.adapter import AttachHandle
-from ..lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual, modulated_norm,
-                               plain_layer_norm)
+from ..lora.fused import AttachHandle, StepSilu, first_disagreement
+from ..lora.modulation import Recompute, gated_modulated_norm, gated_residual, modulated_norm, plain_layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +80,7 @@ class TrainingBlocks:
         # block kind -> compared with diffusers' forward, and agrees; a host passes one dict to all
         # its attachments, so each kind is compared once per host
         self.own: dict[str, bool] = {} if own is None else own
-        self._silu: tuple | None = None  # (temb, temb._version, silu(temb)) of this step
+        self.silu = StepSilu()  # silu(temb), one tensor for every block of this step
         self._installed: list[nn.Module] = []
 
     @property
@@ -108,20 +106,11 @@ class TrainingBlocks:
     def remove(self) -> None:
         while self._installed:
             self._installed.pop().__dict__.pop("forward", None)
-        self._silu = None
+        self.silu.clear()
         self._again, self._handle, self._names = set(), None, {}
 
     def end_step(self) -> None:
-        self._silu = None
-
-    def silu(self, temb: torch.Tensor) -> torch.Tensor:
-        """``silu(temb)``, one tensor for every block of this step (a compiled block computes its own)."""
-        if torch.compiler.is_compiling():
-            return F.silu(temb)
-        hit = self._silu
-        if hit is None or hit[0] is not temb or hit[1] != temb._version:
-            self._silu = hit = (temb, temb._version, F.silu(temb))
-        return hit[2]
+        self.silu.clear()
 
     def output_again(self, linear: nn.Module, rows: slice) -> Callable[[torch.Tensor], torch.Tensor]:
         """``linear``'s output computed again, in backward, from the joint attention output's
@@ -139,22 +128,16 @@ class TrainingBlocks:
         """
         fn = _forward_of(kind)
         inputs = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-        silu, self._silu = self._silu, None
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                ref = type(block).forward(block, *inputs)
-                mine = fn(self, block, *inputs)
-        finally:
-            self._silu = silu
-        self.own[kind] = True
-        for name, m, r in zip(("encoder_hidden_states", "hidden_states"), mine, ref):
-            agrees, worst = block_agrees(m, r)
-            if not agrees:
-                self.own[kind] = False
-                log.warning("diffusers' FLUX %s block computes differently from MetaLoRA's training forward "
-                            "(largest difference %.3g in %s); training runs diffusers' own forward, with more "
-                            "memory kept for backward", kind, worst, name)
-                return
+        with self.silu.aside(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            ref = type(block).forward(block, *inputs)
+            mine = fn(self, block, *inputs)
+        names = ("encoder_hidden_states", "hidden_states")
+        worst = first_disagreement(dict(zip(names, mine)), dict(zip(names, ref)))
+        self.own[kind] = worst is None
+        if worst is not None:
+            log.warning("diffusers' FLUX %s block computes differently from MetaLoRA's training forward "
+                        "(largest difference %.3g in %s); training runs diffusers' own forward, with more "
+                        "memory kept for backward", kind, worst[1], worst[0])
 
 
 class _TrainingForward:

@@ -20,7 +20,8 @@ from PIL import Image
 
 from ..formats.files import sha256_tensors
 from ..formats.store import weights_identity
-from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
+from ..lora.adapter import AdapterSet, attach_adapters
+from ..lora.fused import AttachHandle, DeviceMemo, checkpointed
 from ..lora.layers import FluxDims, check_checkpoint_every
 from .diffusers_blocks import MODULATION_SUFFIXES, TrainingBlocks
 
@@ -116,19 +117,12 @@ class DiffusersFluxHost:
         self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.compile_blocks = bool(compile_blocks)
         self.dims = FluxDims.from_diffusers_config(transformer.config)
-        self._cond_memo: tuple | None = None  # the conditioning on the device: no copy per step
+        self._cond_memo = DeviceMemo()  # the conditioning on the device: no copy per step
         self._ids_memo: dict[tuple, torch.Tensor] = {}
         self._own_forwards: dict[str, bool] = {}  # block kinds whose training forward agrees with diffusers'
 
     def _on_device(self, cond: FluxTextCond, dev: torch.device, dt: torch.dtype) -> tuple[torch.Tensor, ...]:
-        src = (cond.pooled, cond.prompt_embeds, cond.text_ids)
-        key = (tuple(id(t) for t in src), tuple(t._version for t in src), dev, dt)
-        memo = self._cond_memo
-        if memo is not None and memo[0] == key:
-            return memo[2]
-        tensors = tuple(t.to(dev, dt) for t in src)
-        self._cond_memo = (key, src, tensors)  # src held: the ids stay theirs while memoised
-        return tensors
+        return self._cond_memo.get((cond.pooled, cond.prompt_embeds, cond.text_ids), dev, dt)
 
     def _image_ids(self, h: int, w: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
         key = (h, w, dev, dt)
@@ -226,7 +220,7 @@ class DiffusersFluxHost:
 
 def checkpoint_func(blocks: Sequence[torch.nn.Module], every: int) -> Any:
     """diffusers' checkpoint hook that recomputes every ``every``-th of ``blocks`` (counted from 0)."""
-    chosen = {id(b) for i, b in enumerate(blocks) if i % every == 0}
+    chosen = {id(b) for i, b in enumerate(blocks) if checkpointed(i, every)}
 
     def run(block, *args):
         if id(block) in chosen:
