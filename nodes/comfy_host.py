@@ -34,12 +34,12 @@ from PIL import Image
 
 from ..metalora_core.formats.files import sha256_tensors
 from ..metalora_core.formats.store import weights_identity
-from ..metalora_core.lora.adapter import (AdapterSet, LoRAAdapter, StepFactors, add_low_rank, add_rows,
-                                           down_project, frozen_meta, shared_down)
+from ..metalora_core.lora.adapter import AdapterSet, frozen_meta
+from ..metalora_core.lora.fused import DeviceMemo, RowSlot, SlicedLinears, first_disagreement, run_block
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims, check_checkpoint_every
-from ..metalora_core.lora.modulation import (Recompute, block_agrees, gated_modulated_norm, gated_residual,
-                                              modulated_norm, plain_modulated_norm)
+from ..metalora_core.lora.modulation import (Recompute, gated_modulated_norm, gated_residual, modulated_norm,
+                                              plain_modulated_norm)
 from .latents import VaeEncoder
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,6 @@ class ComfyFluxCond:
 MODULATION_SUFFIXES = ("_mod.lin", ".modulation.lin")  # ComfyUI's FLUX: img_mod, txt_mod; single blocks' modulation
 
 
-@dataclass(frozen=True)
-class _Slot:
-    adapter: LoRAAdapter
-    start: int  # first output row this adapter writes
-    size: int  # number of rows
-
-
 def flux_dims(model_patcher: Any) -> FluxDims:
     """FluxDims of a ComfyUI FLUX patcher (raises ValueError for other models)."""
     dm = model_patcher.model.diffusion_model
@@ -123,7 +116,7 @@ def canonical_to_comfy(model_patcher: Any) -> dict[str, tuple[str, int, int]]:
 
 
 def map_adapters(model_patcher: Any, adapters: AdapterSet,
-                 table: dict[str, tuple[str, int, int | None]] | None = None) -> dict[str, list[_Slot]]:
+                 table: dict[str, tuple[str, int, int | None]] | None = None) -> dict[str, list[RowSlot]]:
     """Groups adapters by the ComfyUI Linear they write to, each with its row slice.
 
     Args:
@@ -135,7 +128,7 @@ def map_adapters(model_patcher: Any, adapters: AdapterSet,
     """
     table = canonical_to_comfy(model_patcher) if table is None else table
     dm = model_patcher.model.diffusion_model
-    out: dict[str, list[_Slot]] = {}
+    out: dict[str, list[RowSlot]] = {}
     for name, a in adapters.items():
         if name not in table:
             raise ValueError(f"layer {name!r} has no counterpart in this ComfyUI {type(model_patcher.model).__name__} "
@@ -147,7 +140,7 @@ def map_adapters(model_patcher: Any, adapters: AdapterSet,
             raise ValueError(f"layer {name!r} -> {module_name} rows {start}:{start + size} of "
                              f"({mod.in_features} -> {mod.out_features}); adapter is "
                              f"({a.in_features} -> {a.out_features})")
-        out.setdefault(module_name, []).append(_Slot(a, start, size))
+        out.setdefault(module_name, []).append(RowSlot(a, start, size))
     return out
 
 
@@ -158,94 +151,24 @@ class BlockMismatch(RuntimeError):
 class _Blocks:
     """Out-of-place FLUX block forwards with bypass adapters (the ``patches_replace`` targets)."""
 
-    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[_Slot]], checkpoint_every: int = 0):
+    def __init__(self, diffusion_model: nn.Module, slots: dict[str, list[RowSlot]], checkpoint_every: int = 0):
         self.dm, self.slots = diffusion_model, slots
         self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.fp8_recast = True  # False: ComfyUI's own cast (keeps a compute-dtype copy of each weight)
         self.adapters_on = True
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
-        self._step_factors: dict[tuple, tuple] = {}
-        self._frozen_downs: dict[tuple, tuple] = {}
-        # Stage-2 Meta-LoRA modules (every adapter with a frozen Down and a Mid): one addmm per call
-        self.fast = {name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)}
-        self.step_factors = StepFactors([x.adapter for name in self.fast for x in slots[name]])
+        # Stage-2 Meta-LoRA modules (every adapter with a frozen Down and a Mid): one addmm per call;
         # every block's modulation Linear reads silu(vec): one silu and one Down projection per step
-        self.mod_fast = [n for n in sorted(self.fast) if n.endswith(MODULATION_SUFFIXES)]
-        self._silu: tuple | None = None  # (vec, vec._version, grad mode, silu(vec)) of this step
-        self._mod_u: tuple | None = None  # (x, x._version, {module: x @ Down^T})
+        fast = {name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)}
+        self.linears = SlicedLinears(slots, {n: diffusion_model.get_submodule(n).out_features for n in slots}, fast,
+                                     [n for n in fast if n.endswith(MODULATION_SUFFIXES)])
 
     def new_step(self, dtype: torch.dtype) -> None:
         """Builds the fused factors of every adapted module for one forward (and its backward).
 
         Built here, before the blocks run, so none of it happens inside a checkpointed block.
         """
-        self._step_factors.clear()
-        self.step_factors.new_step()
-        self._silu = self._mod_u = None
-        if not self.adapters_on:
-            return
-        for name, slots in self.slots.items():
-            self._factors(name, slots, self.dm.get_submodule(name).out_features, dtype)
-
-    def _fused_down(self, name: str, slots: list[_Slot], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The Down matrices of one fused module stacked (R1, in), in ``dtype`` (None: their own);
-        built once while they stay frozen."""
-        downs = [s.adapter.down for s in slots]
-        if any(d.requires_grad for d in downs):  # plain LoRA: Down trains, so it is rebuilt every step
-            return downs[0] if len(downs) == 1 else torch.cat(downs)
-        key = tuple((id(d), d._version, d.data_ptr(), d.device) for d in downs) + (dtype,)
-        hit = self._frozen_downs.get((name, dtype))
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                d = downs[0] if len(downs) == 1 else torch.cat(downs)
-                hit = (key, d if dtype is None else d.to(dtype))
-            self._frozen_downs[(name, dtype)] = hit
-        return hit[1]
-
-    @staticmethod
-    def _factors_key(name: str, dtype: torch.dtype, grad: bool, fast: bool) -> tuple:
-        return (name, dtype, grad, fast)
-
-    def _factors(self, name: str, slots: list[_Slot], out_features: int, dtype: torch.dtype, fast: bool = True):
-        """The factors of one fused module for this step (ComfyUI fuses q/k/v into ``qkv`` and
-        q/k/v/mlp into ``linear1``: all its adapters act as one low-rank delta). Built once per step
-        (``new_step``) and reused by every call in it, checkpoint recompute included.
-
-        Stage-2 modules: (Down (R1, in), B (out, R1)) in ``dtype``: Downs stacked, and the adapters'
-        ``scale * Up @ Mid`` (``StepFactors``) placed block-diagonally in their row slices, so a
-        call is one addmm. Otherwise (a trainable Down): (Down, Mid block-diagonal (R2, R1) or
-        None, B (out, R2)): each ``scale * Up`` padded to its own row slice (the small B matrices,
-        not the (tokens, out) activations).
-        """
-        fast = fast and name in self.fast and not any(x.adapter.down.requires_grad for x in slots)
-        key = self._factors_key(name, dtype, torch.is_grad_enabled(), fast)
-        hit = self._step_factors.get(key)
-        if hit is not None:
-            return hit
-        if fast:
-            order = sorted(slots, key=lambda x: x.start)
-            down = self._fused_down(name, order, dtype)
-            parts, row = [], 0
-            for x in order:
-                if x.start > row:  # rows no adapter writes
-                    parts.append(torch.zeros(x.start - row, 0, dtype=dtype, device=down.device))
-                parts.append(self.step_factors.get(x.adapter, dtype))
-                row = x.start + x.size
-            if row < out_features:
-                parts.append(torch.zeros(out_features - row, 0, dtype=dtype, device=down.device))
-            b = parts[0] if len(parts) == 1 else torch.block_diag(*parts)
-            self._step_factors[key] = hit = (down, b)
-            return hit
-        down = self._fused_down(name, slots)
-        mids = [s.adapter.mid for s in slots]
-        mid = None if mids[0] is None else (mids[0] if len(mids) == 1 else torch.block_diag(*mids))
-        b_parts = []
-        for s in slots:
-            b = s.adapter.up_factor()  # (size, r)
-            b_parts.append(b if s.size == out_features else F.pad(b, (0, 0, s.start, out_features - s.start - s.size)))
-        b = (b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)).to(dtype)
-        self._step_factors[key] = hit = (down, mid, b)
-        return hit
+        self.linears.new_step(dtype if self.adapters_on else None)
 
     def _base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The frozen Linear. Weights stored in another dtype than the compute dtype (fp8, or bf16
@@ -261,46 +184,18 @@ class _Blocks:
         return module(x)
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        slots = self.slots.get(name) if self.adapters_on else None
-        if slots and name in self.fast and x.is_floating_point() and not any(
-                x_.adapter.down.requires_grad for x_ in slots):
-            down, b = self._factors(name, slots, module.out_features, x.dtype)
-            if down.device == x.device:
-                if name in self.mod_fast and self._silu is not None and x is self._silu[3] and not x.requires_grad:
-                    x_lin, u = x, self._modulation_projection(name, x)
-                else:
-                    x_lin, u = shared_down(x, down)  # (..., R1); backward adds the low-rank input gradient to x's
-                y = self._base(module, x_lin)  # (..., out): base output, never modified
-                if y.dtype == x.dtype:
-                    return add_rows(y, u, b)
-                return add_low_rank(y, u, b)
-        y = self._base(module, x)  # (..., out): base output, never modified
-        if not slots:
-            return y
-        down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype, fast=False)
-        h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
-        if mid is not None:
-            h = F.linear(h, mid)  # (..., R2)
-        return add_low_rank(y, h, b)
+        """The ComfyUI Linear ``name`` plus its adapters' update (``SlicedLinears.forward``)."""
+        if not self.adapters_on:
+            return self._base(module, x)
+        return self.linears.forward(name, lambda x_: self._base(module, x_), x)
 
     def _linear_again(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``_linear(name, module, x)`` computed again without autograd (for a backward that
-        recomputes it instead of keeping it), from the step's factors with the forward's ops where
-        the forward used them."""
-        with torch.no_grad():
-            y = self._base(module, x)
-            slots = self.slots.get(name) if self.adapters_on else None
-            if not slots:
-                return y
-            fast = self._step_factors.get(self._factors_key(name, x.dtype, True, True))  # the forward's
-            if fast is not None and fast[0].device == x.device:
-                u, b = F.linear(x, fast[0]), fast[1].detach()
-                return add_rows(y, u, b) if y.dtype == x.dtype else add_low_rank(y, u, b)
-            down, mid, b = self._factors(name, slots, y.shape[-1], y.dtype, fast=False)
-            h = down_project(x, down)
-            if mid is not None:
-                h = F.linear(h, mid)
-            return add_low_rank(y, h, b)
+        recomputes it instead of keeping it), with the forward's bits (``SlicedLinears.again``)."""
+        if not self.adapters_on:
+            with torch.no_grad():
+                return self._base(module, x)
+        return self.linears.again(name, lambda x_: self._base(module, x_), x)
 
     def _projection_again(self, raw: torch.Tensor | None, name: str, module: nn.Module,
                           tokens: slice) -> Recompute | None:
@@ -343,27 +238,13 @@ class _Blocks:
             x = self._linear(f"{name}.{i}", m, x) if hasattr(m, "in_features") else m(x)
         return x
 
-    def _modulation_projection(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Down^T`` of the modulation Linear ``name``: one matmul against the stacked Downs of
-        all of them (they read the same ``silu(vec)``, which needs no gradient), once per step."""
-        hit = self._mod_u
-        if hit is None or hit[0] is not x or hit[1] != x._version:
-            slots = [s for n in self.mod_fast for s in sorted(self.slots[n], key=lambda s: s.start)]
-            u = F.linear(x, self._fused_down("<modulation>", slots, x.dtype))
-            sizes = [sum(s.adapter.down.shape[0] for s in self.slots[n]) for n in self.mod_fast]
-            self._mod_u = hit = (x, x._version, dict(zip(self.mod_fast, u.split(sizes, dim=-1))))
-        return hit[2][name]
-
     def _silu_vec(self, vec: torch.Tensor) -> torch.Tensor:
         """``silu(vec)`` (B, 1, width), computed once per step for every block's modulation. With the
         adapters off, once per block, as ComfyUI's own blocks do (the bare step it is measured against)."""
-        v = vec[:, None, :] if vec.ndim == 2 else vec
-        if not self.adapters_on:
-            return F.silu(v)
-        hit = self._silu
-        if hit is None or hit[0] is not vec or hit[1] != vec._version or hit[2] != torch.is_grad_enabled():
-            self._silu = hit = (vec, vec._version, torch.is_grad_enabled(), F.silu(v))
-        return hit[3]
+        def view(v: torch.Tensor) -> torch.Tensor:
+            return v[:, None, :] if v.ndim == 2 else v
+
+        return self.linears.silu(vec, view) if self.adapters_on else F.silu(view(vec))
 
     def _gated(self, residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``residual + gate * out`` out of place: one op forward, three backward while training
@@ -441,9 +322,7 @@ class _Blocks:
 
     def _run(self, index: int, fn, *args):
         """Runs block ``index`` (double blocks first, then single), checkpointed every k-th block."""
-        if self.checkpoint_every and torch.is_grad_enabled() and index % self.checkpoint_every == 0:
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return run_block(index, self.checkpoint_every, fn, *args)
 
     def check_against_comfy(self, kind: str, i: int, args: dict, original) -> None:
         """Compares this out-of-place copy (adapters off) with ComfyUI's own block, once per kind.
@@ -462,14 +341,13 @@ class _Blocks:
                         else {"img": self.single(i, args["img"], *rest)})
             finally:
                 self.adapters_on = adapters_on
-        for key, m in mine.items():
-            agrees, worst = block_agrees(m, ref[key])
-            if not agrees:
-                raise BlockMismatch(
-                    f"this ComfyUI's FLUX {kind} block computes differently from MetaLoRA's training copy "
-                    f"(largest difference {worst:.3g} in '{key}'); training would optimise the wrong model, so it "
-                    "stops here. Update ComfyUI-MetaLoRA to a release made for this ComfyUI version."
-                )
+        worst = first_disagreement(mine, ref)
+        if worst is not None:
+            raise BlockMismatch(
+                f"this ComfyUI's FLUX {kind} block computes differently from MetaLoRA's training copy "
+                f"(largest difference {worst[1]:.3g} in '{worst[0]}'); training would optimise the wrong model, so it "
+                "stops here. Update ComfyUI-MetaLoRA to a release made for this ComfyUI version."
+            )
 
     def double_patch(self, i: int):
         def patch(args: dict, extra: dict) -> dict:
@@ -607,19 +485,13 @@ class ComfyFluxHost(ComfyHost):
         self.checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.dims = flux_dims(model)
         self._blocks: _Blocks | None = None
+        self._cond_memo = DeviceMemo()
 
     def _on_device(self, cond: ComfyFluxCond, dev, dt) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conditioning on the device, copied once per caption (not once per step)."""
-        src = (cond.context, cond.y)
-        key = (tuple(id(t) for t in src), tuple(-1 if t is None else t._version for t in src), dev, dt)
-        memo = getattr(self, "_cond_memo", None)
-        if memo is not None and memo[0] == key:
-            return memo[2]
-        out = (cond.context.to(dev, dt), None if cond.y is None else cond.y.to(dev, dt))
-        self._cond_memo = (key, src, out)
-        return out
+        return self._cond_memo.get((cond.context, cond.y), dev, dt)
 
-    def _patched(self, slots: dict[str, list[_Slot]]) -> tuple[Any, _Blocks]:
+    def _patched(self, slots: dict[str, list[RowSlot]]) -> tuple[Any, _Blocks]:
         """A clone of the caller's patcher whose every block is replaced by the out-of-place one."""
         dm = self.source.model.diffusion_model
         clone = self.source.clone()

@@ -39,8 +39,9 @@ from comfy.weight_adapter.bypass import BypassInjectionManager
 
 from ..metalora_core.lora.adapter import AdapterSet
 from ..metalora_core.lora.families import ModelDims
-from .comfy_host import (BlockMismatch, ComfyFluxCond, ComfyFluxHost, ComfyHost, _Slot, canonical_to_comfy,
-                         flux_dims, map_adapters)
+from ..metalora_core.lora.fused import RowSlot, padded_up
+from .comfy_host import (BlockMismatch, ComfyFluxCond, ComfyFluxHost, ComfyHost, canonical_to_comfy, flux_dims,
+                         map_adapters)
 
 INJECTION_KEY = "metalora_train"
 _WRAPPER_KEY = "metalora_velocity"
@@ -139,14 +140,13 @@ class LayerDelta:
     """A ComfyUI bypass adapter (``h(x, base_out)``, ``g(y)``) for one Linear: the sum of the
     canonical adapters mapped onto it, each ``scale * Up(Mid(Down(x)))`` in its own row slice."""
 
-    def __init__(self, slots: list[_Slot], out_features: int) -> None:
+    def __init__(self, slots: list[RowSlot], out_features: int) -> None:
         self.slots, self.out_features = slots, out_features
         self.multiplier = 1.0  # set by BypassForwardHook from the injection's strength
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         hidden = torch.cat([s.adapter.low_rank(x) for s in self.slots], dim=-1)  # (..., sum r) float32
-        b = torch.cat([F.pad(s.adapter.up_factor(), (0, 0, s.start, self.out_features - s.start - s.size))
-                       for s in self.slots], dim=1)  # (out, sum r): each Up in its rows
+        b = torch.cat([padded_up(s, self.out_features) for s in self.slots], dim=1)  # (out, sum r): each Up in its rows
         if self.multiplier != 1.0:
             b = b * self.multiplier
         return F.linear(hidden.to(base_out.dtype), b.to(base_out.dtype))
