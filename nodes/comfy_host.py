@@ -35,7 +35,7 @@ from PIL import Image
 from ..metalora_core.formats.files import sha256_tensors
 from ..metalora_core.formats.store import weights_identity
 from ..metalora_core.lora.adapter import AdapterSet, frozen_meta
-from ..metalora_core.lora.fused import DeviceMemo, RowSlot, SlicedLinears, first_disagreement, run_block
+from ..metalora_core.lora.fused import DeviceMemo, FusedLinears, RowSlot, first_disagreement, run_block
 from ..metalora_core.lora.fp8 import FP8_DTYPES, stored_linear
 from ..metalora_core.lora.layers import FluxDims, check_checkpoint_every
 from ..metalora_core.lora.modulation import (Recompute, gated_modulated_norm, gated_residual, modulated_norm,
@@ -159,16 +159,16 @@ class _Blocks:
         self.checked: set[str] = set()  # block kinds already compared with ComfyUI's own block
         # Stage-2 Meta-LoRA modules (every adapter with a frozen Down and a Mid): one addmm per call;
         # every block's modulation Linear reads silu(vec): one silu and one Down projection per step
-        fast = {name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)}
-        self.linears = SlicedLinears(slots, {n: diffusion_model.get_submodule(n).out_features for n in slots}, fast,
-                                     [n for n in fast if n.endswith(MODULATION_SUFFIXES)])
+        fast = [name for name, ss in slots.items() if all(frozen_meta(x.adapter) for x in ss)]
+        self.linears = FusedLinears(slots, {n: diffusion_model.get_submodule(n).out_features for n in slots}, fast,
+                                    held=[tuple(n for n in sorted(fast) if n.endswith(MODULATION_SUFFIXES))])
 
     def new_step(self, dtype: torch.dtype) -> None:
         """Builds the fused factors of every adapted module for one forward (and its backward).
 
         Built here, before the blocks run, so none of it happens inside a checkpointed block.
         """
-        self.linears.new_step(dtype if self.adapters_on else None)
+        self.linears.new_step(dtype if self.adapters_on else None, build=True)
 
     def _base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The frozen Linear. Weights stored in another dtype than the compute dtype (fp8, or bf16
@@ -184,14 +184,14 @@ class _Blocks:
         return module(x)
 
     def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The ComfyUI Linear ``name`` plus its adapters' update (``SlicedLinears.forward``)."""
+        """The ComfyUI Linear ``name`` plus its adapters' update (``FusedLinears.forward``)."""
         if not self.adapters_on:
             return self._base(module, x)
         return self.linears.forward(name, lambda x_: self._base(module, x_), x)
 
     def _linear_again(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``_linear(name, module, x)`` computed again without autograd (for a backward that
-        recomputes it instead of keeping it), with the forward's bits (``SlicedLinears.again``)."""
+        recomputes it instead of keeping it), with the forward's bits (``FusedLinears.again``)."""
         if not self.adapters_on:
             with torch.no_grad():
                 return self._base(module, x)

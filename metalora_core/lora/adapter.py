@@ -218,7 +218,7 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet, *, held_groups: Itera
     The model's parameters and state dict stay untouched; ``handle.remove()``
     detaches everything. Stage-2 adapters (``frozen_meta``) take the fused step (``lora.fused``);
     ``held_groups``: layers of several blocks that the caller makes read one tensor per forward
-    (see ``fused.Plan``); the layers of one block that read one input (``shared_input_groups``)
+    (see ``fused.FusedLinears``); the layers of one block that read one input (``shared_input_groups``)
     share their Down projection anyway. ``compiled``: the caller runs the blocks compiled; each
     step then builds the factors they read first (``fused.Prebuilt``; without, a compiled
     block's adapters take the general path).
@@ -244,4 +244,4 @@ def attach_adapters(root: nn.Module, adapters: AdapterSet, *, held_groups: Itera
             )
         modules[name] = (mod, adapter)
     fast = {n: a for n, a in adapters.items() if frozen_meta(a)}
-    return attach_hooks(root, modules, fast, shared_input_groups(fast), held_groups, compiled=compiled)
+    return attach_hooks(root, modules, list(fast), shared_input_groups(fast), held_groups, compiled=compiled)

@@ -1,20 +1,23 @@
 """The fused training step of frozen-Down Meta-LoRA adapters, written once for every host.
 
 A Stage-2 adapter (frozen Down, trained Mid and Up, ``lora.adapter``) runs as
-``base + (x @ Down^T) @ B^T`` with ``B = scale * Up @ Mid`` built once per step. What makes that
-cheap in memory and kernels lives here, used by the diffusers host (hooks on the model's Linears,
-``attach``) and by ComfyUI's fast FLUX path (Linears whose output rows several adapters write,
-``SlicedLinears``):
+``base + (x @ Down^T) @ B^T`` with ``B = scale * Up @ Mid`` built once per step. ``FusedLinears``
+holds one attachment's step: which Linear each adapter writes (whole, or a row slice where a
+framework fuses q/k/v into one Linear), the per-step factors, the shared Down projections and
+the outputs computed again in backward. Hosts reach a model's Linears two ways and both use it:
+hooks on the Linears (``attach_hooks``, behind ``lora.adapter.attach_adapters``: the diffusers
+host) and a host's own block forwards calling ``FusedLinears.forward`` (ComfyUI's fast FLUX path).
 
-- the low-rank ops that keep little for backward (``down_project``, ``shared_down``,
-  ``add_rows``, ``add_low_rank``);
-- the per-step factor caches (``StepFactors``; ``SlicedLinears.factors`` for row-sliced modules;
-  ``Prebuilt`` for compiled blocks);
-- the device memos: frozen Downs stacked in the compute dtype (``StackedDowns``), a caption's
-  conditioning on the device (``DeviceMemo``), one ``silu`` of the time embedding per step
-  (``StepSilu``) and its Down projection shared by every modulation Linear;
-- compute again in backward: an adapted Linear's output from the step's factors with the
-  forward's ops, so with its bits (``AttachHandle.output_again``, ``SlicedLinears.again``);
+- low-rank ops that keep little for backward: ``down_project``, ``shared_down``, ``add_rows``,
+  ``add_low_rank``;
+- per-step factors: ``StepFactors`` (``scale * Up @ Mid`` of adapters of one shape in one batched
+  matmul), ``FusedLinears.factor`` (block-diagonal for row-sliced Linears), ``Prebuilt`` (what a
+  compiled block reads);
+- device memos: ``StackedDowns`` (frozen Downs stacked in the compute dtype), ``DeviceMemo`` (a
+  caption's conditioning on the device), ``StepSilu`` (one ``silu`` of the time embedding per
+  step, projected once for every modulation Linear);
+- compute again in backward with the forward's bits: ``FusedLinears.update_again`` /
+  ``again``, ``AttachHandle.output_again``;
 - the checkpoint policy (``checkpointed``, ``run_block``) and the block self-check's comparison
   (``first_disagreement``).
 
@@ -263,7 +266,7 @@ class StackedDowns:
     def get(self, key: Any, downs: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
             device: torch.device | None = None) -> torch.Tensor:
         """``downs`` stacked in their order, in ``dtype`` on ``device`` (None: their own), without
-        autograd (a Down that trains is no cache: see ``SlicedLinears.down``)."""
+        autograd (a Down that trains is no cache: see ``FusedLinears.factors``)."""
         state = tuple((id(d), d._version, d.data_ptr(), d.device) for d in downs)
         slot = (key, dtype, device)
         hit = self._hits.get(slot)
@@ -360,224 +363,7 @@ def first_disagreement(mine: Mapping[str, torch.Tensor], ref: Mapping[str, torch
     return None
 
 
-class Plan:
-    """The frozen-Down adapters of one ``attach_adapters``: shared-input groups, their stacked
-    Downs (cached per dtype and device while the Downs stay unchanged) and the step factors.
-
-    ``slot`` holds the shared Down projection of the latest input; a new input replaces it, the
-    end of the root module's forward drops it. A ``held`` group (layers of several blocks that
-    read one small tensor, such as every block's modulation Linear reading ``silu(temb)``) keeps
-    its own slot until the end of the forward, whatever the other layers read in between.
-    """
-
-    def __init__(self, adapters: Mapping[str, LoRAAdapter], groups: Iterable[tuple[str, ...]],
-                 held: Iterable[tuple[str, ...]] = (), prebuild: bool = False) -> None:
-        self.adapters = dict(adapters)
-        self.group: dict[str, tuple[str, ...]] = {}
-        held = [tuple(n for n in g if n in self.adapters) for g in held]
-        for g in [*groups, *held]:
-            g = tuple(n for n in g if n in self.adapters)
-            widths = {(self.adapters[n].in_features, self.adapters[n].down.device) for n in g}
-            if len(g) > 1 and len(widths) == 1:
-                for n in g:
-                    self.group[n] = g
-        for n in self.adapters:
-            self.group.setdefault(n, (n,))
-        self.factors = StepFactors(list(self.adapters.values()))
-        self.downs = StackedDowns()
-        self.slot: tuple | None = None  # (x, x._version, alias or None, {member: x @ Down^T})
-        self.held_groups = {g for g in held if len(g) > 1 and self.group[g[0]] == g}
-        self.held: dict[tuple[str, ...], tuple] = {}  # a held group's own slot
-        self.prebuild = prebuild
-        self.prebuilt = {n: Prebuilt() for n in self.adapters}
-
-    def new_step(self, dtype: torch.dtype | None = None) -> None:
-        """Starts a step. With ``prebuild`` (compiled blocks), autograd on and the step's compute
-        ``dtype`` known (the root's input), every adapter's Down and factor in that dtype are built
-        now, eagerly, for the compiled blocks to read (``Prebuilt``)."""
-        self.factors.new_step()
-        self.end_forward()
-        if not self.prebuild:  # eager blocks never read them
-            return
-        build = dtype is not None and torch.is_grad_enabled()
-        for n, a in self.adapters.items():
-            pb = self.prebuilt[n]
-            pb.down, pb.b = (self.down((n,), dtype, a.down.device), self.factors.get(a, dtype)) if build else (None, None)
-
-    def end_forward(self) -> None:
-        self.slot = None
-        self.held.clear()
-
-    def release(self) -> None:
-        self.new_step()
-        self.downs.clear()
-
-    def down(self, group: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The group's Down matrices stacked, (sum r1, in), in ``dtype`` on ``device``."""
-        return self.downs.get(group, [self.adapters[n].down for n in group], dtype, device)
-
-    def project(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(x for the Linear, {member: x @ Down^T}) of ``name``'s group, shared while x is the same."""
-        group = self.group[name]
-        held = group in self.held_groups
-        s = self.held.get(group) if held else self.slot
-        if s is not None and (x is s[0] or x is s[2]) and x._version == s[1] and name in s[3]:
-            return (x if s[2] is None else s[2]), s[3]
-        alias, u = shared_down(x, self.down(group, x.dtype, x.device))
-        sizes = [self.adapters[n].down.shape[0] for n in group]
-        parts = dict(zip(group, u.split(sizes, dim=-1) if len(group) > 1 else (u,)))
-        s = (x, x._version, alias if alias is not x else None, parts)
-        if held:
-            self.held[group] = s
-        else:
-            self.slot = s
-        return alias, parts
-
-
-class Prebuilt:
-    """One frozen-Down adapter's ``(Down, B)`` in the step's compute dtype, built eagerly at the start
-    of the step. A compiled block reads them as graph inputs (``torch.compile`` cannot trace the
-    caches), so its call is ``base + (x @ Down^T) @ B^T`` as in eager mode."""
-
-    def __init__(self) -> None:
-        self.down: torch.Tensor | None = None  # (r1, in)
-        self.b: torch.Tensor | None = None  # (out, r1), ``scale * Up @ Mid``
-
-
-def _float_input(args: tuple, kwargs: dict) -> torch.dtype | None:
-    """The dtype of the first floating-point tensor among a forward's arguments."""
-    for v in (*args, *kwargs.values()):
-        if torch.is_tensor(v) and v.is_floating_point():
-            return v.dtype
-    return None
-
-
-def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
-    """The eager step-factor path applies (another device or a Down made trainable after attaching
-    take the general path; the hooks send a compiled graph to the prebuilt factors first)."""
-    return x.is_floating_point() and not adapter.down.requires_grad and x.device == adapter.up.device
-
-
-def _bypass_pre_hook(name: str, plan: Plan):
-    def hook(module: nn.Module, args: tuple):
-        x = args[0]
-        if torch.compiler.is_compiling():  # no shared projection; nothing per layer (a name) traced
-            return None
-        if not (torch.is_grad_enabled() and x.requires_grad and _fast(x, plan.adapters[name])):
-            return None
-        alias, _ = plan.project(name, x)  # the Linear reads the alias: backward adds the low-rank input gradient
-        return (alias, *args[1:])
-
-    return hook
-
-
-def _bypass_hook(name: str, adapter: nn.Module, plan: Plan | None):
-    pb = plan.prebuilt[name] if plan is not None else None
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        # Out-of-place: base weights and base output tensors are never modified.
-        x = args[0]
-        if torch.compiler.is_compiling():  # nothing per layer (a name) traced: the prebuilt factors
-            if (pb is not None and pb.b is not None and torch.is_grad_enabled()
-                    and output.dtype == x.dtype == pb.b.dtype):
-                return add_rows(output, F.linear(x, pb.down), pb.b)
-            return adapter.add_to(output, x)
-        if plan is not None and output.dtype == x.dtype and _fast(x, adapter):
-            _, parts = plan.project(name, x)
-            return add_rows(output, parts[name], plan.factors.get(adapter, output.dtype))
-        return adapter.add_to(output, x)
-
-    return hook
-
-
-class AttachHandle:
-    """Removes attached adapters; usable as a context manager."""
-
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], plan: Plan | None = None,
-                 adapters: Mapping[str, LoRAAdapter] | None = None) -> None:
-        self._handles = handles
-        self._plan = plan
-        self._adapters = dict(adapters or {})
-
-    def only_ours(self, module: nn.Module) -> bool:
-        """``module`` has no hooks but the ones this attachment registered (a ``forward`` call plus
-        ``output_again`` is then what calling it computes)."""
-        ours = {h.id for h in self._handles if isinstance(h, torch.utils.hooks.RemovableHandle)}
-        return (set(module._forward_pre_hooks) | set(module._forward_hooks)) <= ours and not (
-            module._backward_hooks or module._backward_pre_hooks)
-
-    def output_again(self, name: str | None, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What ``module(x)`` returned in this step's forward, computed again without hooks or
-        autograd (for a backward that recomputes a layer's output instead of keeping it): the
-        frozen layer's ``forward``, plus the update of the adapter attached at ``name`` (None:
-        none), from the step's factors where the forward used them (the same ops, so the same
-        bits), else ``add_to``."""
-        with torch.no_grad():
-            y = module.forward(x)
-            a = self._adapters.get(name) if name is not None else None
-            if a is None:
-                return y
-            plan = self._plan
-            if plan is not None and name in plan.adapters and y.dtype == x.dtype and _fast(x, a):
-                b = plan.factors.built(a, y.dtype)
-                if b is not None:
-                    group = plan.group[name]
-                    u = F.linear(x, plan.down(group, x.dtype, x.device))
-                    if len(group) > 1:
-                        sizes = [plan.adapters[n].down.shape[0] for n in group]
-                        u = u.split(sizes, dim=-1)[group.index(name)]
-                    return add_rows(y, u, b)
-            return a.add_to(y, x)
-
-    def cached_tensors(self) -> list[torch.Tensor]:
-        """What the attachment keeps for the whole run (the frozen Downs in the compute dtype):
-        like the weights, they exist anyway, so a graph that saves them keeps nothing more."""
-        return [] if self._plan is None else self._plan.downs.tensors()
-
-    def add(self, removable: Any) -> None:
-        """Removes ``removable`` (anything with ``.remove()``) too, before what was attached earlier."""
-        self._handles.append(removable)
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-        if self._plan is not None:
-            self._plan.release()
-
-    def __enter__(self) -> "AttachHandle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-
-def attach_hooks(root: nn.Module, modules: Mapping[str, tuple[nn.Module, Any]], fast: Mapping[str, LoRAAdapter],
-                 groups: Iterable[tuple[str, ...]], held_groups: Iterable[tuple[str, ...]] = (),
-                 compiled: bool = False) -> AttachHandle:
-    """Hooks each named ``(Linear, adapter)`` of ``modules`` in bypass form (what ``attach_adapters``
-    does once it has checked them): the adapters in ``fast`` (Stage-2 Meta-LoRA) take the fused
-    step, with the shared-input ``groups`` and ``held_groups`` of ``Plan``; the others their
-    ``add_to``. ``compiled``: each step prebuilds the factors compiled blocks read (``Prebuilt``)."""
-    handles = []
-    plan = Plan(fast, groups, held_groups, prebuild=compiled) if fast else None
-    try:
-        for name, (mod, adapter) in modules.items():
-            if name in fast:
-                handles.append(mod.register_forward_pre_hook(_bypass_pre_hook(name, plan)))
-            handles.append(mod.register_forward_hook(_bypass_hook(name, adapter, plan if name in fast else None)))
-        if plan is not None:  # each forward of the root is a step: new factors, no stale projection kept
-            handles.append(root.register_forward_pre_hook(lambda m, a, kw: plan.new_step(_float_input(a, kw)),
-                                                          with_kwargs=True))
-            handles.append(root.register_forward_hook(lambda m, a, o: plan.end_forward()))
-    except Exception:
-        for h in handles:
-            h.remove()
-        raise
-    return AttachHandle(handles, plan, adapters={n: a for n, (_, a) in modules.items()})
-
-
-# ---------------------------------------------------------------- Linears that several adapters write
+# ---------------------------------------------------------------- the step of one attachment
 
 
 @dataclass(frozen=True)
@@ -597,137 +383,381 @@ def padded_up(slot: RowSlot, out_features: int) -> torch.Tensor:
     return b if slot.size == out_features else F.pad(b, (0, 0, slot.start, out_features - slot.start - slot.size))
 
 
-class SlicedLinears:
-    """Adapters on the Linears of a model that calls them itself (a host's own block forwards):
-    each Linear's adapters, in their row slices, act as one low-rank update, computed in one addmm
-    from factors built once per step.
+class FusedLinears:
+    """The adapters of one attachment on the Linears they write, by module name, and what one
+    training step of them builds and keeps. Both ways of reaching a model use it: hooks on its
+    Linears (``attach_hooks``) and a host's own block forwards calling ``forward``.
+
+    A module whose adapters are all Stage-2 Meta-LoRA (``fast``) computes
+    ``base + (x @ Down^T) @ B^T`` in one addmm: ``Down`` its adapters' Downs stacked in the compute
+    dtype (``StackedDowns``), ``B`` their ``scale * Up @ Mid`` (``StepFactors``), block-diagonal in
+    their row slices where several adapters write one Linear (``factor``). Modules that read one
+    input share one Down projection (``project``): ``groups`` (the layers of one block reading
+    one input: one projection while that input is the latest), ``held`` (layers of several
+    blocks reading one small tensor, such as every block's modulation Linear reading
+    ``silu(temb)``: kept until the end of the forward, whatever the other layers read between).
 
     Args:
         slots: module name -> the adapters writing its output rows.
         out_features: module name -> the Linear's output width.
         fast: the modules all of whose adapters are Stage-2 Meta-LoRA (``lora.adapter.frozen_meta``).
-        modulation: the fast modules that read ``silu`` of the time embedding (``self.silu``,
-            computed once per step): one Down projection for all of them per step.
+        groups, held: tuples of module names, as above.
+        prebuild: compiled blocks read this step's factors, built eagerly by ``new_step`` (``Prebuilt``).
     """
 
-    def __init__(self, slots: Mapping[str, list[RowSlot]], out_features: Mapping[str, int],
-                 fast: Iterable[str], modulation: Iterable[str] = ()) -> None:
-        self.slots, self.out_features = dict(slots), dict(out_features)
+    def __init__(self, slots: Mapping[str, Sequence[RowSlot]], out_features: Mapping[str, int], fast: Iterable[str],
+                 groups: Iterable[tuple[str, ...]] = (), held: Iterable[tuple[str, ...]] = (),
+                 prebuild: bool = False) -> None:
+        self.slots = {n: list(ss) for n, ss in slots.items()}
+        self.out_features = dict(out_features)
+        fast = [n for n in fast if n in self.slots]
         self.fast = set(fast)
-        self.step_factors = StepFactors([x.adapter for name in self.fast for x in self.slots[name]])
-        self.modulation = [n for n in sorted(self.fast) if n in set(modulation)]
+        self._rows = {n: sorted(self.slots[n], key=lambda x: x.start) for n in fast}  # the fast ops' order
+        self._whole = {n: ss[0].adapter for n, ss in self._rows.items()
+                       if len(ss) == 1 and ss[0].start == 0 and ss[0].size == self.out_features[n]}
+        self.group: dict[str, tuple[str, ...]] = {}
+        held = [tuple(n for n in g if n in self.fast) for g in held]
+        for g in [*groups, *held]:
+            g = tuple(n for n in g if n in self.fast)
+            widths = {(self._rows[n][0].adapter.in_features, self._rows[n][0].adapter.down.device) for n in g}
+            if len(g) > 1 and len(widths) == 1:
+                for n in g:
+                    self.group[n] = g
+        for n in fast:
+            self.group.setdefault(n, (n,))
+        self.held_groups = {g for g in held if len(g) > 1 and self.group[g[0]] == g}
+        self.step_factors = StepFactors([x.adapter for n in fast for x in self.slots[n]])
         self.downs = StackedDowns()
         self.silu = StepSilu()
-        self._step: dict[tuple, tuple] = {}  # (name, dtype, grad mode, fast) -> the module's factors
-        self._mod_u: tuple | None = None  # (x, x._version, {module: x @ Down^T})
+        self._step: dict[tuple, tuple] = {}  # this step's block-diagonal B and general factors
+        self.slot: tuple | None = None  # (x, x._version, alias or None, {member: x @ Down^T})
+        self.held: dict[tuple[str, ...], tuple] = {}  # a held group's own slot
+        self.prebuild = prebuild
+        self.prebuilt = {n: Prebuilt() for n in self._whole}
 
-    def new_step(self, dtype: torch.dtype | None) -> None:
-        """Starts a forward (and its backward); with ``dtype``, builds every module's factors in it
-        now, before the blocks run, so none of it happens inside a checkpointed block."""
+    # -- one step
+
+    def new_step(self, dtype: torch.dtype | None = None, build: bool = False) -> None:
+        """Starts a forward (and its backward). ``build``: every module's factors in ``dtype`` are
+        built now, before the blocks run, so none of it happens inside a checkpointed block. With
+        ``prebuild``, autograd on and ``dtype`` known, each adapter's Down and factor are built for
+        the compiled blocks to read (``Prebuilt``)."""
         self._step.clear()
         self.step_factors.new_step()
         self.silu.clear()
-        self._mod_u = None
-        if dtype is not None:
+        self.end_forward()
+        if build and dtype is not None:
             for name in self.slots:
                 self.factors(name, dtype)
+        if self.prebuild:  # eager blocks never read them
+            ready = dtype is not None and torch.is_grad_enabled()
+            for n, pb in self.prebuilt.items():
+                pb.down, pb.b = (self.down((n,), dtype), self.factor(n, dtype)) if ready else (None, None)
 
-    def down(self, key: Any, slots: Sequence[RowSlot], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The slots' Down matrices stacked (R1, in), in ``dtype`` (None: their own): held while they
-        stay frozen, stacked again each call while one trains (plain LoRA), with its graph."""
-        downs = [s.adapter.down for s in slots]
-        if any(d.requires_grad for d in downs):
-            return downs[0] if len(downs) == 1 else torch.cat(downs)
-        return self.downs.get(key, downs, dtype)
+    def end_forward(self) -> None:
+        self.slot = None
+        self.held.clear()
 
-    def _fast(self, name: str) -> bool:
+    def release(self) -> None:
+        self.new_step()
+        self.downs.clear()
+
+    # -- factors
+
+    def _r1(self, name: str) -> int:
+        return sum(x.adapter.down.shape[0] for x in self._rows[name])
+
+    def down(self, group: tuple[str, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """The frozen Downs of ``group``'s modules stacked (sum r1, in), each module's in its rows'
+        order, in ``dtype`` on ``device`` (None: theirs)."""
+        downs = [x.adapter.down for n in group for x in self._rows[n]]
+        return self.downs.get(group, downs, dtype, downs[0].device if device is None else device)
+
+    def factor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Fast module ``name``'s ``B`` (out, R1) in ``dtype`` for this step: its adapter's
+        ``StepFactors`` factor, or, for several adapters, theirs placed block-diagonally in their
+        row slices (built once per step)."""
+        whole = self._whole.get(name)
+        if whole is not None:
+            return self.step_factors.get(whole, dtype)
+        key = (name, dtype, torch.is_grad_enabled())
+        hit = self._step.get(key)
+        if hit is None:
+            parts, row, dev = [], 0, self._rows[name][0].adapter.down.device
+            for x in self._rows[name]:
+                if x.start > row:  # rows no adapter writes
+                    parts.append(torch.zeros(x.start - row, 0, dtype=dtype, device=dev))
+                parts.append(self.step_factors.get(x.adapter, dtype))
+                row = x.start + x.size
+            if row < self.out_features[name]:
+                parts.append(torch.zeros(self.out_features[name] - row, 0, dtype=dtype, device=dev))
+            self._step[key] = hit = (parts[0] if len(parts) == 1 else torch.block_diag(*parts),)
+        return hit[0]
+
+    def built(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Module ``name``'s ``B`` in ``dtype`` as this step's forward built it (its Ups and Mids
+        unchanged since), detached, or None."""
+        whole = self._whole.get(name)
+        if whole is not None:
+            return self.step_factors.built(whole, dtype)
+        hit = self._step.get((name, dtype, True))
+        return None if hit is None else hit[0].detach()
+
+    def fast_now(self, name: str) -> bool:
+        """Module ``name`` takes the fast step now (not a Down made trainable since attaching)."""
         return name in self.fast and not any(x.adapter.down.requires_grad for x in self.slots[name])
 
-    def factors(self, name: str, dtype: torch.dtype, fast: bool = True) -> tuple:
-        """The factors of module ``name`` for this step, built once per step and reused by every
-        call in it, checkpoint recompute included.
-
-        Fast modules: (Down (R1, in), B (out, R1)) in ``dtype``: Downs stacked, and the adapters'
-        ``scale * Up @ Mid`` (``StepFactors``) placed block-diagonally in their row slices, so a
-        call is one addmm. Otherwise (a trainable Down): (Down, Mid block-diagonal (R2, R1) or
-        None, B (out, R2)): each ``scale * Up`` padded to its own row slice (the small B matrices,
-        not the (tokens, out) activations).
-        """
-        slots, out_features = self.slots[name], self.out_features[name]
-        fast = fast and self._fast(name)
-        key = (name, dtype, torch.is_grad_enabled(), fast)
+    def factors(self, name: str, dtype: torch.dtype) -> tuple:
+        """Module ``name``'s factors for this step: (Down, B) for a fast module (``down``,
+        ``factor``); otherwise (Down, Mid block-diagonal (R2, R1) or None, B (out, R2)), each
+        ``scale * Up`` padded to its own row slice (the small B matrices, not the (tokens, out)
+        activations), built once per step; a Down that trains is stacked again at every call."""
+        if self.fast_now(name):
+            return self.down((name,), dtype), self.factor(name, dtype)
+        slots, out = self.slots[name], self.out_features[name]
+        key = (name, dtype, torch.is_grad_enabled(), "general")
         hit = self._step.get(key)
         if hit is not None:
             return hit
-        if fast:
-            order = sorted(slots, key=lambda x: x.start)
-            down = self.down(name, order, dtype)
-            parts, row = [], 0
-            for x in order:
-                if x.start > row:  # rows no adapter writes
-                    parts.append(torch.zeros(x.start - row, 0, dtype=dtype, device=down.device))
-                parts.append(self.step_factors.get(x.adapter, dtype))
-                row = x.start + x.size
-            if row < out_features:
-                parts.append(torch.zeros(out_features - row, 0, dtype=dtype, device=down.device))
-            b = parts[0] if len(parts) == 1 else torch.block_diag(*parts)
-            self._step[key] = hit = (down, b)
-            return hit
-        down = self.down(name, slots)
-        mids = [s.adapter.mid for s in slots]
+        downs = [x.adapter.down for x in slots]
+        if any(d.requires_grad for d in downs):  # plain LoRA: its graph is this call's
+            down = downs[0] if len(downs) == 1 else torch.cat(downs)
+        else:
+            down = self.downs.get(name, downs)
+        mids = [x.adapter.mid for x in slots]
         mid = None if mids[0] is None else (mids[0] if len(mids) == 1 else torch.block_diag(*mids))
-        b_parts = [padded_up(s, out_features) for s in slots]
+        b_parts = [padded_up(x, out) for x in slots]
         b = (b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=1)).to(dtype)
         self._step[key] = hit = (down, mid, b)
         return hit
+
+    # -- projections
+
+    def project(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x for the Linear, {member: x @ Down^T}) of ``name``'s group, shared while x is the same;
+        the Linear reads the first (``shared_down``: its backward adds the low-rank input gradient)."""
+        group = self.group[name]
+        held = group in self.held_groups
+        s = self.held.get(group) if held else self.slot
+        if s is not None and (x is s[0] or x is s[2]) and x._version == s[1] and name in s[3]:
+            return (x if s[2] is None else s[2]), s[3]
+        alias, u = shared_down(x, self.down(group, x.dtype, x.device))
+        parts = dict(zip(group, u.split([self._r1(n) for n in group], dim=-1) if len(group) > 1 else (u,)))
+        s = (x, x._version, alias if alias is not x else None, parts)
+        if held:
+            self.held[group] = s
+        else:
+            self.slot = s
+        return alias, parts
+
+    def _projection(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x for the Linear, x @ Down^T) for a call of ``forward``: through ``project`` where the
+        group shares it, else one ``shared_down`` kept by nobody (a host's block forward calls each
+        Linear once, so there is nothing to share, and no input held past its use)."""
+        group = self.group[name]
+        if len(group) > 1:
+            alias, parts = self.project(name, x)
+            return alias, parts[name]
+        return shared_down(x, self.down(group, x.dtype, x.device))
+
+    # -- a host's own block forwards
 
     def forward(self, name: str, base: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``base(x)`` (the frozen Linear ``name``, its output never modified) plus its adapters'
         update: one addmm from the step's factors, the low-rank input gradient added to the
         Linear's in its backward (``shared_down``); the general three-factor path otherwise."""
         slots = self.slots.get(name)
-        if slots and x.is_floating_point() and self._fast(name):
-            down, b = self.factors(name, x.dtype)
+        if slots and x.is_floating_point() and self.fast_now(name):
+            down = self.down((name,), x.dtype)
             if down.device == x.device:
-                if name in self.modulation and self.silu.made(x) and not x.requires_grad:
-                    x_lin, u = x, self._modulation_projection(name, x)
-                else:
-                    x_lin, u = shared_down(x, down)  # (..., R1); backward adds the low-rank input gradient to x's
-                return add_update(base(x_lin), u, b)
+                x_lin, u = self._projection(name, x)
+                return add_update(base(x_lin), u, self.factor(name, x.dtype))
         y = base(x)
         if not slots:
             return y
-        down, mid, b = self.factors(name, y.dtype, fast=False)
+        down, mid, b = self.factors(name, y.dtype)
         h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
         if mid is not None:
             h = F.linear(h, mid)  # (..., R2)
         return add_low_rank(y, h, b)
 
+    def update_again(self, name: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """``y`` plus the update the fast step added to module ``name``'s output for input ``x``,
+        computed again without autograd from this step's factors with the forward's ops, so with
+        its bits; None where the step built none (then the caller takes its general path)."""
+        if name not in self.fast or not x.is_floating_point():
+            return None
+        b = self.built(name, x.dtype)
+        if b is None:
+            return None
+        group = self.group[name]
+        with torch.no_grad():
+            down = self.down(group, x.dtype, x.device)
+            if down.device != x.device:
+                return None
+            u = F.linear(x, down)
+            if len(group) > 1:
+                u = u.split([self._r1(n) for n in group], dim=-1)[group.index(name)]
+            return add_update(y, u, b)
+
     def again(self, name: str, base: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward(name, base, x)`` computed again without autograd (for a backward that recomputes
-        a Linear's output instead of keeping it), from the step's factors with the forward's ops
-        where the forward used them, so with its bits."""
+        a Linear's output instead of keeping it), with the forward's bits where the forward took
+        the fast step (``update_again``)."""
         with torch.no_grad():
             y = base(x)
-            slots = self.slots.get(name)
-            if not slots:
+            if not self.slots.get(name):
                 return y
-            fast = self._step.get((name, x.dtype, True, True))  # the forward's
-            if fast is not None and fast[0].device == x.device:
-                return add_update(y, F.linear(x, fast[0]), fast[1].detach())
-            down, mid, b = self.factors(name, y.dtype, fast=False)
+            out = self.update_again(name, y, x)
+            if out is not None:
+                return out
+            down, mid, b = self.factors(name, y.dtype)
             h = down_project(x, down)
             if mid is not None:
                 h = F.linear(h, mid)
             return add_low_rank(y, h, b)
 
-    def _modulation_projection(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x @ Down^T`` of the modulation Linear ``name``: one matmul against the stacked Downs of
-        all of them (they read the same ``silu``, which needs no gradient), once per step."""
-        hit = self._mod_u
-        if hit is None or hit[0] is not x or hit[1] != x._version:
-            slots = [s for n in self.modulation for s in sorted(self.slots[n], key=lambda s: s.start)]
-            u = F.linear(x, self.down("<modulation>", slots, x.dtype))
-            sizes = [sum(s.adapter.down.shape[0] for s in self.slots[n]) for n in self.modulation]
-            self._mod_u = hit = (x, x._version, dict(zip(self.modulation, u.split(sizes, dim=-1))))
-        return hit[2][name]
+
+class Prebuilt:
+    """One frozen-Down adapter's ``(Down, B)`` in the step's compute dtype, built eagerly at the start
+    of the step. A compiled block reads them as graph inputs (``torch.compile`` cannot trace the
+    caches), so its call is ``base + (x @ Down^T) @ B^T`` as in eager mode."""
+
+    def __init__(self) -> None:
+        self.down: torch.Tensor | None = None  # (r1, in)
+        self.b: torch.Tensor | None = None  # (out, r1), ``scale * Up @ Mid``
+
+
+# ---------------------------------------------------------------- hooks on a model's Linears
+
+
+def _float_input(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor among a forward's arguments."""
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.is_floating_point():
+            return v.dtype
+    return None
+
+
+def _fast(x: torch.Tensor, adapter: LoRAAdapter) -> bool:
+    """The eager step-factor path applies (another device or a Down made trainable after attaching
+    take the general path; the hooks send a compiled graph to the prebuilt factors first)."""
+    return x.is_floating_point() and not adapter.down.requires_grad and x.device == adapter.up.device
+
+
+def _bypass_pre_hook(name: str, step: FusedLinears, adapter: LoRAAdapter):
+    def hook(module: nn.Module, args: tuple):
+        x = args[0]
+        if torch.compiler.is_compiling():  # no shared projection; nothing per layer (a name) traced
+            return None
+        if not (torch.is_grad_enabled() and x.requires_grad and _fast(x, adapter)):
+            return None
+        alias, _ = step.project(name, x)  # the Linear reads the alias: backward adds the low-rank input gradient
+        return (alias, *args[1:])
+
+    return hook
+
+
+def _bypass_hook(name: str, adapter: nn.Module, step: FusedLinears | None):
+    pb = step.prebuilt[name] if step is not None else None
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Out-of-place: base weights and base output tensors are never modified.
+        x = args[0]
+        if torch.compiler.is_compiling():  # nothing per layer (a name) traced: the prebuilt factors
+            if (pb is not None and pb.b is not None and torch.is_grad_enabled()
+                    and output.dtype == x.dtype == pb.b.dtype):
+                return add_rows(output, F.linear(x, pb.down), pb.b)
+            return adapter.add_to(output, x)
+        if step is not None and output.dtype == x.dtype and _fast(x, adapter):
+            _, parts = step.project(name, x)
+            return add_rows(output, parts[name], step.factor(name, output.dtype))
+        return adapter.add_to(output, x)
+
+    return hook
+
+
+class AttachHandle:
+    """Removes attached adapters; usable as a context manager."""
+
+    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle], step: FusedLinears | None = None,
+                 adapters: Mapping[str, LoRAAdapter] | None = None) -> None:
+        self._handles = handles
+        self._step = step
+        self._adapters = dict(adapters or {})
+
+    def only_ours(self, module: nn.Module) -> bool:
+        """``module`` has no hooks but the ones this attachment registered (a ``forward`` call plus
+        ``output_again`` is then what calling it computes)."""
+        ours = {h.id for h in self._handles if isinstance(h, torch.utils.hooks.RemovableHandle)}
+        return (set(module._forward_pre_hooks) | set(module._forward_hooks)) <= ours and not (
+            module._backward_hooks or module._backward_pre_hooks)
+
+    def output_again(self, name: str | None, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``module(x)`` returned in this step's forward, computed again without hooks or
+        autograd (for a backward that recomputes a layer's output instead of keeping it): the
+        frozen layer's ``forward``, plus the update of the adapter attached at ``name`` (None:
+        none), from the step's factors where the forward used them (the same ops, so the same
+        bits: ``FusedLinears.update_again``), else ``add_to``."""
+        with torch.no_grad():
+            y = module.forward(x)
+            a = self._adapters.get(name) if name is not None else None
+            if a is None:
+                return y
+            if self._step is not None and y.dtype == x.dtype and _fast(x, a):
+                out = self._step.update_again(name, y, x)
+                if out is not None:
+                    return out
+            return a.add_to(y, x)
+
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """What the attachment keeps for the whole run (the frozen Downs in the compute dtype):
+        like the weights, they exist anyway, so a graph that saves them keeps nothing more."""
+        return [] if self._step is None else self._step.downs.tensors()
+
+    def add(self, removable: Any) -> None:
+        """Removes ``removable`` (anything with ``.remove()``) too, before what was attached earlier."""
+        self._handles.append(removable)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        if self._step is not None:
+            self._step.release()
+
+    def __enter__(self) -> "AttachHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach_hooks(root: nn.Module, modules: Mapping[str, tuple[nn.Module, LoRAAdapter]], fast: Iterable[str],
+                 groups: Iterable[tuple[str, ...]] = (), held_groups: Iterable[tuple[str, ...]] = (),
+                 compiled: bool = False) -> AttachHandle:
+    """Hooks each named ``(Linear, adapter)`` of ``modules`` in bypass form (what ``attach_adapters``
+    does once it has checked them): the adapters named in ``fast`` (Stage-2 Meta-LoRA) take the
+    fused step (``FusedLinears``, with its ``groups`` and ``held_groups``), the others their
+    ``add_to``. ``compiled``: each step prebuilds the factors compiled blocks read (``Prebuilt``)."""
+    fast = [n for n in fast if n in modules]
+    step = None
+    if fast:
+        step = FusedLinears({n: [RowSlot(modules[n][1], 0, modules[n][1].out_features)] for n in fast},
+                            {n: modules[n][1].out_features for n in fast}, fast, groups, held_groups,
+                            prebuild=compiled)
+    handles = []
+    try:
+        for name, (mod, adapter) in modules.items():
+            if step is not None and name in step.fast:
+                handles.append(mod.register_forward_pre_hook(_bypass_pre_hook(name, step, adapter)))
+            handles.append(mod.register_forward_hook(
+                _bypass_hook(name, adapter, step if step is not None and name in step.fast else None)))
+        if step is not None:  # each forward of the root is a step: new factors, no stale projection kept
+            handles.append(root.register_forward_pre_hook(lambda m, a, kw: step.new_step(_float_input(a, kw)),
+                                                          with_kwargs=True))
+            handles.append(root.register_forward_hook(lambda m, a, o: step.end_forward()))
+    except Exception:
+        for h in handles:
+            h.remove()
+        raise
+    return AttachHandle(handles, step, adapters={n: a for n, (_, a) in modules.items()})
