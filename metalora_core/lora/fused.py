@@ -507,12 +507,13 @@ class FusedLinears:
         """Module ``name`` takes the fast step now (not a Down made trainable since attaching)."""
         return name in self.fast and not any(x.adapter.down.requires_grad for x in self.slots[name])
 
-    def factors(self, name: str, dtype: torch.dtype) -> tuple:
+    def factors(self, name: str, dtype: torch.dtype, general: bool = False) -> tuple:
         """Module ``name``'s factors for this step: (Down, B) for a fast module (``down``,
-        ``factor``); otherwise (Down, Mid block-diagonal (R2, R1) or None, B (out, R2)), each
-        ``scale * Up`` padded to its own row slice (the small B matrices, not the (tokens, out)
-        activations), built once per step; a Down that trains is stacked again at every call."""
-        if self.fast_now(name):
+        ``factor``); otherwise, or with ``general``, (Down, Mid block-diagonal (R2, R1) or None,
+        B (out, R2)), each ``scale * Up`` padded to its own row slice (the small B matrices, not the
+        (tokens, out) activations), built once per step; a Down that trains is stacked again at
+        every call."""
+        if not general and self.fast_now(name):
             return self.down((name,), dtype), self.factor(name, dtype)
         slots, out = self.slots[name], self.out_features[name]
         key = (name, dtype, torch.is_grad_enabled(), "general")
@@ -573,9 +574,11 @@ class FusedLinears:
                 x_lin, u = self._projection(name, x)
                 return add_update(base(x_lin), u, self.factor(name, x.dtype))
         y = base(x)
-        if not slots:
-            return y
-        down, mid, b = self.factors(name, y.dtype)
+        return self._general(name, y, x) if slots else y
+
+    def _general(self, name: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` plus module ``name``'s update in three factors (``factors``' general form)."""
+        down, mid, b = self.factors(name, y.dtype, general=True)
         h = down_project(x, down)  # (..., R1) float32; a frozen Down keeps nothing of x for backward
         if mid is not None:
             h = F.linear(h, mid)  # (..., R2)
@@ -588,14 +591,11 @@ class FusedLinears:
         if name not in self.fast or not x.is_floating_point():
             return None
         b = self.built(name, x.dtype)
-        if b is None:
+        if b is None or b.device != x.device:  # adapters on another device take the general path
             return None
         group = self.group[name]
         with torch.no_grad():
-            down = self.down(group, x.dtype, x.device)
-            if down.device != x.device:
-                return None
-            u = F.linear(x, down)
+            u = F.linear(x, self.down(group, x.dtype, x.device))
             if len(group) > 1:
                 u = u.split([self._r1(n) for n in group], dim=-1)[group.index(name)]
             return add_update(y, u, b)
@@ -609,13 +609,7 @@ class FusedLinears:
             if not self.slots.get(name):
                 return y
             out = self.update_again(name, y, x)
-            if out is not None:
-                return out
-            down, mid, b = self.factors(name, y.dtype)
-            h = down_project(x, down)
-            if mid is not None:
-                h = F.linear(h, mid)
-            return add_low_rank(y, h, b)
+            return out if out is not None else self._general(name, y, x)
 
 
 class Prebuilt:
