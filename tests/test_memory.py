@@ -214,6 +214,30 @@ def test_step_factors_follow_the_parameters():
             y.sum().backward()
 
 
+def test_stacked_downs_follow_a_down_changed_in_place_or_replaced():
+    """The Downs stacked in the compute dtype are held for the run, like weights, and stacked again
+    when a Down changes in place (a prior loaded into the same adapters) or gets new storage."""
+    model = _Model().requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    ads = _block_adapters(model, g, rank=2)
+    x = torch.randn(2, 16, generator=g, requires_grad=True)
+    q = ads["transformer_blocks.0.attn.to_q"]  # in the q/k/v group: one stacked Down for the three
+    with attach_adapters(model, ads) as handle:
+        model(x).sum().backward()
+        held = handle.cached_tensors()
+        for change in ("in place", "new storage"):
+            with torch.no_grad():
+                if change == "in place":
+                    q.down.mul_(-2)
+                else:
+                    q.down.data = torch.randn(q.down.shape, generator=g)
+            y = model(x)
+            ref, *_ = _merged(model, ads, x)
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6, msg=change)
+            y.sum().backward()
+        assert len(handle.cached_tensors()) == len(held)  # replaced, not accumulated
+
+
 def test_shared_projection_is_not_reused_for_another_input():
     """A group member reading another tensor (or the same one changed in place) gets its own projection."""
 
