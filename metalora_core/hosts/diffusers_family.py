@@ -37,6 +37,7 @@ from ..formats.files import sha256_tensors
 from ..formats.store import weights_identity
 from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
 from ..lora.families import FLUX1, FLUX2, ZIMAGE, ModelFamily, family_of_diffusers_config, family_of_pipeline
+from ..lora.fused import DeviceMemo
 from ..lora.layers import check_checkpoint_every
 from .diffusers_flux import (DTYPES, DiffusersFluxHost, dtype_keyword, encode_images, encode_prompt,
                              encoders_off_device, frozen_for_training, load_flux_pipeline, pil_to_tensor)
@@ -123,7 +124,7 @@ class DiffusersFamilyHost:
         self.family = family
         self.dims = family.dims_from_diffusers_config(transformer.config)
         self.checkpoint_every = check_checkpoint_every(checkpoint_every)
-        self._memo: tuple | None = None  # the conditioning on the device: no copy per step
+        self._memo = DeviceMemo()  # the conditioning on the device: no copy per step
         self._ids: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -175,11 +176,7 @@ class DiffusersFamilyHost:
 
     def _text(self, cond: FamilyTextCond, b: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
         """The (b, L, D) text states on the device in ``dt``, kept while ``cond`` is unchanged."""
-        src = cond.prompt_embeds
-        key = (id(src), src._version, dev, dt)
-        if self._memo is None or self._memo[0] != key:
-            self._memo = (key, src, src.to(dev, dt))  # src held: its id stays its own while memoised
-        text = self._memo[2]
+        (text,) = self._memo.get((cond.prompt_embeds,), dev, dt)
         if text.shape[0] == b:
             return text
         if text.shape[0] != 1:
