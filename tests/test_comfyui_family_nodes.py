@@ -1,7 +1,8 @@
-"""FLUX.2 and Z-Image in the nodes, in a real ComfyUI: tiny models of each from state dicts with
-ComfyUI's key names (detected as ComfyUI's own model types), the generic host's gradients against
-a float64 reference, Train -> Apply against Save -> core LoraLoaderModelOnly, the family in the
-saved LoRA, and a prior of another family refused in one line."""
+"""FLUX.2 and Z-Image in the nodes, in a real ComfyUI (FLUX.1-dev beside them where the check is
+the same): tiny models of each from state dicts with ComfyUI's key names (detected as ComfyUI's own
+model types), the generic host's gradients against a float64 reference, Train -> Apply against
+Save -> core LoraLoaderModelOnly, the family in the saved LoRA, and a prior of another family
+refused in one line."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from comfy_fixtures import (SKIP_REASON, TINY_FLUX2_CONFIG, TINY_ZIMAGE_CONFIG, ZIMAGE_FULL_CONFIG,
                             comfy_module_state_dict, comfyui_path, pack, pack_env, random_meta_adapters,
-                            tiny_flux2_vae_state_dict, tiny_zimage_model)
+                            tiny_flux2_vae_state_dict, tiny_flux_state_dict, tiny_zimage_model)
 
 if comfyui_path() is None:
     pytest.skip(f"SKIPPED: {SKIP_REASON}", allow_module_level=True)
@@ -36,6 +37,15 @@ def _models(env, name: str) -> dict:
     import comfy.sd
 
     families = pack("metalora_core.lora.families")
+    pooled = None
+    if name == "flux1":  # the fast host's family, here for the Train -> Apply == Save -> loader check
+        sd = tiny_flux_state_dict(seed=0)
+        fp32 = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+        fp64 = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float64})
+        vae = env.nodes.VAELoader().load_vae(env.names["vae"])[0]
+        family, width, pooled = families.FLUX1, 768, 768
+        return {"fp32": fp32, "fp64": fp64, "vae": vae, "family": family,
+                "dims": pack("nodes.comfy_host").flux_dims(fp32), "width": width, "pooled": pooled}
     if name == "flux2":
         sd = comfy_module_state_dict("flux", TINY_FLUX2_CONFIG, seed=0)
         fp32 = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
@@ -48,17 +58,18 @@ def _models(env, name: str) -> dict:
         vae = env.nodes.VAELoader().load_vae(env.names["vae"])[0]  # Z-Image uses the FLUX.1 VAE
         family, width = families.ZIMAGE, TINY_ZIMAGE_CONFIG["cap_feat_dim"]
     dims = pack("nodes.training").generic_family_dims(fp32)
-    return {"fp32": fp32, "fp64": fp64, "vae": vae, "family": family, "dims": dims, "width": width}
+    return {"fp32": fp32, "fp64": fp64, "vae": vae, "family": family, "dims": dims, "width": width, "pooled": pooled}
 
 
 @pytest.fixture(scope="module")
 def models(env):
-    return {name: _models(env, name) for name in FAMILIES}
+    return {name: _models(env, name) for name in ("flux1", *FAMILIES)}
 
 
-def _cond(width: int, seed: int = 1):
+def _cond(width: int, seed: int = 1, pooled: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 12, width, generator=g) * 0.5, {}]]
+    text = torch.randn(1, 12, width, generator=g) * 0.5
+    return [[text, {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g)}]]
 
 
 def _latent_shape(m) -> tuple[int, int, int]:
@@ -74,7 +85,7 @@ def _output(m, model, seed: int = 3) -> torch.Tensor:
     generic, host_mod = pack("nodes.generic_host"), pack("nodes.comfy_host")
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, *_latent_shape(m), generator=g)
-    cond = host_mod.ComfyFluxCond.from_conditioning(_cond(m["width"], seed))
+    cond = host_mod.ComfyFluxCond.from_conditioning(_cond(m["width"], seed, m["pooled"]))
     comfy.model_management.load_models_gpu([model])
     with torch.inference_mode():
         return generic.ComfyGenericHost.of_family(model, m["dims"]).predict(x, torch.tensor([0.7]), cond).clone()
@@ -229,12 +240,13 @@ def _train(m, crops, prior, *, steps: int = 2, seed: int = 4, force: bool = True
     training.send_text = lambda msg, node_id: messages.append(msg)
     try:
         with torch.inference_mode():  # as ComfyUI's executor runs nodes
-            return training.train_meta_lora(m["fp32"], m["vae"], prior, crops, _cond(m["width"]), settings), messages
+            cond = _cond(m["width"], 1, m["pooled"])
+            return training.train_meta_lora(m["fp32"], m["vae"], prior, crops, cond, settings), messages
     finally:
         training.send_text = real
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ("flux1", *FAMILIES))
 def test_train_apply_equals_save_lora_loader(env, models, crops, name):
     import comfy.lora
     import comfy.utils
@@ -248,8 +260,9 @@ def test_train_apply_equals_save_lora_loader(env, models, crops, name):
     before = _output(m, model)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         result, _, lora_socket, _ = definitions.MetaLoRATrain.execute(
-            model, m["vae"], crops, _cond(m["width"]), steps=2, rank=1, learning_rate=5e-2, seed=4, resolution=64,
-            gradient_checkpointing=False, preview_every=0, force_retrain=True, prior=_family_prior(m)).args
+            model, m["vae"], crops, _cond(m["width"], 1, m["pooled"]), steps=2, rank=1, learning_rate=5e-2, seed=4,
+            resolution=64, gradient_checkpointing=False, preview_every=0, force_retrain=True,
+            prior=_family_prior(m)).args
     assert result.family is m["family"] and len(result.losses) == 2
     assert torch.equal(_output(m, model), before), "the caller's MODEL changed"
     assert model.patches == {}
