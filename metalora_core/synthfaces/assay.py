@@ -73,7 +73,7 @@ class AssayConfig:
     # model's width must exceed the token size: a narrower model cannot remove the starting noise
     # outside the span of its output layer (factor 4 gives 192-value tokens, more than width 128)
     latent_factor: int = 2
-    heads: int = 4  # base-model width = heads x 16
+    heads: int = 8  # base-model width = heads x 16
     num_double: int = 2
     num_single: int = 2
     train_identities: int = 160  # judge classes (and the base gate's centroids)
@@ -84,7 +84,7 @@ class AssayConfig:
     gate_identities: int = 16  # held-out identities of the latent and judge gates
     gate_views: int = 8
     base_images: int = 12_000
-    base_steps: int = 3_000
+    base_steps: int = 8_000
     base_batch: int = 64
     base_lr: float = 1e-3
     context_dropout: float = 0.2
