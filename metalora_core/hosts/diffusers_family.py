@@ -34,13 +34,13 @@ import torch
 from PIL import Image
 
 from ..formats.files import sha256_tensors
-from ..formats.store import weights_identity
 from ..lora.adapter import AdapterSet, AttachHandle, attach_adapters
 from ..lora.families import FLUX1, FLUX2, ZIMAGE, ModelFamily, family_of_diffusers_config, family_of_pipeline
 from ..lora.fused import DeviceMemo
 from ..lora.layers import check_checkpoint_every
 from .diffusers_flux import (DTYPES, DiffusersFluxHost, dtype_keyword, encode_images, encode_prompt,
-                             encoders_off_device, frozen_for_training, load_flux_pipeline, pil_to_tensor)
+                             encoders_off_device, frozen_for_training, load_flux_pipeline, pil_to_tensor,
+                             transformer_identity)
 
 
 def _flux2_pipeline_class() -> Any:
@@ -161,9 +161,7 @@ class DiffusersFamilyHost:
         return collate_family_conds(conds)
 
     def identity(self) -> str:
-        """Class, config and a sample of the transformer's weights (see ``formats.store.weights_identity``)."""
-        config = sorted((k, str(v)) for k, v in dict(self.transformer.config).items() if not k.startswith("_"))
-        return weights_identity(self.transformer.state_dict(), extra=f"{type(self.transformer).__name__}{config}")
+        return transformer_identity(self.transformer)
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:

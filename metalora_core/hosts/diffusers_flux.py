@@ -169,9 +169,7 @@ class DiffusersFluxHost:
         return collate_text_conds(conds)
 
     def identity(self) -> str:
-        """Class, config and a sample of the transformer's weights (see ``formats.store.weights_identity``)."""
-        config = sorted((k, str(v)) for k, v in dict(self.transformer.config).items() if not k.startswith("_"))
-        return weights_identity(self.transformer.state_dict(), extra=f"{type(self.transformer).__name__}{config}")
+        return transformer_identity(self.transformer)
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
@@ -297,6 +295,12 @@ def _bound(compiled: Any, block: torch.nn.Module) -> Any:
         return compiled(block, *args, **kwargs)
 
     return call
+
+
+def transformer_identity(transformer: torch.nn.Module) -> str:
+    """Class, config and a sample of a diffusers transformer's weights (see ``formats.store.weights_identity``)."""
+    config = sorted((k, str(v)) for k, v in dict(transformer.config).items() if not k.startswith("_"))
+    return weights_identity(transformer.state_dict(), extra=f"{type(transformer).__name__}{config}")
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
