@@ -3,10 +3,8 @@ the staged, resumable build (experiments/build_assay.py)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +12,10 @@ import torch
 
 from metalora_core.synthfaces import gates, render
 from metalora_core.synthfaces.gates import Gate, GateFailed, laplacian_energy, mean_ci, require, same_other
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from references import load_script
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"experiments/{name}.py")
 
 
 def test_gate_passes_only_when_every_check_holds_and_fails_in_one_line():

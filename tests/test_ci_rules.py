@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from references import load_script
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -36,12 +38,7 @@ def test_no_test_fails_in_ci(tmp_path):
 
 
 def _untested_versions():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("untested_versions", TESTS.parent / "tools" / "untested_versions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/untested_versions.py")
 
 
 def test_the_newest_versions_run_names_the_package_that_moved():

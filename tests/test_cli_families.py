@@ -10,7 +10,6 @@ pipelines and transformer files that do not fit are refused in one line.
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
 from metalora_core.train.recipe import build_adapters
 from metalora_core.train.stage1 import MetaTrainConfig
 from metalora_core.train.stage1.bank import initial_downs
+from references import merged_float64
 from sample_photos import sample_photo
 from test_robust import one_error_line
 
@@ -131,13 +131,7 @@ def test_host_refuses_inputs_that_do_not_fit(tiny):
 
 def _merged_float64_loss(transformer, adapters, x0, noise, sigma, cond):
     """Reference on an independent path: float64, deltas merged into the weights, no hooks."""
-    ref = copy.deepcopy(transformer).double()
-    ad64 = copy.deepcopy(adapters).double()
-    for name, a in ad64.items():
-        mod = ref.get_submodule(name)
-        w = mod.weight.detach()
-        del mod.weight  # a plain tensor attribute: F.linear sees the merged weight, autograd reaches Mid/Up
-        mod.weight = w + a.up @ a.mid @ a.down
+    ref, ad64 = merged_float64(transformer, adapters)
     c64 = FamilyTextCond(cond.prompt_embeds.double(), cond.text_ids, cond.lengths, cond.guidance)
     pred = DiffusersFamilyHost(ref).predict(add_noise(x0.double(), noise.double(), sigma.double()), sigma.double(), c64)
     return torch.mean((pred - velocity_target(x0.double(), noise.double())) ** 2), ad64

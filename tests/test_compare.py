@@ -2,24 +2,17 @@
 verdict, resumability, and its refusal to run on an assay whose gates failed."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from metalora_core.synthfaces.compare import analyse, verdict
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from references import load_script
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"experiments/{name}.py")
 
 
 def _runs(effect: float, n: int = 6) -> list[dict]:

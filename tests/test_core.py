@@ -17,6 +17,7 @@ from metalora_core.formats.prior import Prior, load_prior, make_prior, save_prio
 from metalora_core.train.recipe import build_adapters
 from metalora_core.hosts.tiny import TINY_T5_LEN, build_tiny_flux_pipeline
 from metalora_core.train.stage2 import Stage2Config, personalize
+from references import merged_float64
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +143,7 @@ def _loss_hooked_backward(host, adapters, x0, noise, sigma, cond):
 
 def _loss_merged_float64(transformer, adapters, x0, noise, sigma, cond):
     """Reference on an independent path: float64, deltas merged into the weights, no hooks."""
-    ref = copy.deepcopy(transformer).double()
-    ad64 = copy.deepcopy(adapters).double()
-    for name, a in ad64.items():
-        mod = ref.get_submodule(name)
-        w = mod.weight.detach()
-        del mod.weight  # a plain tensor attribute: F.linear sees the merged weight, autograd reaches Mid/Up
-        mod.weight = w + a.up @ a.mid @ a.down
+    ref, ad64 = merged_float64(transformer, adapters)
     c64 = FluxTextCond(cond.prompt_embeds.double(), cond.pooled.double(), cond.text_ids.double())
     h64 = DiffusersFluxHost(ref)
     xt = add_noise(x0.double(), noise.double(), sigma.double())

@@ -4,8 +4,6 @@ Byte counts and op counts are deterministic (timings are not), so these assert o
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from metalora_core.lora.fused import _DownProject
 from metalora_core.lora.flow import add_noise, flow_loss, velocity_target
 from metalora_core.train.profile import OpCounter, SavedTensors
 from metalora_core.train.recipe import build_adapters
+from references import merged_float64
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +110,7 @@ def _block_adapters(model, g, *, rank=1, scale=1.0):
 
 def _merged(model, ads, x):
     """Out-of-place reference: float64, deltas merged into the weights, no hooks."""
-    ref = copy.deepcopy(model).double()
-    for m in ref.modules():  # a copy made while attached would carry the adapters' hooks along
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    ad64 = copy.deepcopy(ads).double()
-    for name, a in ad64.items():
-        mod = ref.get_submodule(name)
-        w = mod.weight.detach()
-        del mod.weight
-        mod.weight = w + a.scale * a.up @ a.mid @ a.down
+    ref, ad64 = merged_float64(model, ads)
     x64 = x.detach().double().requires_grad_(True)
     return ref(x64), ad64, x64
 

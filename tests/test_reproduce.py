@@ -1,7 +1,6 @@
 """The small-scale reproduction (experiments/reproduce.py) and the small domain it runs on."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,15 +14,13 @@ from metalora_core.synthfaces import judge, render
 from metalora_core.synthfaces.experiment import (METHODS, ReproConfig, first_reaching, held_out, reach_analysis,
                                                  training_images)
 from metalora_core.synthfaces.models import SmallFluxConfig, encode_text
+from references import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"experiments/{name}.py")
 
 
 def _finite(d: dict) -> bool:

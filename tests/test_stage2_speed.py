@@ -3,10 +3,7 @@ float8 storage through backward, and the GPU benchmark's CPU smoke run."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -22,9 +19,8 @@ from metalora_core.lora.layers import FluxDims
 from metalora_core.train.profile import SavedTensors
 from metalora_core.train.recipe import build_adapters
 from metalora_core.train.stage2 import Stage2Config, personalize
+from references import load_script
 from test_core import _latents, _loss_hooked_backward, _randomize_up, assert_matches_float64
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +254,7 @@ def test_compile_blocks_trains_as_eager_and_never_runs_a_graph_traced_without_th
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("gpu_stage2", REPO / "bench" / "gpu_stage2.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_stage2"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/gpu_stage2.py", register=True)
 
 
 def test_flop_model_reproduces_the_issue_figures():

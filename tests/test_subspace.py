@@ -1,7 +1,6 @@
 """The prior-subspace diagnostic (metalora_core/synthfaces/subspace.py, experiments/prior_subspace.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from metalora_core.lora.adapter import AdapterSet, LoRAAdapter
 from metalora_core.synthfaces.subspace import capture, weight_gradients
 from metalora_core.lora.flow import add_noise, sample_sigmas, velocity_target
 from metalora_core.train.stage2 import Stage2Config
+from references import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,9 +94,7 @@ def test_capture_shares_are_exact_on_known_subspaces():
 
 
 def test_smoke_script_writes_the_table(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("prior_subspace", ROOT / "experiments" / "prior_subspace.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("experiments/prior_subspace.py")
     out = tmp_path / "sub"
     assert mod.main(["--out", str(out), "--smoke"]) == 0
     res = json.loads((out / "subspace.json").read_text())
@@ -119,9 +117,7 @@ def test_committed_subspace_results_are_of_the_committed_prior():
 def test_stage1_length_smoke_tracks_down_along_one_run_and_compares_snapshots(tmp_path, capsys):
     from metalora_core.synthfaces.stage1_length import SMOKE_LENGTH, LengthConfig
 
-    spec = importlib.util.spec_from_file_location("stage1_length", ROOT / "experiments" / "stage1_length.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("experiments/stage1_length.py")
     out = tmp_path / "len"
     assert mod.main(["--out", str(out), "--smoke"]) == 0
     res = json.loads((out / "results.json").read_text())
