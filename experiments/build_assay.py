@@ -32,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="settings of this stage or later ones changed: rebuild from the first changed stage")
     p.add_argument("--base-steps", type=int, default=None, help="override AssayConfig.base_steps")
     p.add_argument("--heads", type=int, default=None, help="override AssayConfig.heads (base width = 16 x heads)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the matrices are small; 2 roughly halves a base step on an idle "
+                        "2-core machine)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)  # tiny matrices: threads only add spin-wait on a shared machine
+    torch.set_num_threads(args.threads)
     import dataclasses
 
     config = dataclasses.replace(SMOKE_ASSAY if args.smoke else AssayConfig(), seed=args.seed)

@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--smoke", action="store_true", help="seconds: throw-away assay, one pair")
     p.add_argument("--no-ablations", action="store_true", help="only the three main methods")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.smoke:
         folder = out / "assay"

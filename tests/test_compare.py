@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from metalora_core.synthfaces.compare import analyse, verdict
@@ -57,9 +58,14 @@ def test_smoke_comparison_writes_its_outputs_and_resumes(tmp_path, capsys):
     for f in ("table.md", "figure.png", "contrasts.png"):
         assert (out / f).is_file()
     assert np.unique(np.asarray(Image.open(out / "contrasts.png").convert("L"))).size > 2
-    # a rerun finds every run done and trains nothing
+    # a rerun finds every run done and trains nothing; --threads sets torch's thread count
     capsys.readouterr()
-    assert _script("compare").main(["--out", str(out), "--smoke"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert _script("compare").main(["--out", str(out), "--smoke", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert (out / "runs.jsonl").read_text().splitlines() == runs
     # the full comparison refuses an assay whose gates failed (the smoke build's), with one line
     rc = _script("compare").main(["--out", str(tmp_path / "full"), "--assay", str(out / "assay")])
