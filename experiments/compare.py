@@ -5,7 +5,11 @@
 Meta-LoRA, LoRA + augmentation and plain LoRA (and the two Down ablations) on 2 disjoint held-out
 sets x 8 identities x 2 Stage-2 seeds = 32 pairs, at the learning rate the positive control chose,
 scored at the assay's checkpoints. Resumable: finished runs are kept in OUT/runs.jsonl. Writes
-results.json, table.md, figure.png and contrasts.png. ``--smoke`` builds a throw-away assay (gates
+results.json, table.md, figure.png and contrasts.png. On 2 cores, two processes share the work:
+
+    python experiments/compare.py ... --shard 0/2 &  python experiments/compare.py ... --shard 1/2; wait
+    python experiments/compare.py ...   # finds every run done and writes the results
+ ``--smoke`` builds a throw-away assay (gates
 recorded, not enforced) and runs one pair (seconds): plumbing only.
 """
 from __future__ import annotations
@@ -34,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="seconds: throw-away assay, one pair")
     p.add_argument("--no-ablations", action="store_true", help="only the three main methods")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only the I-th of every N pairs (N processes share OUT/runs.jsonl; e.g. 0/2 and 1/2 "
+                        "on 2 cores), write no results; a run without --shard then writes them")
     args = p.parse_args(argv)
+    try:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -56,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, ablations=False)
     assay_config = config_from_dict(json.loads((folder / "assay_config.json").read_text()))
     lr = float(json.loads((folder / "positive_control.json").read_text())["chosen_lr"])
-    results = run_comparison(arts, out, config, assay_config, lr, label="smoke" if args.smoke else "full")
+    results = run_comparison(arts, out, config, assay_config, lr, label="smoke" if args.smoke else "full",
+                             shard=shard)
+    if results is None:
+        print(f"shard {args.shard} done; once every shard is, run without --shard to write the results")
+        return 0
     print((out / "table.md").read_text())
     print(f"({results['seconds']} s)")
     return 0

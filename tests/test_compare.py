@@ -71,3 +71,28 @@ def test_smoke_comparison_writes_its_outputs_and_resumes(tmp_path, capsys):
     rc = _script("compare").main(["--out", str(tmp_path / "full"), "--assay", str(out / "assay")])
     printed = capsys.readouterr().out.strip().splitlines()
     assert rc == 3 and "FAILED" in printed[-1] and "no comparison is run" in printed[-1]
+
+
+def test_two_shards_share_the_runs_and_equal_one_process(tmp_path, capsys):
+    """Two --shard runs split the pairs between them in one runs.jsonl, write no results, and a run
+    without --shard then trains nothing: the same rows (Stage-2 timings aside) as one process."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _script("compare").main(["--out", str(whole), "--smoke"]) == 0
+    units = lambda: {(json.loads(line)["set"], json.loads(line)["seed"])  # noqa: E731
+                     for line in (split / "runs.jsonl").read_text().splitlines()}
+    for i in (0, 1):
+        assert _script("compare").main(["--out", str(split), "--smoke", "--shard", f"{i}/2"]) == 0
+        assert "shard %d/2 done" % i in capsys.readouterr().out
+        assert not (split / "results.json").exists()
+        assert len(units()) == i + 1  # each shard ran its own pair only
+    rows = lambda p: sorted(json.dumps({k: v for k, v in json.loads(line).items() if k != "stage2_seconds"},  # noqa: E731
+                                       sort_keys=True) for line in (p / "runs.jsonl").read_text().splitlines())
+    before = rows(split)
+    assert _script("compare").main(["--out", str(split), "--smoke"]) == 0
+    assert rows(split) == before == rows(whole)
+    assert json.loads((split / "results.json").read_text())["contrasts"] == \
+        json.loads((whole / "results.json").read_text())["contrasts"]
+    with pytest.raises(SystemExit):
+        _script("compare").main(["--out", str(split), "--smoke", "--shard", "2/2"])
+    assert "--shard '2/2'" in capsys.readouterr().err
+

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,17 @@ def flow_measure(arts: Artefacts, item, n_noises: int, seed: int):
 
 
 def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assay_config, lr: float, *,
-                   label: str = "full") -> dict[str, Any]:
+                   label: str = "full", shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
     """Runs every (set, identity, seed, method) not yet in ``out/runs.jsonl`` and writes
-    results.json, table.md, figure.png and contrasts.png."""
+    results.json, table.md, figure.png and contrasts.png.
+
+    ``shard=(i, n)`` with n > 1 runs only the i-th of every n (set, identity, seed) units, appending
+    to the same runs.jsonl (one line per write, so n processes can share it), and writes no results
+    (returns None): a run without a shard then finds every unit done and writes them.
+    """
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard {i_shard}/{n_shard}: needs 0 <= I < N (e.g. 0/2 and 1/2 for two processes)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -129,10 +138,14 @@ def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assa
                         checkpoints=assay_config.checkpoints, r2=assay_config.rank, lr=lr,
                         references=config.references, samples_per_prompt=config.samples_per_prompt,
                         sample_steps=assay_config.sample_steps)
+    unit = -1
     for s in config.sets:
         items = held_out(dataclasses.replace(repro, seed=s), domain=arts.domain)
         for k, item in enumerate(items):
             for j in range(config.seeds):
+                unit += 1
+                if unit % n_shard != i_shard:
+                    continue
                 seed = s * 1000 + k * 10 + j
                 measure = flow_measure(arts, item, config.flow_noises, seed)
                 if (s, k, seed, "base") not in done:
@@ -153,6 +166,8 @@ def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assa
                                               "train_images": r["train_images"], "stage2_seconds": round(r["seconds"], 2)})
                     log.info("set %d identity %d seed %d %s: %s", s, k, seed, m,
                              {st: round(v["identity"], 3) for st, v in r["scores"].items()})
+    if n_shard > 1:
+        return None
     results = analyse(list(done.values()), assay_config.checkpoints, methods)
     results.update(label=label, config=config.to_dict(), lr=lr, rank=assay_config.rank,
                    gates=arts.manifest.get("gates", {}), seconds=round(time.perf_counter() - t0, 1))
@@ -165,8 +180,11 @@ def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assa
 
 def _append(path: Path, done: dict, row: dict) -> None:
     done[(row["set"], row["k"], row["seed"], row["method"])] = row
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write of the whole line: lines of concurrent shards never interleave
+        os.write(fd, (json.dumps(row, sort_keys=True) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def _pairs(runs: list[dict], a: str, b: str, step: str, metric: str) -> list[float]:
