@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="settings of this stage or later ones changed: rebuild from the first changed stage")
     p.add_argument("--base-steps", type=int, default=None, help="override AssayConfig.base_steps")
     p.add_argument("--heads", type=int, default=None, help="override AssayConfig.heads (base width = 16 x heads)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="override AssayConfig.rank (Stage-2 rank r2 of every method, and Stage-1's)")
+    p.add_argument("--checkpoints", default=None, metavar="S1,S2,...",
+                   help="override AssayConfig.checkpoints (Stage-2 steps scored; the last is every method's length)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the matrices are small; 2 roughly halves a base step on an idle "
                         "2-core machine)")
@@ -41,8 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     config = dataclasses.replace(SMOKE_ASSAY if args.smoke else AssayConfig(), seed=args.seed)
-    over = {k: v for k, v in (("base_steps", args.base_steps), ("heads", args.heads)) if v is not None}
-    config = dataclasses.replace(config, **over)
+    checkpoints = None
+    if args.checkpoints is not None:
+        try:
+            checkpoints = tuple(int(v) for v in args.checkpoints.split(","))
+        except ValueError:
+            p.error(f"--checkpoints {args.checkpoints!r}: expected increasing step counts, e.g. 100,200,300,500,1000")
+    over = {k: v for k, v in (("base_steps", args.base_steps), ("heads", args.heads), ("rank", args.rank),
+                              ("checkpoints", checkpoints)) if v is not None}
+    try:
+        config = dataclasses.replace(config, **over)
+    except ValueError as e:
+        p.error(str(e))
     try:
         gates = build_assay(args.out, config, stop_after=args.stop_after, enforce=not args.smoke,
                             allow_changes=args.rebuild_from)

@@ -197,6 +197,28 @@ def test_build_script_prints_one_line_and_exits_3_on_a_failed_gate(smoke_build, 
     assert rc == 3 and len(printed) == 1 and "FAILED" in printed[0] and "the build stops here" in printed[0]
 
 
+def test_build_script_overrides_reach_the_saved_config_and_bad_ones_are_refused(tmp_path, capsys):
+    import torch
+
+    mod = _script("build_assay")
+    out = tmp_path / "o"
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--out", str(out), "--smoke", "--stop-after", "latent", "--rank", "2",
+                         "--checkpoints", "1,3", "--heads", "5", "--base-steps", "4", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    cfg = json.loads((out / "assay_config.json").read_text())
+    assert (cfg["rank"], cfg["checkpoints"], cfg["heads"], cfg["base_steps"]) == (2, [1, 3], 5, 4)
+    for bad, says in ((["--checkpoints", "3,1"], "checkpoints must be increasing"),
+                      (["--checkpoints", "1,x"], "--checkpoints '1,x'")):
+        with pytest.raises(SystemExit):
+            mod.main(["--out", str(tmp_path / "bad"), "--smoke", *bad])
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_shuffled_tiles_keep_the_pixels_and_lose_the_layout():
     from metalora_core.synthfaces.assay import shuffle_patches
 

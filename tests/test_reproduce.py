@@ -167,12 +167,27 @@ def test_demo_personalizes_a_held_out_identity_of_the_small_domain(tmp_path, cap
     for name in ("comparison.png", "crops.png", "lora.safetensors", "loss.png", "report.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 4 and report["crops"] > 5 and report["r2"] == 1
+    assert report["steps"] == 4 and report["crops"] >= 5
     for k in ("identity_score_base_mean", "identity_score_metalora_mean", "prompt_score_metalora_mean",
               "identity_score_lora_aug_mean", "prompt_score_lora_aug_mean"):
         assert math.isfinite(report[k]) and -1.0 <= report[k] <= 1.0
     tensors, meta = load_lora(out / "lora.safetensors")
-    assert meta["prior_sha256"] == load_prior(ROOT / "experiments" / "artefacts" / "prior.safetensors").sha256
+    # the gated assay once its five gates passed, else the first domain's artefacts
+    from metalora_core.synthfaces.demo import assay_passed, default_artefacts
+
+    folder = ROOT / "experiments" / ("assay" if assay_passed(ROOT / "experiments" / "assay") else "artefacts")
+    assert default_artefacts() == folder and report["artefacts"] == str(folder)
+    assert meta["prior_sha256"] == load_prior(folder / "prior.safetensors").sha256
+    # the gated assay's rank (what its positive control and comparison used), else rank 1
+    cfg = folder / "assay_config.json"
+    rank = json.loads(cfg.read_text())["rank"] if cfg.is_file() else 1
+    assert report["r2"] == rank
+    # without --steps the demo trains the assay's Stage-2 length (its last checkpoint), else 375
+    from metalora_core.synthfaces import demo
+
+    steps = json.loads(cfg.read_text())["checkpoints"][-1] if cfg.is_file() else 375
+    assert demo._load(folder)[2:] == (rank, steps)
+    assert {t.shape[1] for k, t in tensors.items() if k.endswith("lora_B.weight")} == {rank}
     assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_B.weight"))
     sheet = Image.open(out / "comparison.png")
     assert sheet.size[0] >= 8 * 96 and sheet.size[1] >= 4 * 96  # photo, base, LoRA + aug and Meta-LoRA rows

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="one photo of the small trained face domain -> Stage-2 with its prior -> a "
                        "comparison picture (--photo: your photo on a tiny random-weight FLUX); CPU, no download")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=375, help="Stage-2 steps (default 375)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Stage-2 steps (default: the gated assay's Stage-2 length; 375 with --photo or on the "
+                        "first domain's artefacts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photo", help="photo of one person: the real-photo path (face detection, the paper's crop grid, "
                                    "export) on a tiny random-weight FLUX; without it the demo runs the small trained "
@@ -75,7 +77,7 @@ def _demo(args: argparse.Namespace) -> str:
     check_demo(args)  # both demos: before any work
     if not args.photo:
         return _domain_demo(args)
-    report = run_demo(args.out, steps=args.steps, seed=args.seed, photo=args.photo)
+    report = run_demo(args.out, steps=375 if args.steps is None else args.steps, seed=args.seed, photo=args.photo)
     lines = [f"demo finished in {report['total_seconds']} s: loss {report['first_loss']:.4f} -> "
              f"{report['last_loss']:.4f} over {report['steps']} steps ({report['crops']} crops, "
              f"detector {report['detector']})"]

@@ -73,7 +73,7 @@ class AssayConfig:
     # model's width must exceed the token size: a narrower model cannot remove the starting noise
     # outside the span of its output layer (factor 4 gives 192-value tokens, more than width 128)
     latent_factor: int = 2
-    heads: int = 8  # base-model width = heads x 16
+    heads: int = 10  # base-model width = heads x 16 (the base gate passed at 160 wide, 12,000 steps)
     num_double: int = 2
     num_single: int = 2
     train_identities: int = 160  # judge classes (and the base gate's centroids)
@@ -84,7 +84,7 @@ class AssayConfig:
     gate_identities: int = 16  # held-out identities of the latent and judge gates
     gate_views: int = 8
     base_images: int = 12_000
-    base_steps: int = 8_000
+    base_steps: int = 12_000
     base_batch: int = 64
     base_lr: float = 1e-3
     context_dropout: float = 0.2
@@ -92,7 +92,7 @@ class AssayConfig:
     sample_steps: int = 16  # Euler steps of every sample
     calibration_identities: int = 8  # positive control, disjoint from every comparison identity
     calibration_lrs: tuple[float, ...] = (4e-4, 1e-3, 2e-3)
-    checkpoints: tuple[int, ...] = (100, 200, 300, 500)
+    checkpoints: tuple[int, ...] = (100, 200, 300, 500, 1000)  # 500 steps were too few for the positive control
     rank: int = 1  # Stage-2 rank r2 of every method
     samples_per_prompt: int = 4
     references: int = 8

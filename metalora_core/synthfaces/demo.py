@@ -49,19 +49,24 @@ def assay_passed(folder: Path) -> bool:
 
 
 def _load(folder: Path):
-    """(artefacts, learning rate): a gated assay (its gates required, the positive control's rate)
-    or the first domain's artefacts (DOMAIN_LR)."""
+    """(artefacts, learning rate, rank, steps): a gated assay (its gates required; the positive
+    control's rate, the assay's rank and Stage-2 length, its last checkpoint) or the first domain's
+    artefacts (DOMAIN_LR, rank 1, the paper's 375 steps)."""
     if (folder / "assay_config.json").is_file():
         from .assay import load_assay
 
         lr = float(json.loads((folder / "positive_control.json").read_text())["chosen_lr"])
-        return load_assay(folder), lr
-    return load_artefacts(folder), DOMAIN_LR
+        cfg = json.loads((folder / "assay_config.json").read_text())
+        return load_assay(folder), lr, int(cfg["rank"]), int(cfg["checkpoints"][-1])
+    return load_artefacts(folder), DOMAIN_LR, 1, 375
 
 
-def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefacts: str | Path | None = None,
+def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, artefacts: str | Path | None = None,
                     samples_per_prompt: int = 2, sample_steps: int = 20, tile: int = 96) -> dict[str, Any]:
     """Runs the small-domain demo and writes comparison.png, crops.png, lora.safetensors, loss.png, report.json.
+
+    ``steps``: Stage-2 steps of both trained rows; default the gated assay's Stage-2 length (what
+    its comparison scores last), 375 on the first domain's artefacts.
 
     Raises:
         FileNotFoundError: the artefacts are missing (the message names the command that builds them).
@@ -73,13 +78,14 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     folder = Path(artefacts) if artefacts else default_artefacts()
-    arts, lr = _load(folder)
+    arts, lr, rank, default_steps = _load(folder)
+    steps = default_steps if steps is None else steps
     item = held_out(ReproConfig(seed=seed, identities=1, references=8), domain=arts.domain)[0]
     host = arts.host
     images = training_images(item, "meta_lora", seed)
     atomic_save_png(labelled_sheet(images, [f"{im.size[0]}x{im.size[1]}" for im in images],
                                    tile=tile, columns=5), out / "crops.png")
-    s2 = Stage2Config(steps=steps, rank=1, lr=lr, seed=seed, preset=arts.prior.preset or "all")
+    s2 = Stage2Config(steps=steps, rank=rank, lr=lr, seed=seed, preset=arts.prior.preset or "all")
     result = run_stage2(host, images, arts.cond(None), arts.prior, s2, caption="a photo of a face")
     # LoRA + augmentation: the same crops, flips, steps, rate and seed, without the prior
     aug = run_stage2(host, images, arts.cond(None), None, s2, caption="a photo of a face")
@@ -145,7 +151,7 @@ def run_domain_demo(out: str | Path, *, steps: int = 375, seed: int = 0, artefac
         "prompt_score_metalora_mean": float(np.mean(t_ctx)),
         "identity_score_of_the_photo_itself": ref_sims[0],
         "r1": arts.prior.r1,
-        "r2": 1,
+        "r2": rank,
         "lr": lr,
         "layers": len(result.adapters.names),
         "device": "cpu",
