@@ -5,12 +5,12 @@
 Meta-LoRA, LoRA + augmentation and plain LoRA (and the two Down ablations) on 2 disjoint held-out
 sets x 8 identities x 2 Stage-2 seeds = 32 pairs, at the learning rate the positive control chose,
 scored at the assay's checkpoints. Resumable: finished runs are kept in OUT/runs.jsonl. Writes
-results.json, table.md, figure.png and contrasts.png. On 2 cores, two processes share the work:
+results.json, table.md, figure.png and contrasts.png. ``--smoke`` builds a throw-away assay (gates
+recorded, not enforced) and runs one pair (seconds): plumbing only. On 2 cores, two processes share
+the work (make compare):
 
     python experiments/compare.py ... --shard 0/2 &  python experiments/compare.py ... --shard 1/2; wait
     python experiments/compare.py ...   # finds every run done and writes the results
- ``--smoke`` builds a throw-away assay (gates
-recorded, not enforced) and runs one pair (seconds): plumbing only.
 """
 from __future__ import annotations
 
