@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from metalora_core.synthfaces.assay import SMOKE_ASSAY, build_assay, config_from_dict, load_assay
-    from metalora_core.synthfaces.compare import SMOKE_COMPARE, CompareConfig, run_comparison
+    from metalora_core.synthfaces.compare import SMOKE_COMPARE, CompareConfig, check_shard, run_comparison
     from metalora_core.synthfaces.gates import GateFailed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         "on 2 cores), write no results; a run without --shard then writes them")
     args = p.parse_args(argv)
     try:
-        shard = tuple(int(v) for v in args.shard.split("/"))
-        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-            raise ValueError
+        i_shard, n_shard = (int(v) for v in args.shard.split("/"))
+        shard = check_shard(i_shard, n_shard)
     except ValueError:
         p.error(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -110,6 +110,13 @@ def flow_measure(arts: Artefacts, item, n_noises: int, seed: int):
     return lambda host: {"flow": probe_losses(host, z0, cond, seed, n_noises)}
 
 
+def check_shard(i: int, n: int) -> tuple[int, int]:
+    """(i, n) when 0 <= i < n, else ValueError: the i-th of every n pairs."""
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: needs 0 <= I < N (e.g. 0/2 and 1/2 for two processes)")
+    return i, n
+
+
 def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assay_config, lr: float, *,
                    label: str = "full", shard: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
     """Runs every (set, identity, seed, method) not yet in ``out/runs.jsonl`` and writes
@@ -119,9 +126,7 @@ def run_comparison(arts: Artefacts, out: str | Path, config: CompareConfig, assa
     to the same runs.jsonl (one line per write, so n processes can share it), and writes no results
     (returns None): a run without a shard then finds every unit done and writes them.
     """
-    i_shard, n_shard = shard
-    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
-        raise ValueError(f"shard {i_shard}/{n_shard}: needs 0 <= I < N (e.g. 0/2 and 1/2 for two processes)")
+    i_shard, n_shard = check_shard(*shard)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
