@@ -25,7 +25,7 @@ venv: $(VENV)/.installed
 
 # The demo: one photo of a held-out identity of the small trained face domain, Stage-2 with its
 # prior (experiments/assay once its five gates passed, else experiments/artefacts), comparison.png:
-# base model, LoRA + augmentation and Meta-LoRA at the same crops, steps, prompts and noise.
+# base model, plain LoRA, LoRA + augmentation and Meta-LoRA at the same steps, prompts and noise.
 demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/metalora demo --out $(DEMO_OUT) --overwrite
 

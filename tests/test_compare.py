@@ -96,3 +96,37 @@ def test_two_shards_share_the_runs_and_equal_one_process(tmp_path, capsys):
         _script("compare").main(["--out", str(split), "--smoke", "--shard", "2/2"])
     assert "--shard '2/2'" in capsys.readouterr().err
 
+
+
+def test_committed_comparison_is_what_its_runs_give_and_the_docs_quote_it():
+    """experiments/results_gated is what compare.py wrote from its runs.jsonl on the committed,
+    gated assay: re-analysing the runs gives the committed contrasts, ablations, reach and verdict;
+    every gate passed; both contrasts have n >= 32 at every checkpoint; and both READMEs quote the
+    verdict's numbers."""
+    from references import REPO as ROOT
+
+    from metalora_core.synthfaces.assay import config_from_dict
+    from metalora_core.synthfaces.compare import ABLATIONS, MAIN
+
+    folder, assay = ROOT / "experiments" / "results_gated", ROOT / "experiments" / "assay"
+    res = json.loads((folder / "results.json").read_text())
+    runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines() if line.strip()]
+    again = json.loads(json.dumps(analyse(runs, res["checkpoints"], MAIN + ABLATIONS)))
+    for key in ("contrasts", "ablations", "reach", "verdict", "methods", "base_model", "pairs"):
+        assert again[key] == res[key], key
+    gates = json.loads((assay / "gates.json").read_text())
+    assert res["gates"] == gates and all(g["passed"] for g in gates.values()) and len(gates) == 5
+    config = config_from_dict(json.loads((assay / "assay_config.json").read_text()))
+    assert res["checkpoints"] == list(config.checkpoints) and res["rank"] == config.rank
+    assert res["lr"] == json.loads((assay / "positive_control.json").read_text())["chosen_lr"]
+    for group in ("contrasts", "ablations"):
+        for c in res[group].values():
+            assert all(v["n"] >= 32 for v in c["identity"].values())
+    assert len(res["ablations"]) == 4 and res["pairs"] >= 32
+    last = str(res["checkpoints"][-1])
+    for doc in ("README.md", "experiments/README.md"):
+        text = (ROOT / doc).read_text()
+        for name in ("meta_lora - lora_aug", "meta_lora - lora"):
+            c = res["contrasts"][name]["identity"][last]
+            quoted = f"{c['mean']:+.3f} (95 % CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f}, n = {c['n']})"
+            assert quoted in text, (doc, quoted)

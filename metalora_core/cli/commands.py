@@ -95,7 +95,8 @@ def _domain_demo(args: argparse.Namespace) -> str:
     report = run_domain_demo(args.out, steps=args.steps, seed=args.seed, artefacts=args.artefacts)
     lines = [f"demo finished in {report['total_seconds']} s: one photo of held-out identity "
              f"{report['identity_index']}, {report['crops']} crops, {report['steps']} Stage-2 steps with the prior; "
-             f"identity score base {report['identity_score_base_mean']:.3f} -> LoRA + augmentation "
+             f"identity score base {report['identity_score_base_mean']:.3f} -> plain LoRA "
+             f"{report['identity_score_lora_mean']:.3f}, LoRA + augmentation "
              f"{report['identity_score_lora_aug_mean']:.3f}, Meta-LoRA {report['identity_score_metalora_mean']:.3f}"]
     lines += [f"  {k:10s} {v}" for k, v in report["files"].items()]
     lines.append(f"  report     {Path(args.out) / 'report.json'}")

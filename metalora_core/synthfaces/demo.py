@@ -1,6 +1,7 @@
 """The demo on the small domain: one held-out identity's single photo, Stage-2 with the
-meta-learned prior, and a picture a person reads at a glance (reference, base-model samples and
-Meta-LoRA samples for the same prompts and seeds, each with its identity score).
+meta-learned prior, and a picture a person reads at a glance (reference, then samples of the base
+model, plain LoRA, LoRA + augmentation and Meta-LoRA for the same prompts and seeds, each with its
+identity score).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
                     samples_per_prompt: int = 2, sample_steps: int = 20, tile: int = 96) -> dict[str, Any]:
     """Runs the small-domain demo and writes comparison.png, crops.png, lora.safetensors, loss.png, report.json.
 
-    ``steps``: Stage-2 steps of both trained rows; default the gated assay's Stage-2 length (what
+    ``steps``: Stage-2 steps of the three trained rows; default the gated assay's Stage-2 length (what
     its comparison scores last), 375 on the first domain's artefacts.
 
     Raises:
@@ -87,8 +88,11 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
                                    tile=tile, columns=5), out / "crops.png")
     s2 = Stage2Config(steps=steps, rank=rank, lr=lr, seed=seed, preset=arts.prior.preset or "all")
     result = run_stage2(host, images, arts.cond(None), arts.prior, s2, caption="a photo of a face")
-    # LoRA + augmentation: the same crops, flips, steps, rate and seed, without the prior
+    # LoRA + augmentation: the same crops, flips, steps, rate and seed, without the prior; plain LoRA:
+    # the photo itself (the comparison's three methods)
     aug = run_stage2(host, images, arts.cond(None), None, s2, caption="a photo of a face")
+    lone = run_stage2(host, training_images(item, "lora", seed), arts.cond(None), None, s2,
+                      caption="a photo of a face")
     save_lora(result.adapters, out / "lora.safetensors", domain="synthfaces", **result.metadata)
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
@@ -97,6 +101,8 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
     with host.attach(result.adapters):
         tuned = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
     with host.attach(aug.adapters):
+        augmented = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
+    with host.attach(lone.adapters):
         plain = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
 
     def scored(imgs: dict[str, list[Image.Image]]):
@@ -116,10 +122,14 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
     cap0 = [f"trained on: id {ref_sims[0]:.2f}"] + ["other image"] * (len(row0) - 1)
     b_ims, b_cap, b_ids, b_ctx = scored(base)
     t_ims, t_cap, t_ids, t_ctx = scored(tuned)
-    a_ims, a_cap, a_ids, a_ctx = scored(plain)
-    sheet = draw_grid([row0, b_ims, a_ims, t_ims], captions=[cap0, b_cap, a_cap, t_cap], tile=tile + 24, row_labels=[
+    a_ims, a_cap, a_ids, a_ctx = scored(augmented)
+    p_ims, p_cap, p_ids, p_ctx = scored(plain)
+    sheet = draw_grid([row0, b_ims, p_ims, a_ims, t_ims], captions=[cap0, b_cap, p_cap, a_cap, t_cap], tile=tile + 24,
+                      row_labels=[
         "the one photo trained on, then other images of the identity (the scores compare to these)",
         f"base model, no LoRA (mean id {np.mean(b_ids):.2f}, prompt {np.mean(b_ctx):.2f})",
+        f"plain LoRA after {steps} steps on the photo itself, same prompts and noise (mean id {np.mean(p_ids):.2f}, "
+        f"prompt {np.mean(p_ctx):.2f})",
         f"LoRA + augmentation after {steps} steps, same crops, prompts and noise (mean id {np.mean(a_ids):.2f}, "
         f"prompt {np.mean(a_ctx):.2f})",
         f"Meta-LoRA after {steps} steps, same crops, prompts and noise (mean id {np.mean(t_ids):.2f}, "
@@ -146,6 +156,8 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
         "identity_score_metalora_mean": float(np.mean(t_ids)),
         "identity_score_lora_aug_mean": float(np.mean(a_ids)),
         "prompt_score_lora_aug_mean": float(np.mean(a_ctx)),
+        "identity_score_lora_mean": float(np.mean(p_ids)),
+        "prompt_score_lora_mean": float(np.mean(p_ctx)),
         "artefacts": str(folder),
         "prompt_score_base_mean": float(np.mean(b_ctx)),
         "prompt_score_metalora_mean": float(np.mean(t_ctx)),
