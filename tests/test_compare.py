@@ -97,7 +97,6 @@ def test_two_shards_share_the_runs_and_equal_one_process(tmp_path, capsys):
     assert "--shard '2/2'" in capsys.readouterr().err
 
 
-
 def test_committed_comparison_is_what_its_runs_give_and_the_docs_quote_it():
     """experiments/results_gated is what compare.py wrote from its runs.jsonl on the committed,
     gated assay: re-analysing the runs gives the committed contrasts, ablations, reach and verdict;
