@@ -5,6 +5,7 @@ identity score).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -97,13 +98,13 @@ def run_domain_demo(out: str | Path, *, steps: int | None = None, seed: int = 0,
     atomic_save_png(line_plot(result.losses, title=f"Stage-2 loss ({steps} steps)", smooth=25), out / "loss.png")
 
     contexts = list(CONTEXTS)
-    base = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
-    with host.attach(result.adapters):
-        tuned = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
-    with host.attach(aug.adapters):
-        augmented = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
-    with host.attach(lone.adapters):
-        plain = {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
+
+    def sampled(adapters=None) -> dict[str, list[Image.Image]]:
+        """Samples per context prompt, with ``adapters`` attached (None: the base model)."""
+        with host.attach(adapters) if adapters is not None else contextlib.nullcontext():
+            return {c: generate(arts, host, c, samples_per_prompt, seed, sample_steps) for c in contexts}
+
+    base, tuned, augmented, plain = (sampled(a) for a in (None, result.adapters, aug.adapters, lone.adapters))
 
     def scored(imgs: dict[str, list[Image.Image]]):
         ims, captions, ids, ctx = [], [], [], []
